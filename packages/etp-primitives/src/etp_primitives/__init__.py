@@ -1,0 +1,117 @@
+"""etp_primitives: JAX primitives that mark weight operations for eligibility-trace propagation.
+
+A parameter takes part in online learning exactly when it flows through one
+of these primitives. Each primitive behaves like the plain JAX op it wraps
+under every transformation, and carries the ETP rules that the compiler and
+the learning algorithms use to build and contract eligibility traces.
+"""
+
+from ._primitive import (
+    ETPPrimitive,
+    default_trainable_invars,
+    register_primitive,
+    set_batching_rule,
+    unregister_primitive,
+)
+from ._registry import (
+    BATCHED_PRIMITIVES,
+    ETP_PRIMITIVE_SPECS,
+    ETP_PRIMITIVES,
+    ETP_RULES_DRTRL_GRAD,
+    ETP_RULES_DRTRL_SEED,
+    ETP_RULES_INIT_DRTRL,
+    ETP_RULES_INIT_PP,
+    ETP_RULES_XY_TO_DW,
+    ETP_RULES_YW_TO_W,
+    ETP_TRAINABLE_INVARS_FNS,
+    ETP_X_INVAR_INDICES,
+    ETP_Y_OUTVAR_INDICES,
+    GRADIENT_ENABLED_PRIMITIVES,
+    is_batched_primitive,
+    is_etp_primitive,
+    is_gradient_enabled_primitive,
+)
+from ._spec import ETPPrimitiveSpec, get_primitive_spec, register_primitive_spec
+from ._trace import (
+    RULE_NAMES,
+    aval_of,
+    derive_xy_to_dw,
+    drtrl_grad,
+    drtrl_seed,
+    init_pp_like_output,
+    require_rules,
+    trainable_invars,
+)
+from .ops import (
+    SparseStructure,
+    conv,
+    element_wise,
+    etp_conv_p,
+    etp_elemwise_p,
+    etp_lora_mm_p,
+    etp_lora_mv_p,
+    etp_mm_p,
+    etp_mv_p,
+    etp_sp_mm_p,
+    etp_sp_mv_p,
+    lora_matmul,
+    matmul,
+    sparse_matmul,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    # user-facing functions
+    "matmul",
+    "element_wise",
+    "conv",
+    "sparse_matmul",
+    "lora_matmul",
+    "SparseStructure",
+    # built-in primitives
+    "etp_mm_p",
+    "etp_mv_p",
+    "etp_elemwise_p",
+    "etp_conv_p",
+    "etp_sp_mm_p",
+    "etp_sp_mv_p",
+    "etp_lora_mm_p",
+    "etp_lora_mv_p",
+    # registration
+    "ETPPrimitive",
+    "register_primitive",
+    "unregister_primitive",
+    "set_batching_rule",
+    "default_trainable_invars",
+    "ETPPrimitiveSpec",
+    "register_primitive_spec",
+    "get_primitive_spec",
+    # registries and predicates
+    "ETP_PRIMITIVES",
+    "BATCHED_PRIMITIVES",
+    "GRADIENT_ENABLED_PRIMITIVES",
+    "ETP_RULES_YW_TO_W",
+    "ETP_RULES_XY_TO_DW",
+    "ETP_RULES_INIT_DRTRL",
+    "ETP_RULES_INIT_PP",
+    "ETP_RULES_DRTRL_SEED",
+    "ETP_RULES_DRTRL_GRAD",
+    "ETP_TRAINABLE_INVARS_FNS",
+    "ETP_X_INVAR_INDICES",
+    "ETP_Y_OUTVAR_INDICES",
+    "ETP_PRIMITIVE_SPECS",
+    "is_etp_primitive",
+    "is_batched_primitive",
+    "is_gradient_enabled_primitive",
+    # rule contract
+    "RULE_NAMES",
+    "require_rules",
+    "trainable_invars",
+    "drtrl_seed",
+    "drtrl_grad",
+    "aval_of",
+    "init_pp_like_output",
+    "derive_xy_to_dw",
+]

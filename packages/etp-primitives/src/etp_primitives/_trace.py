@@ -1,0 +1,234 @@
+r"""The ETP rule contract: what each rule computes, on which shapes.
+
+Notation for one ETP operation :math:`y = \mathrm{op}(x, W)` feeding hidden
+states :math:`h` of one group with :math:`S` states per position:
+
+* :math:`D^t` — per position, the :math:`S\times S` block of
+  :math:`\partial h^t/\partial h^{t-1}` with every ETP output held fixed;
+* :math:`D_f^t = \partial h^t / \partial y^t` — per position and state;
+* :math:`g^t = \partial L^t / \partial h^t` — the cotangent of a step.
+
+**Shapes.** ``hidden_dim`` and ``cotangent`` always have the shape of ``y``
+(one hidden state :math:`s` at a time). A D-RTRL trace is a dict with one
+leaf per trainable key; ``init_drtrl`` returns the leaves with a trailing
+``num_hidden_state`` axis and every other rule sees one state's slice (the
+trailing axis removed). The algorithms map the rules over that axis.
+
+**D-RTRL** (parameter-dimension traces). For each trainable key
+
+.. math::
+
+    \epsilon^t_s = \sum_{s'} \mathrm{yw\_to\_w}(D^t_{s s'}, \epsilon^{t-1}_{s'})
+                   + \mathrm{drtrl\_seed}(x^t, D^t_{f,s}, W),
+    \qquad
+    \frac{\partial L^t}{\partial W} \approx \sum_s \mathrm{drtrl\_grad}(x^t, g^t_s, \epsilon^t_s, W).
+
+``yw_to_w(hidden_dim, trace)`` multiplies a trace by a factor given in
+:math:`y`-space, mapped into the trace's layout through the :math:`y \to W`
+link; it is linear in both arguments. The common layout stores the trace
+*shaped like the weight*, with the leading batch axes of ``x`` for batched
+primitives: element :math:`W_k` feeds a single output position :math:`p(k)`,
+so the trace holds :math:`\partial h_{p(k)}/\partial W_k` and D-RTRL is exact
+whenever :math:`D` is position-wise (a leaky integrator with a per-unit leak).
+For that layout the two optional rules default to
+
+.. math::
+
+    \mathrm{drtrl\_seed}(x, d, W) = \text{per-sample } \mathrm{xy\_to\_dw}(x_b, d_b, W),
+    \qquad
+    \mathrm{drtrl\_grad}(x, g, \epsilon, W) = \sum_b \mathrm{yw\_to\_w}(g, \epsilon)_b .
+
+Operations whose weights feed many positions (convolution kernels, the
+:math:`B` factor of LoRA) store a *filtered input* instead and register their
+own ``drtrl_seed`` / ``drtrl_grad``; see each built-in's docstring.
+
+**ES-D-RTRL / pp-prop** (input/output-dimension traces):
+:math:`\epsilon_x^t = a\,\epsilon_x^{t-1} + x^t`,
+:math:`\epsilon_f^t = a D^t \epsilon_f^{t-1} + (1-a) D_f^t` (shape of ``y`` with
+a trailing state axis, from ``init_pp``), and the step gradient is
+``xy_to_dw(eps_x, sum_s g_s * eps_f_s, W)``: ``xy_to_dw(x, hidden_dim, W)``
+is exactly the VJP of the op with respect to every trainable input at
+cotangent ``hidden_dim``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+
+from ._compat import Primitive
+from ._registry import (
+    BATCHED_PRIMITIVES,
+    ETP_PRIMITIVES,
+    ETP_RULES_DRTRL_GRAD,
+    ETP_RULES_DRTRL_SEED,
+    ETP_RULES_INIT_DRTRL,
+    ETP_RULES_INIT_PP,
+    ETP_RULES_XY_TO_DW,
+    ETP_RULES_YW_TO_W,
+    ETP_TRAINABLE_INVARS_FNS,
+)
+
+__all__ = [
+    "RULE_NAMES",
+    "require_rules",
+    "trainable_invars",
+    "drtrl_seed",
+    "drtrl_grad",
+    "aval_of",
+    "init_pp_like_output",
+    "derive_xy_to_dw",
+]
+
+#: The four required ETP rules, by the name used in error messages and specs.
+RULE_NAMES: tuple[str, ...] = ("yw_to_w", "xy_to_dw", "init_drtrl", "init_pp")
+
+_RULE_TABLES: dict[str, dict[Primitive, Callable[..., Any]]] = {
+    "yw_to_w": ETP_RULES_YW_TO_W,
+    "xy_to_dw": ETP_RULES_XY_TO_DW,
+    "init_drtrl": ETP_RULES_INIT_DRTRL,
+    "init_pp": ETP_RULES_INIT_PP,
+}
+
+
+class ShapedLike(Protocol):
+    """Anything with ``shape`` and ``dtype`` (an array, an aval, a ``ShapeDtypeStruct``)."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def dtype(self) -> Any: ...
+
+
+def aval_of(var: Any) -> ShapedLike:
+    """Shape and dtype carrier of a jaxpr ``Var`` (its ``aval``), an array or a ``ShapeDtypeStruct``."""
+    aval = getattr(var, "aval", var)
+    if not hasattr(aval, "shape") or not hasattr(aval, "dtype"):
+        raise TypeError(f"expected a jaxpr Var, an array or a ShapeDtypeStruct, got {type(var).__name__}.")
+    return aval  # type: ignore[no-any-return]
+
+
+def require_rules(primitive: Primitive, *names: str) -> dict[str, Callable[..., Any]]:
+    """Return the named rules of ``primitive`` (default: the four required ones).
+
+    Raises
+    ------
+    ValueError
+        If ``primitive`` is not a registered ETP primitive, or lacks a rule;
+        the message names the primitive and every missing rule.
+    """
+    if primitive not in ETP_PRIMITIVES:
+        raise ValueError(
+            f"{getattr(primitive, 'name', primitive)!r} is not a registered ETP primitive; "
+            "register it with etp_primitives.register_primitive or register_primitive_spec."
+        )
+    wanted = names or RULE_NAMES
+    unknown = [n for n in wanted if n not in _RULE_TABLES]
+    if unknown:
+        raise ValueError(f"unknown ETP rule name(s) {unknown}; expected some of {list(RULE_NAMES)}.")
+    missing = [n for n in wanted if primitive not in _RULE_TABLES[n]]
+    if missing:
+        raise ValueError(
+            f"ETP primitive {primitive.name!r} has no {', '.join(missing)} rule"
+            f"{'s' if len(missing) > 1 else ''}; online learning needs all of {list(RULE_NAMES)}. "
+            f"Install them with {primitive.name}_p.register_etp_rules(...) or register it from an ETPPrimitiveSpec."
+        )
+    return {n: _RULE_TABLES[n][primitive] for n in wanted}
+
+
+def trainable_invars(primitive: Primitive, params: Mapping[str, Any]) -> dict[str, int]:
+    """``{trainable_key: invar_index}`` of an equation of ``primitive`` with static ``params``."""
+    if primitive not in ETP_PRIMITIVES:
+        raise ValueError(f"{getattr(primitive, 'name', primitive)!r} is not a registered ETP primitive.")
+    return dict(ETP_TRAINABLE_INVARS_FNS[primitive](dict(params)))
+
+
+def drtrl_seed(
+    primitive: Primitive,
+    x: Any,
+    hidden_dim: jax.Array,
+    weights: Mapping[str, jax.Array],
+    params: Mapping[str, Any],
+) -> dict[str, jax.Array]:
+    r"""The instantaneous D-RTRL trace term :math:`D_f \otimes \partial y/\partial W` for one state.
+
+    Uses the primitive's ``drtrl_seed`` rule when it has one; otherwise the
+    per-sample ``xy_to_dw`` (mapped over axis 0 of ``x`` and ``hidden_dim``
+    for batched primitives), which is the seed of the weight-shaped layout.
+    """
+    rule = ETP_RULES_DRTRL_SEED.get(primitive)
+    if rule is not None:
+        return dict(rule(x, hidden_dim, dict(weights), **params))
+    xy_to_dw = require_rules(primitive, "xy_to_dw")["xy_to_dw"]
+    if primitive not in BATCHED_PRIMITIVES:
+        return dict(xy_to_dw(x, hidden_dim, dict(weights), **params))
+
+    def one_sample(x_b: jax.Array, hidden_b: jax.Array) -> dict[str, jax.Array]:
+        return dict(xy_to_dw(x_b[None], hidden_b[None], dict(weights), **params))
+
+    return jax.vmap(one_sample)(x, hidden_dim)
+
+
+def drtrl_grad(
+    primitive: Primitive,
+    x: Any,
+    cotangent: jax.Array,
+    trace: Mapping[str, jax.Array],
+    weights: Mapping[str, jax.Array],
+    params: Mapping[str, Any],
+) -> dict[str, jax.Array]:
+    r"""Contract one state's trace with the cotangent :math:`g = \partial L/\partial h` into :math:`\partial L/\partial W`.
+
+    Uses the primitive's ``drtrl_grad`` rule when it has one; otherwise
+    ``yw_to_w(cotangent, trace)`` summed over the batch axis (batched
+    primitives), the contraction of the weight-shaped layout.
+    """
+    rule = ETP_RULES_DRTRL_GRAD.get(primitive)
+    if rule is not None:
+        return dict(rule(x, cotangent, dict(trace), dict(weights), **params))
+    yw_to_w = require_rules(primitive, "yw_to_w")["yw_to_w"]
+    weighted = dict(yw_to_w(cotangent, dict(trace), **params))
+    if primitive not in BATCHED_PRIMITIVES:
+        return weighted
+    return {key: jnp.sum(value, axis=0) for key, value in weighted.items()}
+
+
+def init_pp_like_output(x_var: Any, y_var: Any, weight_vars: Any, num_hidden_state: int) -> jax.Array:
+    """``init_pp`` for any primitive: zeros shaped ``(*y.shape, num_hidden_state)`` in ``y``'s dtype."""
+    del x_var, weight_vars
+    y = aval_of(y_var)
+    return jnp.zeros((*y.shape, num_hidden_state), dtype=y.dtype)
+
+
+def derive_xy_to_dw(
+    impl_fn: Callable[..., Any],
+    trainable_invars_fn: Callable[[dict[str, Any]], dict[str, int]],
+    x_invar_index: int | None = 0,
+) -> Callable[..., dict[str, jax.Array]]:
+    """Build ``xy_to_dw`` as the exact VJP of ``impl_fn`` with respect to every trainable input.
+
+    The invars of the primitive must be ``x`` (at ``x_invar_index``) and the
+    trainable inputs named by ``trainable_invars_fn``, nothing else.
+    """
+
+    def xy_to_dw(x: Any, hidden_dim: jax.Array, weights: Mapping[str, jax.Array], **params: Any) -> dict[str, jax.Array]:
+        layout = trainable_invars_fn(params)
+        n_invars = len(layout) + (0 if x_invar_index is None else 1)
+
+        def forward(trainables: dict[str, jax.Array]) -> Any:
+            args: list[Any] = [None] * n_invars
+            if x_invar_index is not None:
+                args[x_invar_index] = x
+            for key, index in layout.items():
+                args[index] = trainables[key]
+            return impl_fn(*args, **params)
+
+        _, pullback = jax.vjp(forward, {key: weights[key] for key in layout})
+        (grads,) = pullback(hidden_dim)
+        return dict(grads)
+
+    return xy_to_dw

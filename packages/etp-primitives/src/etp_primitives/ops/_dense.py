@@ -1,0 +1,161 @@
+r"""Dense matrix multiplication: ``etp_mm`` (batched) and ``etp_mv`` (unbatched).
+
+.. math::
+
+    y = x W + b, \qquad x \in \mathbb{R}^{\ldots \times I},\;
+    W \in \mathbb{R}^{I \times O},\; b \in \mathbb{R}^{O},\; y \in \mathbb{R}^{\ldots \times O}.
+
+Invars ``(x, weight[, bias])``, static ``has_bias``; trainable keys
+``weight`` (invar 1) and ``bias`` (invar 2).
+
+**D-RTRL trace layout** (per hidden state; ``...`` = the leading axes of
+``x``, none for ``etp_mv``): ``weight`` :math:`(\ldots, I, O)`, ``bias``
+:math:`(\ldots, O)`. :math:`W_{io}` and :math:`b_o` feed only :math:`y_{\ldots o}`, so
+
+.. math::
+
+    \mathrm{yw\_to\_w}(d, \epsilon)_{\ldots io} = \epsilon_{\ldots io}\, d_{\ldots o},\quad
+    \mathrm{seed}(x, d)_{\ldots io} = x_{\ldots i}\, d_{\ldots o},\quad
+    \frac{\partial L}{\partial W_{io}} = \sum_{\ldots} g_{\ldots o}\, \epsilon_{\ldots io}.
+
+Exact for dynamics that are position-wise in :math:`o` (a per-unit leak).
+Memory :math:`O(B \cdot I \cdot O)` per hidden state.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from .._checks import as_array, check_ndim, check_shape
+from .._spec import ETPPrimitiveSpec, register_primitive_spec
+from .._trace import aval_of, derive_xy_to_dw, init_pp_like_output
+from .._units import attach_unit, bias_in_unit, split_unit
+from ._common import bias_layout, bound_with_bias, keep_marker_when_only_x_is_batched, weight_dtype, zeros_with_state_axis
+
+__all__ = ["etp_mm_p", "etp_mv_p", "matmul"]
+
+
+def _dense_impl(x: jax.Array, weight: jax.Array, *bias: jax.Array, has_bias: bool = False) -> jax.Array:
+    y = jnp.matmul(x, weight)
+    if has_bias:
+        y = y + bias[0]
+    return y
+
+
+_trainable = bias_layout({"weight": 1}, 2)
+
+
+def _yw_to_w(hidden_dim: jax.Array, trace: dict[str, jax.Array], **params: Any) -> dict[str, jax.Array]:
+    out = {}
+    if "weight" in trace:
+        out["weight"] = trace["weight"] * hidden_dim[..., None, :]
+    if "bias" in trace:
+        out["bias"] = trace["bias"] * hidden_dim
+    return out
+
+
+def _seed(x: jax.Array, hidden_dim: jax.Array, weights: dict[str, jax.Array], **params: Any) -> dict[str, jax.Array]:
+    out = {"weight": x[..., :, None] * hidden_dim[..., None, :]}
+    if "bias" in weights:
+        out["bias"] = hidden_dim
+    return out
+
+
+def _grad(
+    x: jax.Array, cotangent: jax.Array, trace: dict[str, jax.Array], weights: dict[str, jax.Array], **params: Any
+) -> dict[str, jax.Array]:
+    out = {"weight": jnp.einsum("...io,...o->io", trace["weight"], cotangent)}
+    if "bias" in trace:
+        out["bias"] = jnp.einsum("...o,...o->o", trace["bias"], cotangent)
+    return out
+
+
+def _init_drtrl(x_var: Any, y_var: Any, weight_vars: dict[str, Any], num_hidden_state: int) -> dict[str, jax.Array]:
+    lead = tuple(aval_of(x_var).shape[:-1])
+    out = {
+        "weight": zeros_with_state_axis(
+            (*lead, *aval_of(weight_vars["weight"]).shape), weight_dtype(weight_vars, "weight"), num_hidden_state
+        )
+    }
+    if "bias" in weight_vars:
+        out["bias"] = zeros_with_state_axis(
+            (*lead, *aval_of(weight_vars["bias"]).shape), weight_dtype(weight_vars, "bias"), num_hidden_state
+        )
+    return out
+
+
+def _spec(name: str, batched: bool) -> ETPPrimitiveSpec:
+    return ETPPrimitiveSpec(
+        name=name,
+        impl=_dense_impl,
+        yw_to_w=_yw_to_w,
+        xy_to_dw=derive_xy_to_dw(_dense_impl, _trainable, 0),
+        init_drtrl=_init_drtrl,
+        init_pp=init_pp_like_output,
+        trainable_invars_fn=_trainable,
+        x_invar_index=0,
+        batched=batched,
+        drtrl_seed=_seed,
+        drtrl_grad=_grad,
+    )
+
+
+#: Batched dense matmul, ``x`` of shape ``(batch..., in)``.
+etp_mm_p = register_primitive_spec(_spec("etp_mm", batched=True))
+#: Unbatched dense matmul, ``x`` of shape ``(in,)``.
+etp_mv_p = register_primitive_spec(_spec("etp_mv", batched=False))
+keep_marker_when_only_x_is_batched(etp_mm_p, etp_mm_p, _dense_impl)
+keep_marker_when_only_x_is_batched(etp_mv_p, etp_mm_p, _dense_impl)
+
+
+def matmul(x: Any, weight: Any, bias: Any = None) -> Any:
+    r"""ETP-marked dense layer :math:`y = x W (+ b)`.
+
+    Dispatches to ``etp_mm`` when ``x.ndim >= 2`` and to ``etp_mv`` when
+    ``x.ndim == 1``. Quantities are supported: the result carries
+    ``unit(x) * unit(weight)`` and ``bias`` is converted into that unit.
+
+    Parameters
+    ----------
+    x : Array or Quantity
+        ``(..., in_features)``.
+    weight : Array or Quantity
+        ``(in_features, out_features)``.
+    bias : Array or Quantity, optional
+        ``(out_features,)``.
+
+    Returns
+    -------
+    Array or Quantity
+        ``(..., out_features)``.
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> import etp_primitives as etp
+    >>> etp.matmul(jnp.ones((4, 3)), jnp.ones((3, 5)), bias=jnp.zeros(5)).shape
+    (4, 5)
+    """
+    x_m, x_unit = split_unit(x)
+    w_m, w_unit = split_unit(weight)
+    x_m = as_array(x_m, "matmul", "x")
+    w_m = as_array(w_m, "matmul", "weight")
+    name = "etp_mm" if x_m.ndim >= 2 else "etp_mv"
+    where = f"matmul ({name})"
+    check_ndim(x_m, 1, where, "x", "(..., in_features)")
+    check_ndim(w_m, (2,), where, "weight", "(in_features, out_features)")
+    if x_m.shape[-1] != w_m.shape[0]:
+        raise ValueError(
+            f"{where}: x has {x_m.shape[-1]} input features (shape {tuple(x_m.shape)}) but weight expects "
+            f"{w_m.shape[0]} (shape {tuple(w_m.shape)}); expected weight of shape ({x_m.shape[-1]}, out_features)."
+        )
+    out_unit = x_unit * w_unit
+    b_m = None
+    if bias is not None:
+        b_m = as_array(bias_in_unit(bias, out_unit, where), where, "bias")
+        check_shape(b_m.shape, (w_m.shape[1],), where, "bias", "out_features of weight")
+    primitive = etp_mm_p if x_m.ndim >= 2 else etp_mv_p
+    return attach_unit(bound_with_bias(primitive, (x_m, w_m), b_m), out_unit)

@@ -1,0 +1,247 @@
+r"""Sparse matrix multiplication: ``etp_sp_mm`` (batched) and ``etp_sp_mv`` (unbatched).
+
+.. math::
+
+    y_{\ldots c} = \sum_{k:\, \mathrm{col}_k = c} x_{\ldots \mathrm{row}_k}\, w_k \;(+ b_c),
+
+where :math:`w \in \mathbb{R}^{\mathrm{nse}}` are the stored values of a
+sparse :math:`I \times O` matrix and ``(row_k, col_k)`` its pattern. Invars
+``(x, weight_data[, bias])``; static ``sparse_mat`` (a hashable
+:class:`SparseStructure`, so the op works under ``jit``) and ``has_bias``;
+trainable keys ``weight`` (invar 1), ``bias`` (invar 2).
+
+**D-RTRL trace layout**: ``weight`` :math:`(\ldots, \mathrm{nse})`, ``bias``
+:math:`(\ldots, O)`. Value :math:`w_k` feeds only :math:`y_{\ldots \mathrm{col}_k}`:
+
+.. math::
+
+    \mathrm{yw\_to\_w}(d, \epsilon)_{\ldots k} = \epsilon_{\ldots k}\, d_{\ldots \mathrm{col}_k},\quad
+    \mathrm{seed}(x, d)_{\ldots k} = x_{\ldots \mathrm{row}_k}\, d_{\ldots \mathrm{col}_k},\quad
+    \frac{\partial L}{\partial w_k} = \sum_{\ldots} g_{\ldots \mathrm{col}_k}\, \epsilon_{\ldots k}.
+
+Exact for position-wise dynamics (per-unit leak); memory :math:`O(B\cdot\mathrm{nse})`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from saiunit.sparse import COO, CSC, CSR, SparseMatrix
+
+from .._checks import as_array, check_ndim, check_shape
+from .._spec import ETPPrimitiveSpec, register_primitive_spec
+from .._trace import aval_of, derive_xy_to_dw, init_pp_like_output
+from .._units import attach_unit, bias_in_unit, split_unit
+from ._common import bias_layout, bound_with_bias, keep_marker_when_only_x_is_batched, weight_dtype, zeros_with_state_axis
+
+__all__ = ["SparseStructure", "etp_sp_mm_p", "etp_sp_mv_p", "sparse_matmul"]
+
+
+class SparseStructure:
+    """The static sparsity pattern of a matrix: shape and ``(row, col)`` of each stored value.
+
+    Hashable and compared by content, so it can be a static parameter of a
+    JAX equation (``jit`` hashes equation parameters). Built from a saiunit
+    ``CSR``, ``CSC`` or ``COO`` matrix with :meth:`from_sparse`; the stored
+    values stay a separate, trainable array.
+    """
+
+    __slots__ = ("format", "shape", "rows", "cols", "_hash")
+
+    def __init__(self, format: str, shape: tuple[int, int], rows: np.ndarray, cols: np.ndarray) -> None:
+        self.format = format
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.rows = np.asarray(rows, dtype=np.int32)
+        self.cols = np.asarray(cols, dtype=np.int32)
+        self.rows.setflags(write=False)
+        self.cols.setflags(write=False)
+        self._hash = hash((self.format, self.shape, self.rows.tobytes(), self.cols.tobytes()))
+
+    @classmethod
+    def from_sparse(cls, matrix: Any, where: str = "sparse_matmul") -> SparseStructure:
+        """Pattern of a saiunit sparse matrix (``CSR``, ``CSC`` or ``COO``), or of a ``SparseStructure``."""
+        if isinstance(matrix, SparseStructure):
+            return matrix
+        if not isinstance(matrix, SparseMatrix):
+            raise TypeError(
+                f"{where}: sparse_mat must be a saiunit sparse matrix (saiunit.sparse.CSR, CSC or COO), "
+                f"got {type(matrix).__name__}."
+            )
+        try:
+            if isinstance(matrix, CSR):
+                indptr = np.asarray(matrix.indptr)
+                rows = np.repeat(np.arange(matrix.shape[0]), np.diff(indptr))
+                cols = np.asarray(matrix.indices)
+                fmt = "csr"
+            elif isinstance(matrix, CSC):
+                indptr = np.asarray(matrix.indptr)
+                cols = np.repeat(np.arange(matrix.shape[1]), np.diff(indptr))
+                rows = np.asarray(matrix.indices)
+                fmt = "csc"
+            elif isinstance(matrix, COO):
+                rows, cols, fmt = np.asarray(matrix.row), np.asarray(matrix.col), "coo"
+            else:
+                raise TypeError(f"{where}: unsupported sparse format {type(matrix).__name__}; use CSR, CSC or COO.")
+        except jax.errors.TracerArrayConversionError:
+            raise TypeError(
+                f"{where}: the sparsity pattern (indices) of sparse_mat is a traced value; it must be known when the "
+                "function is traced. Build the sparse matrix outside jit (its indices are static pytree data)."
+            ) from None
+        if len(matrix.shape) != 2:
+            raise ValueError(f"{where}: sparse_mat must be 2-D, got shape {tuple(matrix.shape)}.")
+        return cls(fmt, (matrix.shape[0], matrix.shape[1]), rows, cols)
+
+    @property
+    def nse(self) -> int:
+        """Number of stored values."""
+        return int(self.rows.shape[0])
+
+    def todense(self, data: jax.Array) -> jax.Array:
+        """The dense ``(in, out)`` matrix with ``data`` at the pattern (duplicates add up)."""
+        return jnp.zeros(self.shape, dtype=data.dtype).at[self.rows, self.cols].add(data)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, SparseStructure):
+            return NotImplemented
+        return (
+            self._hash == other._hash
+            and self.format == other.format
+            and self.shape == other.shape
+            and np.array_equal(self.rows, other.rows)
+            and np.array_equal(self.cols, other.cols)
+        )
+
+    def __repr__(self) -> str:
+        return f"SparseStructure(format={self.format!r}, shape={self.shape}, nse={self.nse})"
+
+
+def _sparse_impl(
+    x: jax.Array, data: jax.Array, *bias: jax.Array, sparse_mat: SparseStructure, has_bias: bool = False
+) -> jax.Array:
+    contributions = x[..., sparse_mat.rows] * data
+    y = jax.ops.segment_sum(jnp.moveaxis(contributions, -1, 0), sparse_mat.cols, num_segments=sparse_mat.shape[1])
+    y = jnp.moveaxis(y, 0, -1)
+    if has_bias:
+        y = y + bias[0]
+    return y
+
+
+_trainable = bias_layout({"weight": 1}, 2)
+
+
+def _yw_to_w(hidden_dim: jax.Array, trace: dict[str, jax.Array], **params: Any) -> dict[str, jax.Array]:
+    pattern: SparseStructure = params["sparse_mat"]
+    out = {}
+    if "weight" in trace:
+        out["weight"] = trace["weight"] * hidden_dim[..., pattern.cols]
+    if "bias" in trace:
+        out["bias"] = trace["bias"] * hidden_dim
+    return out
+
+
+def _seed(x: jax.Array, hidden_dim: jax.Array, weights: dict[str, jax.Array], **params: Any) -> dict[str, jax.Array]:
+    pattern: SparseStructure = params["sparse_mat"]
+    out = {"weight": x[..., pattern.rows] * hidden_dim[..., pattern.cols]}
+    if "bias" in weights:
+        out["bias"] = hidden_dim
+    return out
+
+
+def _grad(
+    x: jax.Array, cotangent: jax.Array, trace: dict[str, jax.Array], weights: dict[str, jax.Array], **params: Any
+) -> dict[str, jax.Array]:
+    pattern: SparseStructure = params["sparse_mat"]
+    out = {"weight": jnp.einsum("...k,...k->k", trace["weight"], cotangent[..., pattern.cols])}
+    if "bias" in trace:
+        out["bias"] = jnp.einsum("...o,...o->o", trace["bias"], cotangent)
+    return out
+
+
+def _init_drtrl(x_var: Any, y_var: Any, weight_vars: dict[str, Any], num_hidden_state: int) -> dict[str, jax.Array]:
+    lead = tuple(aval_of(x_var).shape[:-1])
+    out = {
+        "weight": zeros_with_state_axis(
+            (*lead, *aval_of(weight_vars["weight"]).shape), weight_dtype(weight_vars, "weight"), num_hidden_state
+        )
+    }
+    if "bias" in weight_vars:
+        out["bias"] = zeros_with_state_axis(aval_of(y_var).shape, weight_dtype(weight_vars, "bias"), num_hidden_state)
+    return out
+
+
+def _spec(name: str, batched: bool) -> ETPPrimitiveSpec:
+    return ETPPrimitiveSpec(
+        name=name,
+        impl=_sparse_impl,
+        yw_to_w=_yw_to_w,
+        xy_to_dw=derive_xy_to_dw(_sparse_impl, _trainable, 0),
+        init_drtrl=_init_drtrl,
+        init_pp=init_pp_like_output,
+        trainable_invars_fn=_trainable,
+        x_invar_index=0,
+        batched=batched,
+        drtrl_seed=_seed,
+        drtrl_grad=_grad,
+    )
+
+
+#: Batched sparse matmul, ``x`` of shape ``(batch..., in)``.
+etp_sp_mm_p = register_primitive_spec(_spec("etp_sp_mm", batched=True))
+#: Unbatched sparse matmul, ``x`` of shape ``(in,)``.
+etp_sp_mv_p = register_primitive_spec(_spec("etp_sp_mv", batched=False))
+keep_marker_when_only_x_is_batched(etp_sp_mm_p, etp_sp_mm_p, _sparse_impl)
+keep_marker_when_only_x_is_batched(etp_sp_mv_p, etp_sp_mm_p, _sparse_impl)
+
+
+def sparse_matmul(x: Any, weight_data: Any, *, sparse_mat: Any, bias: Any = None) -> Any:
+    r"""ETP-marked sparse layer :math:`y = x\, \mathrm{sparse}(w) (+ b)`.
+
+    Parameters
+    ----------
+    x : Array or Quantity
+        ``(..., in_features)``; ``x.ndim >= 2`` binds ``etp_sp_mm``, ``1`` binds ``etp_sp_mv``.
+    weight_data : Array or Quantity
+        ``(nse,)``: the stored values, in the order of ``sparse_mat.data``.
+    sparse_mat : saiunit.sparse.CSR, CSC or COO
+        ``(in_features, out_features)``; only its pattern is used, and that
+        pattern must be concrete (it is static under ``jit``).
+    bias : Array or Quantity, optional
+        ``(out_features,)``.
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> import saiunit.sparse as ss
+    >>> import etp_primitives as etp
+    >>> mat = ss.CSR.fromdense(jnp.eye(3))
+    >>> etp.sparse_matmul(jnp.ones((2, 3)), mat.data * 2.0, sparse_mat=mat)
+    Array([[2., 2., 2.],
+           [2., 2., 2.]], dtype=float32)
+    """
+    x_m, x_unit = split_unit(x)
+    w_m, w_unit = split_unit(weight_data)
+    x_m = as_array(x_m, "sparse_matmul", "x")
+    name = "etp_sp_mm" if x_m.ndim >= 2 else "etp_sp_mv"
+    where = f"sparse_matmul ({name})"
+    pattern = SparseStructure.from_sparse(sparse_mat, where)
+    w_m = as_array(w_m, where, "weight_data")
+    check_ndim(x_m, 1, where, "x", "(..., in_features)")
+    check_shape(w_m.shape, (pattern.nse,), where, "weight_data", "one value per stored element of sparse_mat")
+    if x_m.shape[-1] != pattern.shape[0]:
+        raise ValueError(
+            f"{where}: x has {x_m.shape[-1]} input features (shape {tuple(x_m.shape)}) but sparse_mat has shape "
+            f"{pattern.shape}; expected x of shape (..., {pattern.shape[0]})."
+        )
+    out_unit = x_unit * w_unit
+    b_m = None
+    if bias is not None:
+        b_m = as_array(bias_in_unit(bias, out_unit, where), where, "bias")
+        check_shape(b_m.shape, (pattern.shape[1],), where, "bias", "out_features of sparse_mat")
+    primitive = etp_sp_mm_p if x_m.ndim >= 2 else etp_sp_mv_p
+    return attach_unit(bound_with_bias(primitive, (x_m, w_m), b_m, sparse_mat=pattern), out_unit)
