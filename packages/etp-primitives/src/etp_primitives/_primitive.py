@@ -60,6 +60,10 @@ class ETPPrimitive(Primitive):
     (2, 4)
     """
 
+    def bind(self, *args: Any, **params: Any) -> Any:
+        """Apply the primitive to ``args`` with static ``params`` (as :meth:`jax.extend.core.Primitive.bind`)."""
+        return Primitive.bind(self, *args, **params)
+
     def register_yw_to_w(self, fn: Rule) -> None:
         """Install the D-RTRL propagation rule ``(hidden_dim, trace, **params) -> trace``."""
         ETP_RULES_YW_TO_W[self] = _checked_rule(self, "yw_to_w", fn)
@@ -250,8 +254,8 @@ def register_primitive(
         raise ValueError(f"register_primitive({name!r}): y_outvar_index must be an int >= 0, got {y_outvar_index!r}.")
 
     p = ETPPrimitive(name)
-    p.def_impl(impl_fn)
-    p.def_abstract_eval(_abstract_eval_fn(p, impl_fn))
+    Primitive.def_impl(p, impl_fn)
+    Primitive.def_abstract_eval(p, _abstract_eval_fn(p, impl_fn))
     mlir.register_lowering(p, mlir.lower_fun(impl_fn, multiple_results=False))
     ad.primitive_jvps[p] = _jvp_rule(p, impl_fn)
     set_batching_rule(p, _default_batching_rule(impl_fn))
@@ -297,4 +301,4 @@ def unregister_primitive(name_or_primitive: str | Primitive) -> None:
         ETP_Y_OUTVAR_INDICES,
         ETP_PRIMITIVE_SPECS,
     ):
-        table.pop(found, None)  # type: ignore[attr-defined]
+        table.pop(found, None)

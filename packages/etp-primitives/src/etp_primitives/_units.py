@@ -12,12 +12,22 @@ from typing import Any
 import jax.numpy as jnp
 import saiunit as u
 
-__all__ = ["split_unit", "attach_unit", "bias_in_unit"]
+__all__ = ["split_unit", "product_unit", "attach_unit", "bias_in_unit"]
 
 
 def split_unit(value: Any) -> tuple[Any, u.Unit]:
     """``(mantissa, unit)`` of a quantity; a plain array gets the unitless unit."""
     return u.get_mantissa(value), u.get_unit(value)
+
+
+def product_unit(*units: u.Unit) -> u.Unit:
+    """The unit of a product of quantities with these units."""
+    result: u.Unit = u.UNITLESS
+    for unit in units:
+        product = result * unit
+        assert isinstance(product, u.Unit)
+        result = product
+    return result
 
 
 def attach_unit(mantissa: Any, unit: u.Unit) -> Any:

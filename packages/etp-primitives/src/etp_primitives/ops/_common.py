@@ -12,7 +12,7 @@ from .._compat import Primitive
 from .._primitive import set_batching_rule
 from .._trace import aval_of
 
-__all__ = ["bias_layout", "zeros_with_state_axis", "keep_marker_when_only_x_is_batched", "bound_with_bias"]
+__all__ = ["add_bias_last_axis", "bias_layout", "zeros_with_state_axis", "keep_marker_when_only_x_is_batched", "bound_with_bias"]
 
 
 def bias_layout(first_trainable: dict[str, int], bias_index: int) -> Callable[[dict[str, Any]], dict[str, int]]:
@@ -64,3 +64,8 @@ def bound_with_bias(primitive: Primitive, operands: Sequence[Any], bias: Any, **
     if bias is None:
         return primitive.bind(*operands, has_bias=False, **params)
     return primitive.bind(*operands, bias, has_bias=True, **params)
+
+
+def add_bias_last_axis(y: jax.Array, bias: jax.Array) -> jax.Array:
+    """``y + bias`` along the last axis, with explicit broadcasting (safe under rank-promotion='raise')."""
+    return y + jnp.reshape(bias, (1,) * (y.ndim - 1) + tuple(bias.shape))

@@ -49,7 +49,7 @@ from .._checks import as_array, check_shape
 from .._primitive import set_batching_rule
 from .._spec import ETPPrimitiveSpec, register_primitive_spec
 from .._trace import aval_of, derive_xy_to_dw, init_pp_like_output
-from .._units import attach_unit, bias_in_unit, split_unit
+from .._units import attach_unit, bias_in_unit, product_unit, split_unit
 from ._common import bias_layout, bound_with_bias, weight_dtype, zeros_with_state_axis
 
 __all__ = ["etp_conv_p", "conv"]
@@ -296,7 +296,7 @@ def conv(
                 f"{_WHERE}: the kernel (dilated size {window} along spatial axis {axis}) is larger than the padded "
                 f"input ({size} + {low} + {high}); x shape {tuple(x_m.shape)}, kernel shape {tuple(k_m.shape)}."
             )
-    out_unit = x_unit * k_unit
+    out_unit = product_unit(x_unit, k_unit)
     b_m = None
     if bias is not None:
         b_m = as_array(bias_in_unit(bias, out_unit, _WHERE), _WHERE, "bias")

@@ -32,8 +32,8 @@ import jax.numpy as jnp
 from .._checks import as_array, check_ndim, check_shape
 from .._spec import ETPPrimitiveSpec, register_primitive_spec
 from .._trace import aval_of, derive_xy_to_dw, init_pp_like_output
-from .._units import attach_unit, bias_in_unit, split_unit
-from ._common import bias_layout, bound_with_bias, keep_marker_when_only_x_is_batched, weight_dtype, zeros_with_state_axis
+from .._units import attach_unit, bias_in_unit, product_unit, split_unit
+from ._common import add_bias_last_axis, bias_layout, bound_with_bias, keep_marker_when_only_x_is_batched, weight_dtype, zeros_with_state_axis
 
 __all__ = ["etp_mm_p", "etp_mv_p", "matmul"]
 
@@ -41,7 +41,7 @@ __all__ = ["etp_mm_p", "etp_mv_p", "matmul"]
 def _dense_impl(x: jax.Array, weight: jax.Array, *bias: jax.Array, has_bias: bool = False) -> jax.Array:
     y = jnp.matmul(x, weight)
     if has_bias:
-        y = y + bias[0]
+        y = add_bias_last_axis(y, bias[0])
     return y
 
 
@@ -152,7 +152,7 @@ def matmul(x: Any, weight: Any, bias: Any = None) -> Any:
             f"{where}: x has {x_m.shape[-1]} input features (shape {tuple(x_m.shape)}) but weight expects "
             f"{w_m.shape[0]} (shape {tuple(w_m.shape)}); expected weight of shape ({x_m.shape[-1]}, out_features)."
         )
-    out_unit = x_unit * w_unit
+    out_unit = product_unit(x_unit, w_unit)
     b_m = None
     if bias is not None:
         b_m = as_array(bias_in_unit(bias, out_unit, where), where, "bias")

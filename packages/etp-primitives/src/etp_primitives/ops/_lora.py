@@ -34,8 +34,8 @@ import jax.numpy as jnp
 from .._checks import as_array, check_ndim, check_shape
 from .._spec import ETPPrimitiveSpec, register_primitive_spec
 from .._trace import aval_of, derive_xy_to_dw, init_pp_like_output
-from .._units import attach_unit, bias_in_unit, split_unit
-from ._common import bias_layout, bound_with_bias, keep_marker_when_only_x_is_batched, weight_dtype, zeros_with_state_axis
+from .._units import attach_unit, bias_in_unit, product_unit, split_unit
+from ._common import add_bias_last_axis, bias_layout, bound_with_bias, keep_marker_when_only_x_is_batched, weight_dtype, zeros_with_state_axis
 
 __all__ = ["etp_lora_mm_p", "etp_lora_mv_p", "lora_matmul"]
 
@@ -45,7 +45,7 @@ def _lora_impl(
 ) -> jax.Array:
     y = alpha * jnp.matmul(jnp.matmul(x, lora_b), lora_a)
     if has_bias:
-        y = y + bias[0]
+        y = add_bias_last_axis(y, bias[0])
     return y
 
 
@@ -174,7 +174,7 @@ def lora_matmul(x: Any, B: Any, A: Any, *, alpha: float = 1.0, bias: Any = None)
         alpha_f = float(alpha)
     except (TypeError, jax.errors.ConcretizationTypeError):
         raise TypeError(f"{where}: alpha must be a concrete Python number (it is static), got {type(alpha).__name__}.") from None
-    out_unit = x_unit * b_unit * a_unit
+    out_unit = product_unit(x_unit, b_unit, a_unit)
     b_m = None
     if bias is not None:
         b_m = as_array(bias_in_unit(bias, out_unit, where), where, "bias")

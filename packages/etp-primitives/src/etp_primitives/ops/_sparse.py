@@ -34,8 +34,8 @@ from saiunit.sparse import COO, CSC, CSR, SparseMatrix
 from .._checks import as_array, check_ndim, check_shape
 from .._spec import ETPPrimitiveSpec, register_primitive_spec
 from .._trace import aval_of, derive_xy_to_dw, init_pp_like_output
-from .._units import attach_unit, bias_in_unit, split_unit
-from ._common import bias_layout, bound_with_bias, keep_marker_when_only_x_is_batched, weight_dtype, zeros_with_state_axis
+from .._units import attach_unit, bias_in_unit, product_unit, split_unit
+from ._common import add_bias_last_axis, bias_layout, bound_with_bias, keep_marker_when_only_x_is_batched, weight_dtype, zeros_with_state_axis
 
 __all__ = ["SparseStructure", "etp_sp_mm_p", "etp_sp_mv_p", "sparse_matmul"]
 
@@ -124,11 +124,11 @@ class SparseStructure:
 def _sparse_impl(
     x: jax.Array, data: jax.Array, *bias: jax.Array, sparse_mat: SparseStructure, has_bias: bool = False
 ) -> jax.Array:
-    contributions = x[..., sparse_mat.rows] * data
+    contributions = x[..., sparse_mat.rows] * jnp.reshape(data, (1,) * (x.ndim - 1) + tuple(data.shape))
     y = jax.ops.segment_sum(jnp.moveaxis(contributions, -1, 0), sparse_mat.cols, num_segments=sparse_mat.shape[1])
     y = jnp.moveaxis(y, 0, -1)
     if has_bias:
-        y = y + bias[0]
+        y = add_bias_last_axis(y, bias[0])
     return y
 
 
@@ -238,7 +238,7 @@ def sparse_matmul(x: Any, weight_data: Any, *, sparse_mat: Any, bias: Any = None
             f"{where}: x has {x_m.shape[-1]} input features (shape {tuple(x_m.shape)}) but sparse_mat has shape "
             f"{pattern.shape}; expected x of shape (..., {pattern.shape[0]})."
         )
-    out_unit = x_unit * w_unit
+    out_unit = product_unit(x_unit, w_unit)
     b_m = None
     if bias is not None:
         b_m = as_array(bias_in_unit(bias, out_unit, where), where, "bias")
