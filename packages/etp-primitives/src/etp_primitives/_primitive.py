@@ -129,6 +129,18 @@ def _checked_rule(primitive: Primitive, what: str, fn: Rule) -> Rule:
     return fn
 
 
+def _checked_impl(primitive: Primitive, impl_fn: Callable[..., Any]) -> Callable[..., Any]:
+    def impl(*args: Any, **params: Any) -> Any:
+        out = impl_fn(*args, **params)
+        if not isinstance(out, jax.Array):
+            raise TypeError(
+                f"ETP primitive {primitive.name!r}: impl_fn must return a single array, got a {type(out).__name__}."
+            )
+        return out
+
+    return impl
+
+
 def _abstract_eval_fn(primitive: Primitive, impl_fn: Callable[..., Any]) -> Callable[..., Any]:
     def abstract_eval(*avals: Any, **params: Any) -> Any:
         shapes = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in avals)
@@ -254,7 +266,7 @@ def register_primitive(
         raise ValueError(f"register_primitive({name!r}): y_outvar_index must be an int >= 0, got {y_outvar_index!r}.")
 
     p = ETPPrimitive(name)
-    Primitive.def_impl(p, impl_fn)
+    Primitive.def_impl(p, _checked_impl(p, impl_fn))
     Primitive.def_abstract_eval(p, _abstract_eval_fn(p, impl_fn))
     mlir.register_lowering(p, mlir.lower_fun(impl_fn, multiple_results=False))
     ad.primitive_jvps[p] = _jvp_rule(p, impl_fn)

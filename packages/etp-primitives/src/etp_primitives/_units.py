@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax.numpy as jnp
 import saiunit as u
+
+from ._checks import as_array
 
 __all__ = ["split_unit", "product_unit", "attach_unit", "bias_in_unit"]
 
@@ -45,12 +46,12 @@ def bias_in_unit(bias: Any, unit: u.Unit, where: str) -> Any:
     ValueError
         If the bias's dimension differs from ``unit``'s; the message names both units.
     """
+    mantissa = as_array(u.get_mantissa(bias), where, "bias")
     bias_unit = u.get_unit(bias)
     if bias_unit.dim != unit.dim:
         raise ValueError(
             f"{where}: bias has unit {bias_unit} but x * weight has unit {unit}; "
             f"the bias must carry a unit of the same dimension as {unit}."
         )
-    if isinstance(bias, u.Quantity):
-        return bias.to_decimal(unit)
-    return jnp.asarray(bias)
+    # A plain bias is a pure number; a scaled dimensionless unit (mV/V) still needs rescaling.
+    return u.Quantity(mantissa, unit=bias_unit).to_decimal(unit)

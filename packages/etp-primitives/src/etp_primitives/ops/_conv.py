@@ -184,27 +184,32 @@ set_batching_rule(etp_conv_p, _batch_conv)
 def _per_dim(value: int | Sequence[int] | None, n: int, name: str) -> tuple[int, ...]:
     if value is None:
         return (1,) * n
-    if isinstance(value, int):
-        return (value,) * n
-    out = tuple(int(v) for v in value)
+    try:
+        out = (int(value),) * n if isinstance(value, int) else tuple(int(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{_WHERE}: {name} must be an int or one int per spatial dimension ({n}), got {value!r}.") from None
     if len(out) != n:
-        raise ValueError(f"{_WHERE}: {name} must have one entry per spatial dimension ({n}), got {tuple(value)}.")
+        raise ValueError(f"{_WHERE}: {name} must have one entry per spatial dimension ({n}), got {value!r}.")
     if any(v < 1 for v in out):
-        raise ValueError(f"{_WHERE}: {name} must be positive, got {out}.")
+        raise ValueError(f"{_WHERE}: {name} must be positive, got {value!r}.")
     return out
 
 
 def _normalise_padding(padding: Any, n: int) -> str | tuple[tuple[int, int], ...]:
+    expected = f"'SAME', 'VALID', 'SAME_LOWER', an int, or one (low, high) pair per spatial dimension ({n})"
     if isinstance(padding, str):
         if padding.upper() not in ("SAME", "VALID", "SAME_LOWER"):
-            raise ValueError(f"{_WHERE}: padding must be 'SAME', 'VALID', 'SAME_LOWER' or (low, high) pairs, got {padding!r}.")
+            raise ValueError(f"{_WHERE}: padding must be {expected}, got {padding!r}.")
         return padding.upper()
     if isinstance(padding, int):
         return ((padding, padding),) * n
-    pairs = tuple(tuple(int(p) for p in pair) for pair in padding)
-    if len(pairs) != n or any(len(p) != 2 for p in pairs):
-        raise ValueError(f"{_WHERE}: padding must hold one (low, high) pair per spatial dimension ({n}), got {padding!r}.")
-    return pairs  # type: ignore[return-value]
+    try:
+        pairs = tuple((int(low), int(high)) for low, high in padding)
+    except (TypeError, ValueError):
+        raise ValueError(f"{_WHERE}: padding must be {expected}, got {padding!r}.") from None
+    if len(pairs) != n:
+        raise ValueError(f"{_WHERE}: padding must be {expected}, got {padding!r}.")
+    return pairs
 
 
 def conv(

@@ -26,6 +26,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import saiunit as u
 
 from .._checks import as_array
 from .._primitive import set_batching_rule
@@ -99,7 +100,8 @@ def element_wise(weight: Any, fn: Callable[[Any], Any] = _identity) -> Any:
     fn : callable
         Differentiable JAX function applied to ``weight`` before the marker
         (default: identity), e.g. ``jax.nn.sigmoid`` for a gate or
-        ``jnp.abs`` for a positive time constant.
+        ``jnp.abs`` for a positive time constant. For a ``Quantity`` weight
+        it must be unit-aware (``saiunit.math.abs``); the result's unit is kept.
 
     Returns
     -------
@@ -115,7 +117,17 @@ def element_wise(weight: Any, fn: Callable[[Any], Any] = _identity) -> Any:
     """
     if not callable(fn):
         raise TypeError(f"element_wise (etp_elemwise): fn must be callable, got {type(fn).__name__}.")
-    processed = fn(weight)
+    try:
+        processed = fn(weight)
+    except TypeError as err:
+        if not isinstance(weight, u.Quantity):
+            raise
+        reason = str(err).rstrip(".")
+        raise TypeError(
+            f"element_wise (etp_elemwise): fn={getattr(fn, '__name__', fn)!r} cannot take the saiunit.Quantity "
+            f"weight (unit {weight.unit}): {reason}. Use a unit-aware function (e.g. saiunit.math.abs instead of "
+            "jnp.abs), or pass the mantissa."
+        ) from None
     mantissa, unit = split_unit(processed)
     mantissa = as_array(mantissa, "element_wise (etp_elemwise)", "fn(weight)")
     return attach_unit(etp_elemwise_p.bind(mantissa), unit)

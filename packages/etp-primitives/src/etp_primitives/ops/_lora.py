@@ -172,7 +172,7 @@ def lora_matmul(x: Any, B: Any, A: Any, *, alpha: float = 1.0, bias: Any = None)
         )
     try:
         alpha_f = float(alpha)
-    except (TypeError, jax.errors.ConcretizationTypeError):
+    except (TypeError, ValueError, jax.errors.ConcretizationTypeError):
         raise TypeError(f"{where}: alpha must be a concrete Python number (it is static), got {type(alpha).__name__}.") from None
     out_unit = product_unit(x_unit, b_unit, a_unit)
     b_m = None
