@@ -41,8 +41,18 @@ def test_braintrace_reexports_the_primitives_api() -> None:
     import braintrace._etrace_op as etrace_op
     import etp_primitives
 
-    for name in ("matmul", "element_wise", "conv", "sparse_matmul", "lora_matmul", "register_primitive",
-                 "register_primitive_spec", "get_primitive_spec", "ETPPrimitive", "ETPPrimitiveSpec"):
+    for name in (
+        "matmul",
+        "element_wise",
+        "conv",
+        "sparse_matmul",
+        "lora_matmul",
+        "register_primitive",
+        "register_primitive_spec",
+        "get_primitive_spec",
+        "ETPPrimitive",
+        "ETPPrimitiveSpec",
+    ):
         assert getattr(braintrace, name) is getattr(etp_primitives, name)
     for name in etp_primitives.__all__:
         assert getattr(etrace_op, name) is getattr(etp_primitives, name)

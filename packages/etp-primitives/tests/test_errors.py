@@ -11,13 +11,12 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
+import etp_primitives as etp
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import saiunit.sparse as ss
-
-import etp_primitives as etp
 
 NWC = ("NWC", "WIO", "NWC")
 _DENSE = np.array([[1.0, 0.0, 2.0], [0.0, 3.0, 0.0]])  # (in=2, out=3), nse=3
@@ -42,7 +41,16 @@ CASES: list[tuple[str, Callable[[], object], type[Exception], list[str]]] = [
         "matmul-in-features",
         lambda: etp.matmul(_ones(2, 5), _ones(3, 4)),
         ValueError,
-        [r"matmul", r"etp_mm", r"\bx\b", r"weight", r"5 input features", r"\(2, 5\)", r"\(3, 4\)", r"\(5, out_features\)"],
+        [
+            r"matmul",
+            r"etp_mm",
+            r"\bx\b",
+            r"weight",
+            r"5 input features",
+            r"\(2, 5\)",
+            r"\(3, 4\)",
+            r"\(5, out_features\)",
+        ],
     ),
     (
         "matmul-in-features-vector",
@@ -260,7 +268,16 @@ CASES: list[tuple[str, Callable[[], object], type[Exception], list[str]]] = [
         "lora-rank-mismatch",
         lambda: etp.lora_matmul(_ones(2, 3), _ones(3, 2), _ones(3, 4)),
         ValueError,
-        [r"lora_matmul", r"etp_lora_mm", r"\bB\b", r"\bA\b", r"rank 2", r"\(3, 2\)", r"\(3, 4\)", r"\(2, out_features\)"],
+        [
+            r"lora_matmul",
+            r"etp_lora_mm",
+            r"\bB\b",
+            r"\bA\b",
+            r"rank 2",
+            r"\(3, 2\)",
+            r"\(3, 4\)",
+            r"\(2, out_features\)",
+        ],
     ),
     (
         "lora-rank-mismatch-vector",
@@ -346,7 +363,9 @@ def test_bad_input_raises_our_error(call, exc_type, patterns):
     err = info.value
     msg = str(err)
     shown = msg if len(msg) < 400 else msg[:400] + "..."
-    assert type(err) is exc_type, f"expected exactly {exc_type.__name__}, got {type(err).__module__}.{type(err).__name__}: {shown}"
+    assert type(err) is exc_type, (
+        f"expected exactly {exc_type.__name__}, got {type(err).__module__}.{type(err).__name__}: {shown}"
+    )
     missing = [p for p in patterns if not re.search(p, msg)]
     assert not missing, f"message lacks {missing}: {shown!r}"
 

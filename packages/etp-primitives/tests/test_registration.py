@@ -7,12 +7,11 @@ import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import etp_primitives as etp
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-import etp_primitives as etp
 from etp_primitives._compat import Primitive
 
 RULE_TABLES = {
@@ -419,7 +418,9 @@ BUILTIN_PRIMITIVES = {b[1] for b in BUILTINS}
 
 
 @pytest.mark.parametrize(
-    ("name", "p", "batched", "layouts", "x_index", "weight_index", "has_seed_grad"), BUILTINS, ids=[b[0] for b in BUILTINS]
+    ("name", "p", "batched", "layouts", "x_index", "weight_index", "has_seed_grad"),
+    BUILTINS,
+    ids=[b[0] for b in BUILTINS],
 )
 def test_builtin(name, p, batched, layouts, x_index, weight_index, has_seed_grad):
     assert type(p) is etp.ETPPrimitive
@@ -450,10 +451,24 @@ def test_builtin(name, p, batched, layouts, x_index, weight_index, has_seed_grad
 
 def test_builtin_set():
     names = {p.name for p in BUILTIN_PRIMITIVES}
-    assert names == {"etp_mm", "etp_mv", "etp_elemwise", "etp_conv", "etp_sp_mm", "etp_sp_mv", "etp_lora_mm", "etp_lora_mv"}
+    assert names == {
+        "etp_mm",
+        "etp_mv",
+        "etp_elemwise",
+        "etp_conv",
+        "etp_sp_mm",
+        "etp_sp_mv",
+        "etp_lora_mm",
+        "etp_lora_mv",
+    }
     assert BUILTIN_PRIMITIVES <= etp.ETP_PRIMITIVES
     assert BUILTIN_PRIMITIVES & etp.GRADIENT_ENABLED_PRIMITIVES == {etp.etp_elemwise_p}
-    assert {p.name for p in BUILTIN_PRIMITIVES & etp.BATCHED_PRIMITIVES} == {"etp_mm", "etp_conv", "etp_sp_mm", "etp_lora_mm"}
+    assert {p.name for p in BUILTIN_PRIMITIVES & etp.BATCHED_PRIMITIVES} == {
+        "etp_mm",
+        "etp_conv",
+        "etp_sp_mm",
+        "etp_lora_mm",
+    }
     assert etp.etp_elemwise_p.name == "etp_elemwise"
     assert etp.ETP_X_INVAR_INDICES[etp.etp_elemwise_p] is None
 
@@ -499,7 +514,9 @@ def test_non_callable_impl_raises(fresh_name):
     assert _registry_sizes() == sizes
 
 
-@pytest.mark.parametrize(("kwargs", "what"), [({"x_invar_index": -1}, "x_invar_index"), ({"y_outvar_index": -1}, "y_outvar_index")])
+@pytest.mark.parametrize(
+    ("kwargs", "what"), [({"x_invar_index": -1}, "x_invar_index"), ({"y_outvar_index": -1}, "y_outvar_index")]
+)
 def test_negative_index_raises(fresh_name, kwargs, what):
     name = fresh_name()
     with pytest.raises(ValueError, match=what):
@@ -550,7 +567,10 @@ def test_require_rules_missing_names_them(fresh_name):
     assert listed is not None, msg
     assert {s.strip() for s in listed.group(1).split(",")} == {"xy_to_dw", "init_drtrl"}, msg
     # asking for present rules only succeeds; for one absent rule, it is named
-    assert etp.require_rules(p, "yw_to_w", "init_pp") == {"yw_to_w": _scaled_yw_to_w, "init_pp": etp.init_pp_like_output}
+    assert etp.require_rules(p, "yw_to_w", "init_pp") == {
+        "yw_to_w": _scaled_yw_to_w,
+        "init_pp": etp.init_pp_like_output,
+    }
     with pytest.raises(ValueError, match=re.escape(repr(p.name)) + r".*init_drtrl"):
         etp.require_rules(p, "init_drtrl")
 
@@ -595,7 +615,12 @@ def test_unregister_removes_everywhere_and_frees_the_name(fresh_name, by):
     # the name can be registered again, as a new primitive
     q = etp.register_primitive(name, lambda x, w: x @ w)
     assert q is not p and q.name == name
-    assert _registries_holding(q) == {"ETP_PRIMITIVES", "ETP_TRAINABLE_INVARS_FNS", "ETP_X_INVAR_INDICES", "ETP_Y_OUTVAR_INDICES"}
+    assert _registries_holding(q) == {
+        "ETP_PRIMITIVES",
+        "ETP_TRAINABLE_INVARS_FNS",
+        "ETP_X_INVAR_INDICES",
+        "ETP_Y_OUTVAR_INDICES",
+    }
     np.testing.assert_allclose(q.bind(jnp.ones((2, 3)), jnp.ones((3, 4))), jnp.full((2, 4), 3.0))
     # a second unregister of the old object fails: it is no longer registered
     with pytest.raises(ValueError, match=r"unregister_primitive"):

@@ -15,13 +15,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import etp_primitives as etp
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import saiunit.sparse as ss
-
-import etp_primitives as etp
 
 Array = jax.Array
 
@@ -35,7 +34,9 @@ def _eqn_of(fn: Callable[..., Any], *args: Any) -> Any:
 class Case:
     """One ETP op with weights, a random input stream and its leak structure."""
 
-    def __init__(self, name: str, op: Callable[..., Array], weights: dict[str, Array], xs: Array | None, uniform_leak: bool):
+    def __init__(
+        self, name: str, op: Callable[..., Array], weights: dict[str, Array], xs: Array | None, uniform_leak: bool
+    ):
         self.name, self.op, self.weights, self.xs, self.uniform_leak = name, op, weights, xs, uniform_leak
 
 
@@ -50,16 +51,64 @@ def _cases(rng: np.random.Generator) -> list[Case]:
     conv1 = dict(strides=(1,), padding="SAME", dimension_numbers=("NWC", "WIO", "NWC"))
     conv2 = dict(strides=(2, 1), padding="VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
     return [
-        Case("mm+bias", lambda x, w: etp.matmul(x, w["weight"], w["bias"]), {"weight": normal(I, O), "bias": normal(O)}, normal(T, B, I), False),
+        Case(
+            "mm+bias",
+            lambda x, w: etp.matmul(x, w["weight"], w["bias"]),
+            {"weight": normal(I, O), "bias": normal(O)},
+            normal(T, B, I),
+            False,
+        ),
         Case("mm-3d", lambda x, w: etp.matmul(x, w["weight"]), {"weight": normal(I, O)}, normal(T, 2, B, I), False),
-        Case("mv+bias", lambda x, w: etp.matmul(x, w["weight"], w["bias"]), {"weight": normal(I, O), "bias": normal(O)}, normal(T, I), False),
+        Case(
+            "mv+bias",
+            lambda x, w: etp.matmul(x, w["weight"], w["bias"]),
+            {"weight": normal(I, O), "bias": normal(O)},
+            normal(T, I),
+            False,
+        ),
         Case("elemwise", lambda x, w: etp.element_wise(w["weight"]), {"weight": normal(O)}, None, False),
-        Case("sp_mm-csr+bias", lambda x, w: etp.sparse_matmul(x, w["weight"], sparse_mat=csr, bias=w["bias"]), {"weight": normal(csr.nse), "bias": normal(O)}, normal(T, B, I), False),
-        Case("sp_mv-coo", lambda x, w: etp.sparse_matmul(x, w["weight"], sparse_mat=coo), {"weight": normal(coo.nse)}, normal(T, I), False),
-        Case("conv1d+bias", lambda x, w: etp.conv(x, w["weight"], w["bias"], **conv1), {"weight": normal(3, 2, 4), "bias": normal(4)}, normal(T, B, 7, 2), True),
-        Case("conv2d+bias", lambda x, w: etp.conv(x, w["weight"], w["bias"], **conv2), {"weight": normal(2, 2, 2, 3), "bias": normal(3)}, normal(T, B, 6, 5, 2), True),
-        Case("lora_mm+bias", lambda x, w: etp.lora_matmul(x, w["lora_b"], w["lora_a"], alpha=0.7, bias=w["bias"]), {"lora_b": normal(I, 2), "lora_a": normal(2, O), "bias": normal(O)}, normal(T, B, I), True),
-        Case("lora_mv", lambda x, w: etp.lora_matmul(x, w["lora_b"], w["lora_a"]), {"lora_b": normal(I, 2), "lora_a": normal(2, O)}, normal(T, I), True),
+        Case(
+            "sp_mm-csr+bias",
+            lambda x, w: etp.sparse_matmul(x, w["weight"], sparse_mat=csr, bias=w["bias"]),
+            {"weight": normal(csr.nse), "bias": normal(O)},
+            normal(T, B, I),
+            False,
+        ),
+        Case(
+            "sp_mv-coo",
+            lambda x, w: etp.sparse_matmul(x, w["weight"], sparse_mat=coo),
+            {"weight": normal(coo.nse)},
+            normal(T, I),
+            False,
+        ),
+        Case(
+            "conv1d+bias",
+            lambda x, w: etp.conv(x, w["weight"], w["bias"], **conv1),
+            {"weight": normal(3, 2, 4), "bias": normal(4)},
+            normal(T, B, 7, 2),
+            True,
+        ),
+        Case(
+            "conv2d+bias",
+            lambda x, w: etp.conv(x, w["weight"], w["bias"], **conv2),
+            {"weight": normal(2, 2, 2, 3), "bias": normal(3)},
+            normal(T, B, 6, 5, 2),
+            True,
+        ),
+        Case(
+            "lora_mm+bias",
+            lambda x, w: etp.lora_matmul(x, w["lora_b"], w["lora_a"], alpha=0.7, bias=w["bias"]),
+            {"lora_b": normal(I, 2), "lora_a": normal(2, O), "bias": normal(O)},
+            normal(T, B, I),
+            True,
+        ),
+        Case(
+            "lora_mv",
+            lambda x, w: etp.lora_matmul(x, w["lora_b"], w["lora_a"]),
+            {"lora_b": normal(I, 2), "lora_a": normal(2, O)},
+            normal(T, I),
+            True,
+        ),
     ]
 
 
@@ -215,13 +264,17 @@ def test_explicit_seed_of_weight_shaped_keys_equals_per_sample_vjp(name: str, rn
     x = _x_at(case, 0)
     assert x is not None
     eqn = _eqn_of(case.op, x, case.weights)
-    seed = etp.drtrl_seed(eqn.primitive, x, jnp.asarray(rng.normal(size=eqn.outvars[0].aval.shape)), case.weights, eqn.params)
+    seed = etp.drtrl_seed(
+        eqn.primitive, x, jnp.asarray(rng.normal(size=eqn.outvars[0].aval.shape)), case.weights, eqn.params
+    )
     d = jnp.asarray(rng.normal(size=eqn.outvars[0].aval.shape))
     seed = etp.drtrl_seed(eqn.primitive, x, d, case.weights, eqn.params)
     weight_shaped = [k for k in case.weights if k != "lora_b"]
 
     def per_sample(x_b: Array, d_b: Array) -> dict[str, Array]:
-        _, pullback = jax.vjp(lambda w: case.op(x_b, {**case.weights, **w}), {k: case.weights[k] for k in weight_shaped})
+        _, pullback = jax.vjp(
+            lambda w: case.op(x_b, {**case.weights, **w}), {k: case.weights[k] for k in weight_shaped}
+        )
         return dict(pullback(d_b)[0])
 
     lead = x.ndim - 1
@@ -286,7 +339,12 @@ def test_conv_weight_trace_is_an_approximation_when_the_leak_varies_over_units(r
     a = jnp.broadcast_to(jnp.asarray([0.2, 0.5, 0.8, 0.95]), y_shape)
     c = jnp.ones(y_shape)
     r = jnp.asarray(rng.normal(size=y_shape))
-    trace = {k: v[..., 0] for k, v in rules["init_drtrl"](eqn.invars[0], eqn.outvars[0], {"weight": eqn.invars[1], "bias": eqn.invars[2]}, 1).items()}
+    trace = {
+        k: v[..., 0]
+        for k, v in rules["init_drtrl"](
+            eqn.invars[0], eqn.outvars[0], {"weight": eqn.invars[1], "bias": eqn.invars[2]}, 1
+        ).items()
+    }
     grads = {k: jnp.zeros_like(v) for k, v in case.weights.items()}
     h = jnp.zeros(y_shape)
     for t in range(8):

@@ -7,6 +7,7 @@ into that unit.
 
 from __future__ import annotations
 
+import etp_primitives as etp
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,8 +15,6 @@ import pytest
 import saiunit as u
 import saiunit.sparse as ss
 from jax import lax
-
-import etp_primitives as etp
 
 NWC = ("NWC", "WIO", "NWC")
 
@@ -311,7 +310,9 @@ def test_lora_matmul_under_jit_and_grad(rng):
 
 def test_lora_matmul_incompatible_bias_unit_names_both_units():
     with pytest.raises(ValueError) as info:
-        etp.lora_matmul(jnp.ones((2, 3)) * u.mV, jnp.ones((3, 2)) * u.siemens, jnp.ones((2, 4)), bias=jnp.ones(4) * u.ms)
+        etp.lora_matmul(
+            jnp.ones((2, 3)) * u.mV, jnp.ones((3, 2)) * u.siemens, jnp.ones((2, 4)), bias=jnp.ones(4) * u.ms
+        )
     msg = str(info.value)
     assert "etp_lora_mm" in msg and str(u.ms) in msg and str(u.mA) in msg, msg
 

@@ -30,7 +30,7 @@ from etp_primitives import (
     unregister_primitive,
 )
 
-from . import _etrace_op
+from . import _etrace_op as _etrace_op
 
 __version__ = "0.1.0"
 

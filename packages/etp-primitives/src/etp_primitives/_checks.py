@@ -19,7 +19,9 @@ def as_array(value: Any, where: str, name: str) -> jax.Array:
         try:
             return jnp.asarray(value)
         except (TypeError, ValueError) as err:
-            raise TypeError(f"{where}: {name} must be an array, could not convert {type(value).__name__}: {err}") from None
+            raise TypeError(
+                f"{where}: {name} must be an array, could not convert {type(value).__name__}: {err}"
+            ) from None
     raise TypeError(f"{where}: {name} must be an array or saiunit.Quantity, got {type(value).__name__}.")
 
 
@@ -27,7 +29,9 @@ def check_ndim(array: jax.Array, allowed: tuple[int, ...] | int, where: str, nam
     """Raise ``ValueError`` unless ``array.ndim`` is allowed (``layout`` describes the expected axes)."""
     ok = array.ndim in allowed if isinstance(allowed, tuple) else array.ndim >= allowed
     if not ok:
-        raise ValueError(f"{where}: {name} must have shape {layout}, got shape {tuple(array.shape)} (ndim {array.ndim}).")
+        raise ValueError(
+            f"{where}: {name} must have shape {layout}, got shape {tuple(array.shape)} (ndim {array.ndim})."
+        )
 
 
 def check_shape(actual: tuple[int, ...], expected: tuple[int, ...], where: str, name: str, why: str = "") -> None:

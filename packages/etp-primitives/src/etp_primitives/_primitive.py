@@ -123,9 +123,7 @@ class ETPPrimitive(Primitive):
 
 def _checked_rule(primitive: Primitive, what: str, fn: Rule) -> Rule:
     if not callable(fn):
-        raise TypeError(
-            f"ETP primitive {primitive.name!r}: the {what} rule must be callable, got {type(fn).__name__}."
-        )
+        raise TypeError(f"ETP primitive {primitive.name!r}: the {what} rule must be callable, got {type(fn).__name__}.")
     return fn
 
 
@@ -147,8 +145,7 @@ def _abstract_eval_fn(primitive: Primitive, impl_fn: Callable[..., Any]) -> Call
         out = jax.eval_shape(partial(impl_fn, **params), *shapes)
         if not isinstance(out, jax.ShapeDtypeStruct):
             raise TypeError(
-                f"ETP primitive {primitive.name!r}: impl_fn must return a single array, "
-                f"got a {type(out).__name__}."
+                f"ETP primitive {primitive.name!r}: impl_fn must return a single array, got a {type(out).__name__}."
             )
         return ShapedArray(out.shape, out.dtype)
 
@@ -169,9 +166,7 @@ def _jvp_rule(primitive: Primitive, impl_fn: Callable[..., Any]) -> Callable[...
                 args[i] = a
             return impl_fn(*args, **params)
 
-        _, tangent_out = jax.jvp(
-            impl_of_active, tuple(primals[i] for i in active), tuple(tangents[i] for i in active)
-        )
+        _, tangent_out = jax.jvp(impl_of_active, tuple(primals[i] for i in active), tuple(tangents[i] for i in active))
         return primal_out, tangent_out
 
     return jvp
@@ -261,7 +256,9 @@ def register_primitive(
             f"got {type(trainable_invars_fn).__name__}."
         )
     if x_invar_index is not None and (not isinstance(x_invar_index, int) or x_invar_index < 0):
-        raise ValueError(f"register_primitive({name!r}): x_invar_index must be None or an int >= 0, got {x_invar_index!r}.")
+        raise ValueError(
+            f"register_primitive({name!r}): x_invar_index must be None or an int >= 0, got {x_invar_index!r}."
+        )
     if not isinstance(y_outvar_index, int) or y_outvar_index < 0:
         raise ValueError(f"register_primitive({name!r}): y_outvar_index must be an int >= 0, got {y_outvar_index!r}.")
 

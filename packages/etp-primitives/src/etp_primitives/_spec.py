@@ -102,7 +102,9 @@ def register_primitive_spec(spec: ETPPrimitiveSpec) -> ETPPrimitive:
     # Check every rule before registering anything, so a bad spec leaves no half-registered primitive.
     for field in ("impl", "yw_to_w", "xy_to_dw", "init_drtrl", "init_pp", "trainable_invars_fn"):
         if not callable(getattr(spec, field)):
-            raise TypeError(f"ETPPrimitiveSpec {spec.name!r}: {field} must be callable, got {type(getattr(spec, field)).__name__}.")
+            raise TypeError(
+                f"ETPPrimitiveSpec {spec.name!r}: {field} must be callable, got {type(getattr(spec, field)).__name__}."
+            )
     for field in ("drtrl_seed", "drtrl_grad"):
         if getattr(spec, field) is not None and not callable(getattr(spec, field)):
             raise TypeError(f"ETPPrimitiveSpec {spec.name!r}: {field} must be callable or None.")

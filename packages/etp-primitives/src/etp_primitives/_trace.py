@@ -215,7 +215,9 @@ def derive_xy_to_dw(
     trainable inputs named by ``trainable_invars_fn``, nothing else.
     """
 
-    def xy_to_dw(x: Any, hidden_dim: jax.Array, weights: Mapping[str, jax.Array], **params: Any) -> dict[str, jax.Array]:
+    def xy_to_dw(
+        x: Any, hidden_dim: jax.Array, weights: Mapping[str, jax.Array], **params: Any
+    ) -> dict[str, jax.Array]:
         layout = trainable_invars_fn(params)
         n_invars = len(layout) + (0 if x_invar_index is None else 1)
 

@@ -9,10 +9,22 @@ import jax
 import jax.numpy as jnp
 
 from .._compat import Primitive
-from .._primitive import set_batching_rule
-from .._trace import aval_of
+from .._primitive import ETPPrimitive, set_batching_rule
+from .._registry import Rule
+from .._spec import ETPPrimitiveSpec, register_primitive_spec
+from .._trace import aval_of, derive_xy_to_dw, init_pp_like_output
 
-__all__ = ["add_bias_last_axis", "bias_layout", "zeros_with_state_axis", "keep_marker_when_only_x_is_batched", "bound_with_bias"]
+__all__ = [
+    "init_weight_shaped_drtrl",
+    "add_bias_last_axis",
+    "register_builtin",
+    "register_batched_pair",
+    "bias_init",
+    "bias_layout",
+    "zeros_with_state_axis",
+    "keep_marker_when_only_x_is_batched",
+    "bound_with_bias",
+]
 
 
 def bias_layout(first_trainable: dict[str, int], bias_index: int) -> Callable[[dict[str, Any]], dict[str, int]]:
@@ -69,3 +81,73 @@ def bound_with_bias(primitive: Primitive, operands: Sequence[Any], bias: Any, **
 def add_bias_last_axis(y: jax.Array, bias: jax.Array) -> jax.Array:
     """``y + bias`` along the last axis, with explicit broadcasting (safe under rank-promotion='raise')."""
     return y + jnp.reshape(bias, (1,) * (y.ndim - 1) + tuple(bias.shape))
+
+
+def bias_init(
+    trace: dict[str, jax.Array], y_var: Any, weight_vars: dict[str, Any], num_hidden_state: int
+) -> dict[str, jax.Array]:
+    """Add the y-shaped ``bias`` trace leaf (every built-in stores it so) when the op has a bias."""
+    if "bias" in weight_vars:
+        trace["bias"] = zeros_with_state_axis(aval_of(y_var).shape, weight_dtype(weight_vars, "bias"), num_hidden_state)
+    return trace
+
+
+def init_weight_shaped_drtrl(
+    x_var: Any, y_var: Any, weight_vars: dict[str, Any], num_hidden_state: int
+) -> dict[str, jax.Array]:
+    """``init_drtrl`` of the weight-shaped layout: ``weight`` ``(*x.shape[:-1], *w.shape)``, ``bias`` y-shaped."""
+    lead = tuple(aval_of(x_var).shape[:-1])
+    weight = zeros_with_state_axis(
+        (*lead, *aval_of(weight_vars["weight"]).shape), weight_dtype(weight_vars, "weight"), num_hidden_state
+    )
+    return bias_init({"weight": weight}, y_var, weight_vars, num_hidden_state)
+
+
+def register_builtin(
+    name: str,
+    impl: Callable[..., Any],
+    trainable: Callable[[dict[str, Any]], dict[str, int]],
+    *,
+    batched: bool,
+    yw_to_w: Rule,
+    init_drtrl: Rule,
+    drtrl_seed: Rule,
+    drtrl_grad: Rule,
+) -> ETPPrimitive:
+    """Register a built-in with an input ``x`` at invar 0 through the public spec path.
+
+    ``xy_to_dw`` is the exact VJP of ``impl``; ``init_pp`` the output-shaped zeros.
+    """
+    return register_primitive_spec(
+        ETPPrimitiveSpec(
+            name=name,
+            impl=impl,
+            yw_to_w=yw_to_w,
+            xy_to_dw=derive_xy_to_dw(impl, trainable, 0),
+            init_drtrl=init_drtrl,
+            init_pp=init_pp_like_output,
+            trainable_invars_fn=trainable,
+            x_invar_index=0,
+            batched=batched,
+            drtrl_seed=drtrl_seed,
+            drtrl_grad=drtrl_grad,
+        )
+    )
+
+
+def register_batched_pair(
+    base: str,
+    impl: Callable[..., Any],
+    trainable: Callable[[dict[str, Any]], dict[str, int]],
+    **rules: Rule,
+) -> tuple[ETPPrimitive, ETPPrimitive]:
+    """Register ``{base}_mm`` (batched) and ``{base}_mv`` (unbatched) sharing ``impl`` and ``rules``.
+
+    The rules see the leading axes of ``x`` generically, so one set serves
+    both; a ``vmap`` over ``x`` of either becomes ``{base}_mm``.
+    """
+    batched = register_builtin(f"{base}_mm", impl, trainable, batched=True, **rules)
+    unbatched = register_builtin(f"{base}_mv", impl, trainable, batched=False, **rules)
+    keep_marker_when_only_x_is_batched(batched, batched, impl)
+    keep_marker_when_only_x_is_batched(unbatched, batched, impl)
+    return batched, unbatched

@@ -47,10 +47,16 @@ from jax import lax
 
 from .._checks import as_array, check_shape
 from .._primitive import set_batching_rule
-from .._spec import ETPPrimitiveSpec, register_primitive_spec
-from .._trace import aval_of, derive_xy_to_dw, init_pp_like_output
+from .._trace import aval_of, derive_xy_to_dw
 from .._units import attach_unit, bias_in_unit, product_unit, split_unit
-from ._common import bias_layout, bound_with_bias, weight_dtype, zeros_with_state_axis
+from ._common import (
+    bias_init,
+    bias_layout,
+    bound_with_bias,
+    register_builtin,
+    weight_dtype,
+    zeros_with_state_axis,
+)
 
 __all__ = ["etp_conv_p", "conv"]
 
@@ -138,27 +144,20 @@ def _grad(
 
 
 def _init_drtrl(x_var: Any, y_var: Any, weight_vars: dict[str, Any], num_hidden_state: int) -> dict[str, jax.Array]:
-    out = {"weight": zeros_with_state_axis(aval_of(x_var).shape, weight_dtype(weight_vars, "weight"), num_hidden_state)}
-    if "bias" in weight_vars:
-        out["bias"] = zeros_with_state_axis(aval_of(y_var).shape, weight_dtype(weight_vars, "bias"), num_hidden_state)
-    return out
+    weight = zeros_with_state_axis(aval_of(x_var).shape, weight_dtype(weight_vars, "weight"), num_hidden_state)
+    return bias_init({"weight": weight}, y_var, weight_vars, num_hidden_state)
 
 
 #: Batched convolution (``x`` always has a batch axis).
-etp_conv_p = register_primitive_spec(
-    ETPPrimitiveSpec(
-        name="etp_conv",
-        impl=_conv_impl,
-        yw_to_w=_yw_to_w,
-        xy_to_dw=_xy_to_dw,
-        init_drtrl=_init_drtrl,
-        init_pp=init_pp_like_output,
-        trainable_invars_fn=_trainable,
-        x_invar_index=0,
-        batched=True,
-        drtrl_seed=_seed,
-        drtrl_grad=_grad,
-    )
+etp_conv_p = register_builtin(
+    "etp_conv",
+    _conv_impl,
+    _trainable,
+    batched=True,
+    yw_to_w=_yw_to_w,
+    init_drtrl=_init_drtrl,
+    drtrl_seed=_seed,
+    drtrl_grad=_grad,
 )
 
 
@@ -187,7 +186,9 @@ def _per_dim(value: int | Sequence[int] | None, n: int, name: str) -> tuple[int,
     try:
         out = (int(value),) * n if isinstance(value, int) else tuple(int(v) for v in value)
     except (TypeError, ValueError):
-        raise ValueError(f"{_WHERE}: {name} must be an int or one int per spatial dimension ({n}), got {value!r}.") from None
+        raise ValueError(
+            f"{_WHERE}: {name} must be an int or one int per spatial dimension ({n}), got {value!r}."
+        ) from None
     if len(out) != n:
         raise ValueError(f"{_WHERE}: {name} must have one entry per spatial dimension ({n}), got {value!r}.")
     if any(v < 1 for v in out):

@@ -30,10 +30,14 @@ import jax
 import jax.numpy as jnp
 
 from .._checks import as_array, check_ndim, check_shape
-from .._spec import ETPPrimitiveSpec, register_primitive_spec
-from .._trace import aval_of, derive_xy_to_dw, init_pp_like_output
 from .._units import attach_unit, bias_in_unit, product_unit, split_unit
-from ._common import add_bias_last_axis, bias_layout, bound_with_bias, keep_marker_when_only_x_is_batched, weight_dtype, zeros_with_state_axis
+from ._common import (
+    add_bias_last_axis,
+    bias_layout,
+    bound_with_bias,
+    init_weight_shaped_drtrl,
+    register_batched_pair,
+)
 
 __all__ = ["etp_mm_p", "etp_mv_p", "matmul"]
 
@@ -73,42 +77,16 @@ def _grad(
     return out
 
 
-def _init_drtrl(x_var: Any, y_var: Any, weight_vars: dict[str, Any], num_hidden_state: int) -> dict[str, jax.Array]:
-    lead = tuple(aval_of(x_var).shape[:-1])
-    out = {
-        "weight": zeros_with_state_axis(
-            (*lead, *aval_of(weight_vars["weight"]).shape), weight_dtype(weight_vars, "weight"), num_hidden_state
-        )
-    }
-    if "bias" in weight_vars:
-        out["bias"] = zeros_with_state_axis(
-            (*lead, *aval_of(weight_vars["bias"]).shape), weight_dtype(weight_vars, "bias"), num_hidden_state
-        )
-    return out
-
-
-def _spec(name: str, batched: bool) -> ETPPrimitiveSpec:
-    return ETPPrimitiveSpec(
-        name=name,
-        impl=_dense_impl,
-        yw_to_w=_yw_to_w,
-        xy_to_dw=derive_xy_to_dw(_dense_impl, _trainable, 0),
-        init_drtrl=_init_drtrl,
-        init_pp=init_pp_like_output,
-        trainable_invars_fn=_trainable,
-        x_invar_index=0,
-        batched=batched,
-        drtrl_seed=_seed,
-        drtrl_grad=_grad,
-    )
-
-
-#: Batched dense matmul, ``x`` of shape ``(batch..., in)``.
-etp_mm_p = register_primitive_spec(_spec("etp_mm", batched=True))
-#: Unbatched dense matmul, ``x`` of shape ``(in,)``.
-etp_mv_p = register_primitive_spec(_spec("etp_mv", batched=False))
-keep_marker_when_only_x_is_batched(etp_mm_p, etp_mm_p, _dense_impl)
-keep_marker_when_only_x_is_batched(etp_mv_p, etp_mm_p, _dense_impl)
+#: ``etp_mm`` (batched, ``x`` of shape ``(batch..., in)``) and ``etp_mv`` (unbatched, ``x`` of shape ``(in,)``).
+etp_mm_p, etp_mv_p = register_batched_pair(
+    "etp",
+    _dense_impl,
+    _trainable,
+    yw_to_w=_yw_to_w,
+    init_drtrl=init_weight_shaped_drtrl,
+    drtrl_seed=_seed,
+    drtrl_grad=_grad,
+)
 
 
 def matmul(x: Any, weight: Any, bias: Any = None) -> Any:

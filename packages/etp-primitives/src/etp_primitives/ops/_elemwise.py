@@ -58,7 +58,9 @@ def _xy_to_dw(x: Any, hidden_dim: jax.Array, weights: dict[str, jax.Array], **pa
 
 def _init_drtrl(x_var: Any, y_var: Any, weight_vars: dict[str, Any], num_hidden_state: int) -> dict[str, jax.Array]:
     return {
-        "weight": zeros_with_state_axis(aval_of(weight_vars["weight"]).shape, weight_dtype(weight_vars, "weight"), num_hidden_state)
+        "weight": zeros_with_state_axis(
+            aval_of(weight_vars["weight"]).shape, weight_dtype(weight_vars, "weight"), num_hidden_state
+        )
     }
 
 

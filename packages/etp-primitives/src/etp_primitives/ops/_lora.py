@@ -32,10 +32,17 @@ import jax
 import jax.numpy as jnp
 
 from .._checks import as_array, check_ndim, check_shape
-from .._spec import ETPPrimitiveSpec, register_primitive_spec
-from .._trace import aval_of, derive_xy_to_dw, init_pp_like_output
+from .._trace import aval_of
 from .._units import attach_unit, bias_in_unit, product_unit, split_unit
-from ._common import add_bias_last_axis, bias_layout, bound_with_bias, keep_marker_when_only_x_is_batched, weight_dtype, zeros_with_state_axis
+from ._common import (
+    add_bias_last_axis,
+    bias_init,
+    bias_layout,
+    bound_with_bias,
+    register_batched_pair,
+    weight_dtype,
+    zeros_with_state_axis,
+)
 
 __all__ = ["etp_lora_mm_p", "etp_lora_mv_p", "lora_matmul"]
 
@@ -97,33 +104,13 @@ def _init_drtrl(x_var: Any, y_var: Any, weight_vars: dict[str, Any], num_hidden_
             (*lead, *aval_of(weight_vars["lora_a"]).shape), weight_dtype(weight_vars, "lora_a"), num_hidden_state
         ),
     }
-    if "bias" in weight_vars:
-        out["bias"] = zeros_with_state_axis(aval_of(y_var).shape, weight_dtype(weight_vars, "bias"), num_hidden_state)
-    return out
+    return bias_init(out, y_var, weight_vars, num_hidden_state)
 
 
-def _spec(name: str, batched: bool) -> ETPPrimitiveSpec:
-    return ETPPrimitiveSpec(
-        name=name,
-        impl=_lora_impl,
-        yw_to_w=_yw_to_w,
-        xy_to_dw=derive_xy_to_dw(_lora_impl, _trainable, 0),
-        init_drtrl=_init_drtrl,
-        init_pp=init_pp_like_output,
-        trainable_invars_fn=_trainable,
-        x_invar_index=0,
-        batched=batched,
-        drtrl_seed=_seed,
-        drtrl_grad=_grad,
-    )
-
-
-#: Batched LoRA matmul, ``x`` of shape ``(batch..., in)``.
-etp_lora_mm_p = register_primitive_spec(_spec("etp_lora_mm", batched=True))
-#: Unbatched LoRA matmul, ``x`` of shape ``(in,)``.
-etp_lora_mv_p = register_primitive_spec(_spec("etp_lora_mv", batched=False))
-keep_marker_when_only_x_is_batched(etp_lora_mm_p, etp_lora_mm_p, _lora_impl)
-keep_marker_when_only_x_is_batched(etp_lora_mv_p, etp_lora_mm_p, _lora_impl)
+#: ``etp_lora_mm`` (batched, ``x`` of shape ``(batch..., in)``) and ``etp_lora_mv`` (unbatched).
+etp_lora_mm_p, etp_lora_mv_p = register_batched_pair(
+    "etp_lora", _lora_impl, _trainable, yw_to_w=_yw_to_w, init_drtrl=_init_drtrl, drtrl_seed=_seed, drtrl_grad=_grad
+)
 
 
 def lora_matmul(x: Any, B: Any, A: Any, *, alpha: float = 1.0, bias: Any = None) -> Any:
@@ -173,7 +160,9 @@ def lora_matmul(x: Any, B: Any, A: Any, *, alpha: float = 1.0, bias: Any = None)
     try:
         alpha_f = float(alpha)
     except (TypeError, ValueError, jax.errors.ConcretizationTypeError):
-        raise TypeError(f"{where}: alpha must be a concrete Python number (it is static), got {type(alpha).__name__}.") from None
+        raise TypeError(
+            f"{where}: alpha must be a concrete Python number (it is static), got {type(alpha).__name__}."
+        ) from None
     out_unit = product_unit(x_unit, b_unit, a_unit)
     b_m = None
     if bias is not None:
