@@ -31,11 +31,13 @@ from etp_primitives import (
 )
 
 from . import _etrace_op as _etrace_op
+from . import nn as nn
 
 __version__ = "0.1.0"
 
 __all__ = [
     "__version__",
+    "nn",
     "matmul",
     "element_wise",
     "conv",
