@@ -1,0 +1,223 @@
+"""Stage 1: trace one step of a brainstate model and classify its states."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from typing import Any, NamedTuple
+
+import brainstate
+import jax
+
+from ._compat import ClosedJaxpr, Jaxpr, Var
+from ._errors import CompilationError
+
+__all__ = ["ModuleInfo", "extract_module_info", "StatePath", "WeightLeaf"]
+
+#: Path of a state in the module tree, e.g. ``('rnn', 'h')``.
+StatePath = tuple[Hashable, ...]
+#: A ParamState leaf: the state's path and the key path of the leaf inside its value (``()`` for a bare array).
+WeightLeaf = tuple[StatePath, tuple[Hashable, ...]]
+
+
+class ModuleInfo(NamedTuple):
+    """One traced step of a model: its jaxpr and the maps between jaxpr variables and states.
+
+    The jaxpr's invars are the flattened arguments followed by the leaves of
+    every state the step touches (in :attr:`compiled_model_states` order);
+    its outvars are the flattened outputs followed by the new values of the
+    written states.
+
+    Attributes
+    ----------
+    model : brainstate.nn.Module
+    closed_jaxpr : ClosedJaxpr
+    jaxpr : Jaxpr
+        ``closed_jaxpr.jaxpr``.
+    stateful_fn : brainstate.transform.StatefulFunction
+    compiled_model_states : tuple of brainstate.State
+        Every state read or written by the step, in invar order.
+    state_paths : dict
+        ``id(state) -> path``.
+    arg_invars, out_vars : tuple of Var
+        The invars of the flattened arguments; the outvars of the flattened outputs.
+    out_treedef : PyTreeDef
+        Structure of the model's output.
+    hidden_states, weight_states, other_states : dict
+        ``path -> state`` for HiddenState (and subclasses), ParamState, and everything else.
+    hidden_path_to_invar, hidden_path_to_outvar : dict
+        ``path -> Var`` of each hidden state's single array leaf, before and after the step.
+    invar_to_hidden_path, outvar_to_hidden_path : dict
+        The inverse maps.
+    weight_path_to_invars : dict
+        ``path -> tuple of Var``: the invars of every leaf of a ParamState.
+    invar_to_weight_path : dict
+        ``Var -> (path, leaf_key_path)``.
+    state_invars, state_outvars : dict
+        ``path -> tuple of Var`` for every state (outvars only for written states).
+    """
+
+    model: brainstate.nn.Module
+    closed_jaxpr: ClosedJaxpr
+    jaxpr: Jaxpr
+    stateful_fn: Any
+    compiled_model_states: tuple[brainstate.State[Any], ...]
+    state_paths: dict[int, StatePath]
+    arg_invars: tuple[Var, ...]
+    out_vars: tuple[Any, ...]
+    out_treedef: Any
+    hidden_states: dict[StatePath, brainstate.State[Any]]
+    weight_states: dict[StatePath, brainstate.State[Any]]
+    other_states: dict[StatePath, brainstate.State[Any]]
+    hidden_path_to_invar: dict[StatePath, Var]
+    hidden_path_to_outvar: dict[StatePath, Var]
+    invar_to_hidden_path: dict[Var, StatePath]
+    outvar_to_hidden_path: dict[Var, StatePath]
+    weight_path_to_invars: dict[StatePath, tuple[Var, ...]]
+    invar_to_weight_path: dict[Var, WeightLeaf]
+    state_invars: dict[StatePath, tuple[Var, ...]]
+    state_outvars: dict[StatePath, tuple[Any, ...]]
+
+
+def _key_name(key: Any) -> Hashable:
+    for attribute in ("key", "idx", "name"):
+        if hasattr(key, attribute):
+            return getattr(key, attribute)  # type: ignore[no-any-return]
+    return str(key)
+
+
+def _leaf_paths(value: Any) -> list[tuple[Hashable, ...]]:
+    return [tuple(_key_name(k) for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(value)[0]]
+
+
+def _path_text(path: Sequence[Hashable]) -> str:
+    return ".".join(str(p) for p in path) or "<root>"
+
+
+def extract_module_info(model: brainstate.nn.Module, *args: Any, **kwargs: Any) -> ModuleInfo:
+    """Trace ``model(*args, **kwargs)`` once and classify the states it touches.
+
+    Parameters
+    ----------
+    model : brainstate.nn.Module
+        A model with initialised states (``brainstate.nn.init_all_states``).
+    *args, **kwargs
+        Example inputs of one step (only shapes and dtypes matter).
+
+    Returns
+    -------
+    ModuleInfo
+
+    Raises
+    ------
+    CompilationError
+        If the model has no hidden state, a hidden state is not a single
+        array, a hidden state is read but never written (or written but
+        never read), or a state is not reachable from the model's attributes.
+    TypeError
+        If ``model`` is not a brainstate module.
+    """
+    if not isinstance(model, brainstate.nn.Module):
+        raise TypeError(f"extract_module_info expects a brainstate.nn.Module, got {type(model).__name__}.")
+    stateful_fn = brainstate.transform.StatefulFunction(model)
+    closed_jaxpr = stateful_fn.get_jaxpr(*args, **kwargs)
+    states = tuple(stateful_fn.get_states(*args, **kwargs))
+    write_ids = {id(s) for s in stateful_fn.get_write_states(*args, **kwargs)}
+    out_treedef = stateful_fn.get_out_treedef(*args, **kwargs)
+    jaxpr = closed_jaxpr.jaxpr
+
+    all_states = model.states()
+    assert not isinstance(all_states, tuple)  # no filters given: a single FlattedDict
+    state_paths = {id(state): path for path, state in all_states.items()}
+    for state in states:
+        if id(state) not in state_paths:
+            raise CompilationError(
+                f"the step uses a {type(state).__name__} of shape "
+                f"{jax.tree.map(lambda v: getattr(v, 'shape', ()), state.value)} that is not an attribute of the "
+                "model (a global or closed-over state); make it an attribute of a module so it has a path."
+            )
+
+    n_arg_leaves = len(jax.tree.leaves((args, kwargs)))
+    invars = list(jaxpr.invars)
+    arg_invars = tuple(invars[:n_arg_leaves])
+    n_out = len(jaxpr.outvars) - sum(len(jax.tree.leaves(s.value)) for s in states if id(s) in write_ids)
+    out_vars = tuple(jaxpr.outvars[:n_out])
+
+    hidden_states: dict[StatePath, brainstate.State[Any]] = {}
+    weight_states: dict[StatePath, brainstate.State[Any]] = {}
+    other_states: dict[StatePath, brainstate.State[Any]] = {}
+    state_invars: dict[StatePath, tuple[Var, ...]] = {}
+    state_outvars: dict[StatePath, tuple[Any, ...]] = {}
+    position, out_position = n_arg_leaves, n_out
+    for state in states:
+        path = state_paths[id(state)]
+        n_leaves = len(jax.tree.leaves(state.value))
+        state_invars[path] = tuple(invars[position : position + n_leaves])
+        position += n_leaves
+        if id(state) in write_ids:
+            state_outvars[path] = tuple(jaxpr.outvars[out_position : out_position + n_leaves])
+            out_position += n_leaves
+        if isinstance(state, brainstate.HiddenState):
+            hidden_states[path] = state
+        elif isinstance(state, brainstate.ParamState):
+            weight_states[path] = state
+        else:
+            other_states[path] = state
+
+    if not hidden_states:
+        raise CompilationError(
+            "the model has no hidden state: online learning needs at least one brainstate.HiddenState that the "
+            "step reads and writes (e.g. the membrane potential or the recurrent activity). States seen: "
+            + (", ".join(f"{_path_text(state_paths[id(s)])} ({type(s).__name__})" for s in states) or "none")
+            + "."
+        )
+
+    hidden_path_to_invar: dict[StatePath, Var] = {}
+    hidden_path_to_outvar: dict[StatePath, Var] = {}
+    for path, state in hidden_states.items():
+        if len(state_invars[path]) != 1:
+            raise CompilationError(
+                f"hidden state {_path_text(path)} holds {len(state_invars[path])} arrays; each "
+                "brainstate.HiddenState must hold a single array (or a saiunit Quantity). Split it into "
+                "several HiddenStates."
+            )
+        if path not in state_outvars:
+            raise CompilationError(
+                f"hidden state {_path_text(path)} is read but never written by the step; a HiddenState must be "
+                "updated every step (use a ShortTermState or ParamState for values that do not evolve)."
+            )
+        (hidden_path_to_invar[path],) = state_invars[path]
+        (hidden_path_to_outvar[path],) = state_outvars[path]
+        if not isinstance(hidden_path_to_outvar[path], Var) or hidden_path_to_outvar[path] is hidden_path_to_invar[path]:
+            raise CompilationError(
+                f"hidden state {_path_text(path)} is written with a value that does not depend on the step's "
+                "computation (a constant or its own old value); it has no dynamics to learn through."
+            )
+
+    weight_path_to_invars = {path: state_invars[path] for path in weight_states}
+    invar_to_weight_path: dict[Var, WeightLeaf] = {}
+    for path, state in weight_states.items():
+        for var, leaf in zip(state_invars[path], _leaf_paths(state.value), strict=True):
+            invar_to_weight_path[var] = (path, leaf)
+
+    return ModuleInfo(
+        model=model,
+        closed_jaxpr=closed_jaxpr,
+        jaxpr=jaxpr,
+        stateful_fn=stateful_fn,
+        compiled_model_states=states,
+        state_paths={id(s): state_paths[id(s)] for s in states},
+        arg_invars=arg_invars,
+        out_vars=out_vars,
+        out_treedef=out_treedef,
+        hidden_states=hidden_states,
+        weight_states=weight_states,
+        other_states=other_states,
+        hidden_path_to_invar=hidden_path_to_invar,
+        hidden_path_to_outvar=hidden_path_to_outvar,
+        invar_to_hidden_path={v: p for p, v in hidden_path_to_invar.items()},
+        outvar_to_hidden_path={v: p for p, v in hidden_path_to_outvar.items()},
+        weight_path_to_invars=weight_path_to_invars,
+        invar_to_weight_path=invar_to_weight_path,
+        state_invars=state_invars,
+        state_outvars=state_outvars,
+    )
