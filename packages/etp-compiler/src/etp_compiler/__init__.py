@@ -1,5 +1,51 @@
-"""etp_compiler: placeholder package; its API lands with its own issue."""
+"""etp_compiler: from a brainstate model to an :class:`ETraceGraph`, with diagnostics.
+
+Four stages, each a public function with a typed result:
+
+1. :func:`extract_module_info` -> :class:`ModuleInfo` (the traced step, states, var <-> path maps);
+2. :func:`find_hidden_groups_from_minfo` -> :class:`HiddenGroup` list (transitions, Jacobian blocks);
+3. :func:`find_hidden_param_op_relations_from_minfo` -> :class:`HiddenParamOpRelation` list;
+4. :func:`add_hidden_perturbation_from_minfo` -> :class:`HiddenPerturbation`.
+
+:func:`compile_etrace_graph` runs all four and records every decision as a
+:class:`CompilationRecord` (``graph.diagnostics``, ``graph.explain()``).
+"""
+
+from ._diagnostics import CompilationRecord, DiagnosticKind, DiagnosticLevel
+from ._errors import CompilationError
+from ._graph import (
+    ETraceGraph,
+    add_hidden_perturbation_from_module,
+    compile_etrace_graph,
+    find_hidden_groups_from_module,
+    find_hidden_param_op_relations_from_module,
+)
+from ._hidden_groups import HiddenGroup, find_hidden_groups_from_minfo
+from ._module_info import ModuleInfo, extract_module_info
+from ._perturbation import HiddenPerturbation, add_hidden_perturbation_from_minfo, run_step
+from ._relations import HiddenParamOpRelation, find_hidden_param_op_relations_from_minfo, trace_var_to_params
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = [
+    "__version__",
+    "CompilationError",
+    "CompilationRecord",
+    "DiagnosticKind",
+    "DiagnosticLevel",
+    "ETraceGraph",
+    "HiddenGroup",
+    "HiddenParamOpRelation",
+    "HiddenPerturbation",
+    "ModuleInfo",
+    "add_hidden_perturbation_from_minfo",
+    "add_hidden_perturbation_from_module",
+    "compile_etrace_graph",
+    "extract_module_info",
+    "find_hidden_groups_from_minfo",
+    "find_hidden_groups_from_module",
+    "find_hidden_param_op_relations_from_minfo",
+    "find_hidden_param_op_relations_from_module",
+    "run_step",
+    "trace_var_to_params",
+]

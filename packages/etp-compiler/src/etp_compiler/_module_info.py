@@ -10,6 +10,7 @@ import jax
 
 from ._compat import ClosedJaxpr, Jaxpr, Var
 from ._errors import CompilationError
+from ._jaxpr_walk import inline_calls
 
 __all__ = ["ModuleInfo", "extract_module_info", "StatePath", "WeightLeaf"]
 
@@ -54,6 +55,10 @@ class ModuleInfo(NamedTuple):
         ``Var -> (path, leaf_key_path)``.
     state_invars, state_outvars : dict
         ``path -> tuple of Var`` for every state (outvars only for written states).
+    inlined_custom_calls : tuple of str
+        ``custom_jvp``/``custom_vjp`` calls inlined because they contain an ETP primitive.
+
+    Nested ``jit`` calls are inlined, so every ETP primitive is an equation of :attr:`jaxpr`.
     """
 
     model: brainstate.nn.Module
@@ -76,6 +81,7 @@ class ModuleInfo(NamedTuple):
     invar_to_weight_path: dict[Var, WeightLeaf]
     state_invars: dict[StatePath, tuple[Var, ...]]
     state_outvars: dict[StatePath, tuple[Any, ...]]
+    inlined_custom_calls: tuple[str, ...] = ()
 
 
 def _key_name(key: Any) -> Hashable:
@@ -119,7 +125,7 @@ def extract_module_info(model: brainstate.nn.Module, *args: Any, **kwargs: Any) 
     if not isinstance(model, brainstate.nn.Module):
         raise TypeError(f"extract_module_info expects a brainstate.nn.Module, got {type(model).__name__}.")
     stateful_fn = brainstate.transform.StatefulFunction(model)
-    closed_jaxpr = stateful_fn.get_jaxpr(*args, **kwargs)
+    closed_jaxpr, inlined_custom_calls = inline_calls(stateful_fn.get_jaxpr(*args, **kwargs))
     states = tuple(stateful_fn.get_states(*args, **kwargs))
     write_ids = {id(s) for s in stateful_fn.get_write_states(*args, **kwargs)}
     out_treedef = stateful_fn.get_out_treedef(*args, **kwargs)
@@ -220,4 +226,5 @@ def extract_module_info(model: brainstate.nn.Module, *args: Any, **kwargs: Any) 
         invar_to_weight_path=invar_to_weight_path,
         state_invars=state_invars,
         state_outvars=state_outvars,
+        inlined_custom_calls=tuple(inlined_custom_calls),
     )

@@ -30,6 +30,27 @@ from etp_primitives import (
     unregister_primitive,
 )
 
+from etp_compiler import (
+    CompilationError,
+    CompilationRecord,
+    DiagnosticKind,
+    DiagnosticLevel,
+    ETraceGraph,
+    HiddenGroup,
+    HiddenParamOpRelation,
+    HiddenPerturbation,
+    ModuleInfo,
+    add_hidden_perturbation_from_minfo,
+    add_hidden_perturbation_from_module,
+    compile_etrace_graph,
+    extract_module_info,
+    find_hidden_groups_from_minfo,
+    find_hidden_groups_from_module,
+    find_hidden_param_op_relations_from_minfo,
+    find_hidden_param_op_relations_from_module,
+)
+
+from . import _etrace_compiler as _etrace_compiler
 from . import _etrace_op as _etrace_op
 from . import nn as nn
 
@@ -61,4 +82,21 @@ __all__ = [
     "is_etp_primitive",
     "is_batched_primitive",
     "is_gradient_enabled_primitive",
+    "CompilationError",
+    "CompilationRecord",
+    "DiagnosticKind",
+    "DiagnosticLevel",
+    "ETraceGraph",
+    "HiddenGroup",
+    "HiddenParamOpRelation",
+    "HiddenPerturbation",
+    "ModuleInfo",
+    "add_hidden_perturbation_from_minfo",
+    "add_hidden_perturbation_from_module",
+    "compile_etrace_graph",
+    "extract_module_info",
+    "find_hidden_groups_from_minfo",
+    "find_hidden_groups_from_module",
+    "find_hidden_param_op_relations_from_minfo",
+    "find_hidden_param_op_relations_from_module",
 ]

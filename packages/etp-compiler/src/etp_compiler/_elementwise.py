@@ -1,0 +1,59 @@
+"""Structural test: is a slice of a jaxpr position-wise in some of its inputs?
+
+A transition is position-wise when every output position depends only on
+the same position of the inputs, so its Jacobian is block diagonal and one
+forward-mode product with a vector of ones yields the diagonal blocks
+exactly. The test is conservative: an unknown primitive on a dependent value
+makes the slice "not position-wise".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ._compat import Jaxpr, JaxprEqn, Var
+from ._jaxpr_walk import CALL_PRIMITIVES, CUSTOM_DERIVATIVE_PRIMITIVES, is_var, sub_jaxprs
+
+__all__ = ["ELEMENTWISE_PRIMITIVES", "is_positionwise"]
+
+#: Primitives that act position by position when their dependent operands have the output's shape.
+ELEMENTWISE_PRIMITIVES = frozenset(
+    {
+        "abs", "acos", "acosh", "add", "and", "asin", "asinh", "atan", "atan2", "atanh", "cbrt", "ceil",
+        "clamp", "complex", "conj", "convert_element_type", "copy", "copy_p", "cos", "cosh", "digamma", "div",
+        "eq", "erf", "erf_inv", "erfc", "exp", "exp2", "expm1", "floor", "ge", "gt", "imag", "integer_pow",
+        "is_finite", "le", "lgamma", "log", "log1p", "logistic", "lt", "max", "min", "mul", "ne", "neg",
+        "nextafter", "not", "or", "pow", "real", "reduce_precision", "rem", "round", "rsqrt", "select_n",
+        "sign", "sin", "sinh", "sqrt", "square", "sub", "tan", "tanh", "xor", "stop_gradient",
+    }
+)  # fmt: skip
+
+
+def is_positionwise(eqns: Sequence[JaxprEqn], dependent: set[Var]) -> bool:
+    """Whether every equation touching a var in ``dependent`` acts position-wise on it.
+
+    ``dependent`` is updated in place with the outputs of such equations.
+    """
+    for eqn in eqns:
+        hit = [i for i, v in enumerate(eqn.invars) if is_var(v) and v in dependent]
+        if not hit:
+            continue
+        if not _eqn_positionwise(eqn, hit):
+            return False
+        dependent.update(v for v in eqn.outvars if is_var(v))
+    return True
+
+
+def _eqn_positionwise(eqn: JaxprEqn, hit: list[int]) -> bool:
+    name = eqn.primitive.name
+    out_shapes = [tuple(v.aval.shape) for v in eqn.outvars]
+    if name in ELEMENTWISE_PRIMITIVES:
+        return all(tuple(eqn.invars[i].aval.shape) == out_shapes[0] for i in hit)
+    if name in CUSTOM_DERIVATIVE_PRIMITIVES or name in CALL_PRIMITIVES:
+        bodies = [b for b, _ in sub_jaxprs(eqn) if len(b.invars) == len(eqn.invars)]
+        if not bodies:
+            return False
+        body: Jaxpr = bodies[0]
+        inner = {body.invars[i] for i in hit}
+        return is_positionwise(body.eqns, inner)
+    return False

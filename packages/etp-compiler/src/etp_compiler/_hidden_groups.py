@@ -1,0 +1,271 @@
+r"""Stage 2: groups of hidden states and their transitions :math:`h^{t-1} \to h^t`.
+
+Two hidden states belong to one group when one's old value reaches the
+other's new value *without passing through a trainable ETP primitive* (paths
+through a trainable op are carried by that op's own eligibility trace, not by
+the hidden-to-hidden Jacobian). Groups are the connected components of that
+relation, split so that all states of a group share one shape (the per-position
+Jacobian blocks are then :math:`S \times S` with :math:`S` the number of states).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from ._compat import Jaxpr, JaxprEqn, Var
+from ._diagnostics import CompilationRecord, DiagnosticKind, DiagnosticLevel
+from ._elementwise import is_positionwise
+from ._errors import CompilationError
+from ._jaxpr_walk import CONTROL_FLOW_PRIMITIVES, eval_eqns, forward_labels, is_trainable_etp, is_var
+from ._module_info import ModuleInfo, StatePath
+
+__all__ = ["HiddenGroup", "find_hidden_groups_from_minfo", "slice_between"]
+
+
+def slice_between(
+    eqns: Sequence[JaxprEqn], sources: Sequence[Var], targets: Sequence[Var]
+) -> tuple[list[JaxprEqn], list[Var]]:
+    """The equations on paths from ``sources`` to ``targets`` that avoid trainable ETP outputs.
+
+    Returns the equations (in order) and the free variables they read
+    (neither sources nor produced inside): the constants of the slice.
+    """
+    seeds = {v: frozenset({0}) for v in sources}
+    reach = forward_labels(eqns, seeds, cut=is_trainable_etp)
+    needed = {v for v in targets if is_var(v)}
+    chosen: list[JaxprEqn] = []
+    for eqn in reversed(eqns):
+        if is_trainable_etp(eqn):
+            continue
+        produces = [v for v in eqn.outvars if is_var(v)]
+        if any(v in needed for v in produces) and any(v in reach for v in produces):
+            chosen.append(eqn)
+            needed.update(v for v in eqn.invars if is_var(v) and v in reach)
+    chosen.reverse()
+    produced = {v for e in chosen for v in e.outvars if is_var(v)}
+    source_set = set(sources)
+    consts: list[Var] = []
+    seen: set[Var] = set()
+    for eqn in chosen:
+        for v in eqn.invars:
+            if is_var(v) and v not in produced and v not in source_set and v not in seen:
+                seen.add(v)
+                consts.append(v)
+    for v in targets:
+        if is_var(v) and v not in produced and v not in source_set and v not in seen:
+            seen.add(v)
+            consts.append(v)
+    return chosen, consts
+
+
+@dataclass(frozen=True, eq=False)
+class HiddenGroup:
+    r"""Hidden states whose transition is analysed together.
+
+    Attributes
+    ----------
+    index : int
+        Position in the graph's list of groups.
+    hidden_paths : tuple of state paths
+        The states, in the order of the state axis of the Jacobian blocks.
+    hidden_invars, hidden_outvars : tuple of Var
+        Their variables before and after the step in :attr:`ModuleInfo.jaxpr`.
+    varshape : tuple of int
+        The common shape of the states (batch axes included).
+    num_state : int
+        :math:`S`, the number of states.
+    transition_jaxpr : Jaxpr
+        :math:`h^{t-1} \mapsto h^t` with every trainable ETP output and every
+        other input held as a constant (``constvars``).
+    transition_jaxpr_constvars : tuple of Var
+        Variables of the step jaxpr whose values the transition needs.
+    is_positionwise : bool
+        Whether the transition acts position by position (then the Jacobian
+        blocks come from one forward-mode product; otherwise they are the
+        diagonal blocks of the full Jacobian, at :math:`O(N^2)` cost).
+    """
+
+    index: int
+    hidden_paths: tuple[StatePath, ...]
+    hidden_invars: tuple[Var, ...]
+    hidden_outvars: tuple[Var, ...]
+    varshape: tuple[int, ...]
+    transition_jaxpr: Jaxpr
+    transition_jaxpr_constvars: tuple[Var, ...]
+    is_positionwise: bool
+    hidden_states: tuple[Any, ...] = field(default=())
+
+    @property
+    def num_state(self) -> int:
+        return len(self.hidden_paths)
+
+    def transition(self, hidden_values: Sequence[jax.Array], const_values: Sequence[jax.Array]) -> list[jax.Array]:
+        """Evaluate :math:`h^t` from :math:`h^{t-1}` (``hidden_values``, mantissas) and the constants."""
+        env: dict[Var, Any] = dict(zip(self.transition_jaxpr.constvars, const_values, strict=True))
+        env.update(zip(self.transition_jaxpr.invars, hidden_values, strict=True))
+        eval_eqns(self.transition_jaxpr.eqns, env)
+        return [env[v] if is_var(v) else v.val for v in self.transition_jaxpr.outvars]
+
+    def jacobian_blocks(self, hidden_values: Sequence[jax.Array], const_values: Sequence[jax.Array]) -> jax.Array:
+        r"""Per-position blocks :math:`D_{p,ij} = \partial h_i^t[p] / \partial h_j^{t-1}[p]`, shape ``(*varshape, S, S)``."""
+        hidden_values = [jnp.asarray(h) for h in hidden_values]
+
+        def step(*hs: jax.Array) -> list[jax.Array]:
+            return self.transition(hs, const_values)
+
+        if self.is_positionwise:
+            _, linear = jax.linearize(step, *hidden_values)
+            columns = []
+            for j in range(self.num_state):
+                tangent = [jnp.ones_like(h) if i == j else jnp.zeros_like(h) for i, h in enumerate(hidden_values)]
+                columns.append(jnp.stack(linear(*tangent), axis=-1))
+            return jnp.stack(columns, axis=-1)
+        size = int(jnp.size(hidden_values[0]))
+        jac = jax.jacfwd(lambda *hs: jnp.stack([o.reshape(-1) for o in step(*hs)], 0), argnums=tuple(range(self.num_state)))(
+            *hidden_values
+        )
+        # jac[j] has shape (S, N, *varshape): the derivative of every output w.r.t. state j.
+        diag = jnp.stack([jnp.diagonal(jac_j.reshape(self.num_state, size, size), axis1=1, axis2=2) for jac_j in jac], -1)
+        return jnp.moveaxis(diag, 0, -2).reshape((*self.varshape, self.num_state, self.num_state))
+
+
+class _UnionFind:
+    def __init__(self, items: Sequence[StatePath]) -> None:
+        self.parent = {item: item for item in items}
+
+    def find(self, item: StatePath) -> StatePath:
+        while self.parent[item] != item:
+            self.parent[item] = self.parent[self.parent[item]]
+            item = self.parent[item]
+        return item
+
+    def union(self, a: StatePath, b: StatePath) -> None:
+        self.parent[self.find(a)] = self.find(b)
+
+
+def _check_control_flow(minfo: ModuleInfo) -> None:
+    labels = forward_labels(minfo.jaxpr.eqns, {v: frozenset({p}) for p, v in minfo.hidden_path_to_invar.items()})
+    for eqn in minfo.jaxpr.eqns:
+        if eqn.primitive.name not in CONTROL_FLOW_PRIMITIVES:
+            continue
+        outs = [v for v in eqn.outvars if is_var(v)]
+        for path, out in minfo.hidden_path_to_outvar.items():
+            ins = frozenset().union(*(labels.get(v, frozenset()) for v in eqn.invars if is_var(v)))
+            if path in ins and any(o is out or out in _descendants(minfo, o) for o in outs):
+                raise CompilationError(
+                    f"hidden state {'.'.join(map(str, path))} is updated inside `{eqn.primitive.name}` "
+                    "(jax.lax control flow); ETP needs the step's hidden-state update written as straight-line "
+                    "code. Move the loop outside the model step, or use jnp.where instead of lax.cond."
+                )
+
+
+def _descendants(minfo: ModuleInfo, var: Var) -> set[Var]:
+    reach = forward_labels(minfo.jaxpr.eqns, {var: frozenset({0})})
+    return set(reach)
+
+
+def find_hidden_groups_from_minfo(
+    minfo: ModuleInfo, records: list[CompilationRecord] | None = None
+) -> tuple[list[HiddenGroup], dict[StatePath, HiddenGroup]]:
+    """Group the hidden states of ``minfo`` and build each group's transition.
+
+    Returns the groups and the map ``hidden path -> group``. Decisions worth
+    knowing (merged groups, states split for shape, transitions that are not
+    position-wise) are appended to ``records`` when given.
+    """
+    records = records if records is not None else []
+    _check_control_flow(minfo)
+    paths = list(minfo.hidden_path_to_invar)
+    seeds = {minfo.hidden_path_to_invar[p]: frozenset({p}) for p in paths}
+    labels = forward_labels(minfo.jaxpr.eqns, seeds, cut=is_trainable_etp)
+    union = _UnionFind(paths)
+    for path in paths:
+        for source in labels.get(minfo.hidden_path_to_outvar[path], frozenset()):
+            union.union(path, source)
+
+    components: dict[StatePath, list[StatePath]] = {}
+    for path in paths:
+        components.setdefault(union.find(path), []).append(path)
+
+    groups: list[HiddenGroup] = []
+    for members in components.values():
+        by_shape: dict[tuple[int, ...], list[StatePath]] = {}
+        for path in members:
+            by_shape.setdefault(tuple(minfo.hidden_path_to_invar[path].aval.shape), []).append(path)
+        if len(by_shape) > 1:
+            records.append(
+                CompilationRecord(
+                    kind=DiagnosticKind.STATE_MISMATCH,
+                    level=DiagnosticLevel.WARNING,
+                    message=(
+                        "hidden states "
+                        + ", ".join(f"{'.'.join(map(str, p))} {s}" for s, ps in by_shape.items() for p in ps)
+                        + " depend on each other but have different shapes; they are put in separate groups and the "
+                        "cross-dependence is left out of the hidden-to-hidden Jacobian (an approximation)."
+                    ),
+                    hidden_paths=tuple(members),
+                    context={"shapes": {p: s for s, ps in by_shape.items() for p in ps}},
+                )
+            )
+        for shape, group_paths in by_shape.items():
+            groups.append(_build_group(minfo, len(groups), tuple(group_paths), shape, records))
+
+    hid_path_to_group = {p: g for g in groups for p in g.hidden_paths}
+    return groups, hid_path_to_group
+
+
+def _build_group(
+    minfo: ModuleInfo,
+    index: int,
+    paths: tuple[StatePath, ...],
+    shape: tuple[int, ...],
+    records: list[CompilationRecord],
+) -> HiddenGroup:
+    invars = tuple(minfo.hidden_path_to_invar[p] for p in paths)
+    outvars = tuple(minfo.hidden_path_to_outvar[p] for p in paths)
+    eqns, consts = slice_between(minfo.jaxpr.eqns, invars, outvars)
+    transition = Jaxpr(consts, list(invars), list(outvars), eqns)
+    positionwise = is_positionwise(eqns, set(invars))
+    if len(paths) > 1:
+        records.append(
+            CompilationRecord(
+                kind=DiagnosticKind.HIDDEN_GROUP_MERGED,
+                level=DiagnosticLevel.INFO,
+                message=(
+                    f"hidden states {', '.join('.'.join(map(str, p)) for p in paths)} feed each other within a step "
+                    f"and form group {index} with {len(paths)} states per position."
+                ),
+                hidden_paths=paths,
+                context={"hidden_group_index": index},
+            )
+        )
+    if not positionwise:
+        records.append(
+            CompilationRecord(
+                kind=DiagnosticKind.TRANSITION_NOT_POSITIONWISE,
+                level=DiagnosticLevel.WARNING,
+                message=(
+                    f"the transition of hidden group {index} ({', '.join('.'.join(map(str, p)) for p in paths)}) "
+                    "mixes positions (e.g. a plain matmul of the hidden state); D-RTRL keeps only the diagonal "
+                    "blocks of its Jacobian (an approximation), computed at O(N^2) cost."
+                ),
+                hidden_paths=paths,
+                context={"hidden_group_index": index},
+            )
+        )
+    return HiddenGroup(
+        index=index,
+        hidden_paths=paths,
+        hidden_invars=invars,
+        hidden_outvars=outvars,
+        varshape=shape,
+        transition_jaxpr=transition,
+        transition_jaxpr_constvars=tuple(consts),
+        is_positionwise=positionwise,
+        hidden_states=tuple(minfo.hidden_states[p] for p in paths),
+    )

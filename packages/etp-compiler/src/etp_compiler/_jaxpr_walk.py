@@ -1,0 +1,177 @@
+"""Walking and re-evaluating jaxprs: inlining nested calls, slicing, dependency sets.
+
+The compiler works on one flat jaxpr. Nested ``jit`` calls are inlined
+(same semantics), so an ETP primitive inside a jitted helper is found by the
+same type-identity test as one at the top level. ``custom_jvp`` /
+``custom_vjp`` calls stay opaque (their custom derivative, e.g. a surrogate
+spike gradient, is what the trace Jacobians must use) unless they contain an
+ETP primitive, in which case they are inlined and a diagnostic says so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import jax
+
+from etp_primitives import is_etp_primitive, is_gradient_enabled_primitive
+
+from ._compat import ClosedJaxpr, Jaxpr, JaxprEqn, Literal, Var
+
+__all__ = [
+    "CALL_PRIMITIVES",
+    "CUSTOM_DERIVATIVE_PRIMITIVES",
+    "CONTROL_FLOW_PRIMITIVES",
+    "sub_jaxprs",
+    "contains_etp",
+    "inline_calls",
+    "eval_eqns",
+    "is_var",
+    "forward_labels",
+    "is_trainable_etp",
+]
+
+#: Call-like primitives whose body is inlined (same semantics, no custom rules).
+CALL_PRIMITIVES = frozenset({"jit", "pjit", "closed_call", "core_call", "remat", "checkpoint", "remat2"})
+#: Calls with custom derivative rules, kept opaque unless they hide an ETP primitive.
+CUSTOM_DERIVATIVE_PRIMITIVES = frozenset({"custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr"})
+#: Structured control flow: the compiler does not look inside for hidden-state updates.
+CONTROL_FLOW_PRIMITIVES = frozenset({"scan", "while", "cond"})
+
+
+def is_var(atom: Any) -> bool:
+    """Whether ``atom`` is a jaxpr variable (not a literal)."""
+    return isinstance(atom, Var) and not isinstance(atom, Literal)
+
+
+def is_trainable_etp(eqn: JaxprEqn) -> bool:
+    """An ETP primitive that bounds the ``y -> h`` walk (every ETP primitive but the gradient-enabled ones)."""
+    return is_etp_primitive(eqn.primitive) and not is_gradient_enabled_primitive(eqn.primitive)
+
+
+def sub_jaxprs(eqn: JaxprEqn) -> list[tuple[Jaxpr, Sequence[Any]]]:
+    """The ``(jaxpr, consts)`` bodies held in an equation's parameters."""
+    found: list[tuple[Jaxpr, Sequence[Any]]] = []
+    for value in eqn.params.values():
+        values = value if isinstance(value, (tuple, list)) else (value,)
+        for item in values:
+            if isinstance(item, ClosedJaxpr):
+                found.append((item.jaxpr, item.consts))
+            elif isinstance(item, Jaxpr):
+                found.append((item, ()))
+    return found
+
+
+def contains_etp(jaxpr: Jaxpr) -> bool:
+    """Whether ``jaxpr`` (or any body nested in it) binds an ETP primitive."""
+    for eqn in jaxpr.eqns:
+        if is_etp_primitive(eqn.primitive):
+            return True
+        if any(contains_etp(sub) for sub, _ in sub_jaxprs(eqn)):
+            return True
+    return False
+
+
+def _bind(eqn: JaxprEqn, invals: Sequence[Any]) -> list[Any]:
+    """Re-bind one equation on new inputs, as ``jax.core.eval_jaxpr`` does."""
+    params = eqn.primitive.get_bind_params(eqn.params)
+    with eqn.ctx.manager:
+        result = eqn.primitive.bind(*invals, **params)
+    return list(result) if eqn.primitive.multiple_results else [result]
+
+
+def _inline_target(eqn: JaxprEqn, notes: list[str]) -> tuple[Jaxpr, Sequence[Any]] | None:
+    name = eqn.primitive.name
+    if name in CALL_PRIMITIVES:
+        subs = sub_jaxprs(eqn)
+        return subs[0] if len(subs) == 1 else None
+    if name in CUSTOM_DERIVATIVE_PRIMITIVES:
+        subs = [s for s in sub_jaxprs(eqn) if len(s[0].invars) == len(eqn.invars)]
+        if subs and contains_etp(subs[0][0]):
+            notes.append(str(eqn.params.get("name", name)))
+            return subs[0]
+    return None
+
+
+def _evaluate(jaxpr: Jaxpr, consts: Sequence[Any], args: Sequence[Any], notes: list[str]) -> list[Any]:
+    env: dict[Var, Any] = {}
+
+    def read(atom: Any) -> Any:
+        return atom.val if isinstance(atom, Literal) else env[atom]
+
+    for var, value in zip(jaxpr.constvars, consts, strict=True):
+        env[var] = value
+    for var, value in zip(jaxpr.invars, args, strict=True):
+        env[var] = value
+    for eqn in jaxpr.eqns:
+        invals = [read(v) for v in eqn.invars]
+        target = _inline_target(eqn, notes)
+        if target is not None:
+            outs = _evaluate(target[0], target[1], invals, notes)
+        else:
+            outs = _bind(eqn, invals)
+        for var, value in zip(eqn.outvars, outs, strict=True):
+            if is_var(var):
+                env[var] = value
+    return [read(v) for v in jaxpr.outvars]
+
+
+def inline_calls(closed: ClosedJaxpr) -> tuple[ClosedJaxpr, list[str]]:
+    """Re-trace ``closed`` with nested ``jit`` calls (and ETP-holding custom-derivative calls) inlined.
+
+    Returns the flat jaxpr, whose invars and outvars correspond position by
+    position to the original's, and the names of custom-derivative calls that
+    had to be inlined because they contain ETP primitives.
+    """
+    notes: list[str] = []
+    avals = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype, weak_type=v.aval.weak_type) for v in closed.jaxpr.invars]
+    flat = jax.make_jaxpr(lambda *args: _evaluate(closed.jaxpr, closed.consts, args, notes))(*avals)
+    return flat, notes
+
+
+def eval_eqns(
+    eqns: Iterable[JaxprEqn],
+    env: dict[Var, Any],
+    override: Callable[[Var, Any], Any] | None = None,
+) -> dict[Var, Any]:
+    """Evaluate ``eqns`` in order on ``env`` (var -> value), writing their outputs into it.
+
+    ``override(var, value)`` may replace each produced value (used to add the
+    hidden-state perturbation right where a hidden state is produced).
+    """
+
+    def read(atom: Any) -> Any:
+        return atom.val if isinstance(atom, Literal) else env[atom]
+
+    for eqn in eqns:
+        invals = [read(v) for v in eqn.invars]
+        outs = _bind(eqn, invals)
+        for var, value in zip(eqn.outvars, outs, strict=True):
+            if is_var(var):
+                env[var] = override(var, value) if override is not None else value
+    return env
+
+
+def forward_labels(
+    eqns: Sequence[JaxprEqn],
+    seeds: dict[Var, frozenset[Any]],
+    *,
+    cut: Callable[[JaxprEqn], bool] | None = None,
+) -> dict[Var, frozenset[Any]]:
+    """Propagate labels forward: each var gets the union of the labels of the vars it depends on.
+
+    Equations for which ``cut(eqn)`` is true pass no labels to their outputs
+    (the ``y -> h`` walk stops at a trainable ETP primitive).
+    """
+    labels: dict[Var, frozenset[Any]] = dict(seeds)
+    empty: frozenset[Any] = frozenset()
+    for eqn in eqns:
+        if cut is not None and cut(eqn):
+            continue
+        union = empty.union(*(labels.get(v, empty) for v in eqn.invars if is_var(v)))
+        if union:
+            for var in eqn.outvars:
+                if is_var(var):
+                    labels[var] = labels.get(var, empty) | union
+    return labels
