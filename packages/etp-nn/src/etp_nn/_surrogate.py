@@ -1,3 +1,409 @@
-"""(being written)"""
+r"""Surrogate spike functions: a Heaviside step forward, a smooth pseudo-derivative backward.
 
-__all__: list[str] = []
+Every function here computes, for a dimensionless input :math:`x` (a
+membrane potential already normalised by the caller, e.g.
+:math:`(V - V_{th}) / (V_{th} - V_{reset})`),
+
+.. math::
+
+    s = H(x) = \begin{cases} 1 & x > 0 \\ 0 & x \le 0 \end{cases}
+
+and differentiates as if :math:`H` were a smooth step :math:`g`, i.e. the
+tangent is :math:`\dot s = g'(x)\,\dot x`. The functions are written with
+:func:`jax.custom_jvp`, so ``jax.grad``, ``jax.jvp``, ``jax.jacfwd`` and
+``jax.jacrev`` all see :math:`g'`, and ``jit``/``vmap`` work unchanged. The
+shape parameters (``alpha``, ``width``, ``sigma``) get no gradient.
+
+For layer arguments (``spk_fun=``) use the frozen classes
+(:class:`SigmoidSurrogate`, ...): they are hashable, compare by value and
+carry their shape parameter; :meth:`Surrogate.grad` evaluates :math:`g'`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import saiunit as u
+
+__all__ = [
+    "sigmoid",
+    "piecewise_linear",
+    "arctan",
+    "gaussian",
+    "Surrogate",
+    "SigmoidSurrogate",
+    "PiecewiseLinearSurrogate",
+    "ArctanSurrogate",
+    "GaussianSurrogate",
+]
+
+
+def _as_dimensionless(x: Any, where: str) -> jax.Array:
+    """``x`` as a floating JAX array; a dimensionless Quantity is unwrapped, any other unit is an error."""
+    if isinstance(x, u.Quantity):
+        if not x.is_unitless:
+            raise ValueError(
+                f"{where}: x must be dimensionless (normalise the membrane potential first, e.g. "
+                f"(V - V_th) / (V_th - V_reset)); got a quantity with unit {x.unit}."
+            )
+        x = x.to_decimal()
+    array = jnp.asarray(x)
+    if not jnp.issubdtype(array.dtype, jnp.floating):
+        array = array.astype(jnp.result_type(float))
+    return array
+
+
+def _check_positive(value: Any, where: str, argument: str) -> None:
+    """Raise ``ValueError`` if a concrete ``value`` is not strictly positive (traced values are not checked)."""
+    if isinstance(value, jax.core.Tracer):
+        return
+    if not bool(np.all(np.asarray(value) > 0)):
+        raise ValueError(f"{where}: {argument} must be > 0; got {value!r}.")
+
+
+def _heaviside(x: jax.Array) -> jax.Array:
+    return (x > 0).astype(x.dtype)
+
+
+# --------------------------------------------------------------------------- sigmoid
+
+
+def _sigmoid_grad(x: jax.Array, alpha: jax.Array) -> jax.Array:
+    sig = jax.nn.sigmoid(alpha * x)
+    return alpha * sig * (1.0 - sig)
+
+
+@jax.custom_jvp
+def _sigmoid_spike(x: jax.Array, alpha: jax.Array) -> jax.Array:
+    return _heaviside(x)
+
+
+@_sigmoid_spike.defjvp
+def _sigmoid_spike_jvp(primals: tuple[jax.Array, jax.Array], tangents: tuple[Any, Any]) -> tuple[jax.Array, Any]:
+    x, alpha = primals
+    return _heaviside(x), _sigmoid_grad(x, alpha) * tangents[0]
+
+
+def sigmoid(x: Any, alpha: float = 4.0) -> jax.Array:
+    r"""Heaviside spike with the derivative of a logistic sigmoid as surrogate gradient.
+
+    .. math::
+
+        s = H(x), \qquad
+        \frac{\partial s}{\partial x} := \alpha\,\sigma(\alpha x)\,\bigl(1 - \sigma(\alpha x)\bigr),
+        \qquad \sigma(z) = \frac{1}{1 + e^{-z}},
+
+    the derivative of :math:`g(x) = \sigma(\alpha x)`; its peak is
+    :math:`\alpha / 4` at :math:`x = 0` and it integrates to 1.
+
+    Parameters
+    ----------
+    x : Array
+        Dimensionless, any shape (a dimensionless ``saiunit.Quantity`` is accepted).
+    alpha : float
+        Steepness, > 0; larger values give a narrower, taller surrogate.
+
+    Returns
+    -------
+    Array
+        ``1.0`` where ``x > 0`` else ``0.0``; shape and (floating) dtype of ``x``.
+
+    Examples
+    --------
+    >>> import jax, jax.numpy as jnp
+    >>> import etp_nn
+    >>> etp_nn.sigmoid(jnp.array([-0.5, 0.0, 0.5]))
+    Array([0., 0., 1.], dtype=float32)
+    >>> float(jax.grad(etp_nn.sigmoid)(0.0))
+    1.0
+    """
+    x = _as_dimensionless(x, "sigmoid")
+    _check_positive(alpha, "sigmoid", "alpha")
+    return _sigmoid_spike(x, jnp.asarray(alpha, dtype=x.dtype))
+
+
+# --------------------------------------------------------------------------- piecewise linear
+
+
+def _piecewise_linear_grad(x: jax.Array, width: jax.Array) -> jax.Array:
+    return jnp.maximum(0.0, 1.0 - jnp.abs(x) / width) / width
+
+
+@jax.custom_jvp
+def _piecewise_linear_spike(x: jax.Array, width: jax.Array) -> jax.Array:
+    return _heaviside(x)
+
+
+@_piecewise_linear_spike.defjvp
+def _piecewise_linear_spike_jvp(
+    primals: tuple[jax.Array, jax.Array], tangents: tuple[Any, Any]
+) -> tuple[jax.Array, Any]:
+    x, width = primals
+    return _heaviside(x), _piecewise_linear_grad(x, width) * tangents[0]
+
+
+def piecewise_linear(x: Any, width: float = 1.0) -> jax.Array:
+    r"""Heaviside spike with a triangular surrogate gradient.
+
+    .. math::
+
+        s = H(x), \qquad
+        \frac{\partial s}{\partial x} := \frac{1}{w}\max\!\Bigl(0,\; 1 - \frac{|x|}{w}\Bigr),
+
+    the derivative of a piecewise-quadratic step that is 0 below :math:`-w`
+    and 1 above :math:`w`: peak :math:`1/w` at 0, zero for :math:`|x| \ge w`,
+    integral 1.
+
+    Parameters
+    ----------
+    x : Array
+        Dimensionless, any shape.
+    width : float
+        Half-width :math:`w` of the triangle, > 0.
+
+    Returns
+    -------
+    Array
+        ``1.0`` where ``x > 0`` else ``0.0``; shape and (floating) dtype of ``x``.
+
+    Examples
+    --------
+    >>> import jax
+    >>> import etp_nn
+    >>> float(jax.grad(etp_nn.piecewise_linear)(0.5))
+    0.5
+    """
+    x = _as_dimensionless(x, "piecewise_linear")
+    _check_positive(width, "piecewise_linear", "width")
+    return _piecewise_linear_spike(x, jnp.asarray(width, dtype=x.dtype))
+
+
+# --------------------------------------------------------------------------- arctan
+
+
+def _arctan_grad(x: jax.Array, alpha: jax.Array) -> jax.Array:
+    z = 0.5 * math.pi * alpha * x
+    return 0.5 * alpha / (1.0 + z * z)
+
+
+@jax.custom_jvp
+def _arctan_spike(x: jax.Array, alpha: jax.Array) -> jax.Array:
+    return _heaviside(x)
+
+
+@_arctan_spike.defjvp
+def _arctan_spike_jvp(primals: tuple[jax.Array, jax.Array], tangents: tuple[Any, Any]) -> tuple[jax.Array, Any]:
+    x, alpha = primals
+    return _heaviside(x), _arctan_grad(x, alpha) * tangents[0]
+
+
+def arctan(x: Any, alpha: float = 2.0) -> jax.Array:
+    r"""Heaviside spike with an arctangent (Cauchy-shaped) surrogate gradient.
+
+    .. math::
+
+        s = H(x), \qquad
+        \frac{\partial s}{\partial x} := \frac{\alpha}{2\,\bigl(1 + (\tfrac{\pi}{2}\alpha x)^2\bigr)},
+
+    the derivative of :math:`g(x) = \tfrac12 + \tfrac1\pi \arctan(\tfrac\pi2 \alpha x)`:
+    peak :math:`\alpha/2` at 0, heavy tails (non-zero everywhere), integral 1.
+
+    Parameters
+    ----------
+    x : Array
+        Dimensionless, any shape.
+    alpha : float
+        Steepness, > 0.
+
+    Returns
+    -------
+    Array
+        ``1.0`` where ``x > 0`` else ``0.0``; shape and (floating) dtype of ``x``.
+
+    Examples
+    --------
+    >>> import jax
+    >>> import etp_nn
+    >>> float(jax.grad(etp_nn.arctan)(0.0))
+    1.0
+    """
+    x = _as_dimensionless(x, "arctan")
+    _check_positive(alpha, "arctan", "alpha")
+    return _arctan_spike(x, jnp.asarray(alpha, dtype=x.dtype))
+
+
+# --------------------------------------------------------------------------- gaussian
+
+
+def _gaussian_grad(x: jax.Array, sigma: jax.Array) -> jax.Array:
+    z = x / sigma
+    return jnp.exp(-0.5 * z * z) / (math.sqrt(2.0 * math.pi) * sigma)
+
+
+@jax.custom_jvp
+def _gaussian_spike(x: jax.Array, sigma: jax.Array) -> jax.Array:
+    return _heaviside(x)
+
+
+@_gaussian_spike.defjvp
+def _gaussian_spike_jvp(primals: tuple[jax.Array, jax.Array], tangents: tuple[Any, Any]) -> tuple[jax.Array, Any]:
+    x, sigma = primals
+    return _heaviside(x), _gaussian_grad(x, sigma) * tangents[0]
+
+
+def gaussian(x: Any, sigma: float = 0.5) -> jax.Array:
+    r"""Heaviside spike with a Gaussian surrogate gradient.
+
+    .. math::
+
+        s = H(x), \qquad
+        \frac{\partial s}{\partial x} := \frac{1}{\sqrt{2\pi}\,\sigma}\exp\!\Bigl(-\frac{x^2}{2\sigma^2}\Bigr),
+
+    the derivative of the normal CDF :math:`g(x) = \Phi(x/\sigma)`: peak
+    :math:`1/(\sqrt{2\pi}\sigma)` at 0, integral 1.
+
+    Parameters
+    ----------
+    x : Array
+        Dimensionless, any shape.
+    sigma : float
+        Standard deviation, > 0.
+
+    Returns
+    -------
+    Array
+        ``1.0`` where ``x > 0`` else ``0.0``; shape and (floating) dtype of ``x``.
+
+    Examples
+    --------
+    >>> import jax
+    >>> import etp_nn
+    >>> round(float(jax.grad(etp_nn.gaussian)(0.0)), 4)
+    0.7979
+    """
+    x = _as_dimensionless(x, "gaussian")
+    _check_positive(sigma, "gaussian", "sigma")
+    return _gaussian_spike(x, jnp.asarray(sigma, dtype=x.dtype))
+
+
+# --------------------------------------------------------------------------- classes
+
+
+@dataclass(frozen=True)
+class Surrogate:
+    """Base of the surrogate spike callables: ``surrogate(x)`` spikes, ``surrogate.grad(x)`` is :math:`g'(x)`.
+
+    Subclasses are frozen dataclasses (hashable, compared by value), so they
+    can be passed as layer arguments and as static arguments to ``jax.jit``.
+    """
+
+    def __call__(self, x: Any) -> jax.Array:
+        raise NotImplementedError
+
+    def grad(self, x: Any) -> jax.Array:
+        """The surrogate derivative :math:`g'(x)` that :meth:`__call__` uses, evaluated at ``x``."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class SigmoidSurrogate(Surrogate):
+    r"""Callable form of :func:`sigmoid`: :math:`g'(x) = \alpha\sigma(\alpha x)(1 - \sigma(\alpha x))`.
+
+    Parameters
+    ----------
+    alpha : float
+        Steepness, > 0. Default 4.
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> import etp_nn
+    >>> etp_nn.SigmoidSurrogate(alpha=8.0)(jnp.array([-1.0, 1.0]))
+    Array([0., 1.], dtype=float32)
+    """
+
+    alpha: float = 4.0
+
+    def __post_init__(self) -> None:
+        _check_positive(self.alpha, type(self).__name__, "alpha")
+
+    def __call__(self, x: Any) -> jax.Array:
+        return sigmoid(x, self.alpha)
+
+    def grad(self, x: Any) -> jax.Array:
+        x = _as_dimensionless(x, type(self).__name__)
+        return _sigmoid_grad(x, jnp.asarray(self.alpha, dtype=x.dtype))
+
+
+@dataclass(frozen=True)
+class PiecewiseLinearSurrogate(Surrogate):
+    r"""Callable form of :func:`piecewise_linear`: :math:`g'(x) = \max(0, 1 - |x|/w)/w`.
+
+    Parameters
+    ----------
+    width : float
+        Half-width :math:`w`, > 0. Default 1.
+    """
+
+    width: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_positive(self.width, type(self).__name__, "width")
+
+    def __call__(self, x: Any) -> jax.Array:
+        return piecewise_linear(x, self.width)
+
+    def grad(self, x: Any) -> jax.Array:
+        x = _as_dimensionless(x, type(self).__name__)
+        return _piecewise_linear_grad(x, jnp.asarray(self.width, dtype=x.dtype))
+
+
+@dataclass(frozen=True)
+class ArctanSurrogate(Surrogate):
+    r"""Callable form of :func:`arctan`: :math:`g'(x) = \alpha / (2(1 + (\pi\alpha x/2)^2))`.
+
+    Parameters
+    ----------
+    alpha : float
+        Steepness, > 0. Default 2.
+    """
+
+    alpha: float = 2.0
+
+    def __post_init__(self) -> None:
+        _check_positive(self.alpha, type(self).__name__, "alpha")
+
+    def __call__(self, x: Any) -> jax.Array:
+        return arctan(x, self.alpha)
+
+    def grad(self, x: Any) -> jax.Array:
+        x = _as_dimensionless(x, type(self).__name__)
+        return _arctan_grad(x, jnp.asarray(self.alpha, dtype=x.dtype))
+
+
+@dataclass(frozen=True)
+class GaussianSurrogate(Surrogate):
+    r"""Callable form of :func:`gaussian`: :math:`g'(x) = e^{-x^2/(2\sigma^2)} / (\sqrt{2\pi}\sigma)`.
+
+    Parameters
+    ----------
+    sigma : float
+        Standard deviation, > 0. Default 0.5.
+    """
+
+    sigma: float = 0.5
+
+    def __post_init__(self) -> None:
+        _check_positive(self.sigma, type(self).__name__, "sigma")
+
+    def __call__(self, x: Any) -> jax.Array:
+        return gaussian(x, self.sigma)
+
+    def grad(self, x: Any) -> jax.Array:
+        x = _as_dimensionless(x, type(self).__name__)
+        return _gaussian_grad(x, jnp.asarray(self.sigma, dtype=x.dtype))
