@@ -68,3 +68,28 @@ def test_primitives_demo_runs_and_matches_bptt() -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "online gradient equals BPTT." in result.stdout
+
+
+def test_braintrace_nn_lists_the_layer_zoo() -> None:
+    import braintrace
+    import etp_nn
+
+    expected = {
+        "Linear", "SignedWLinear", "ScaledWSLinear", "SparseLinear", "LoRA", "Embedding",
+        "Conv1d", "Conv2d", "Conv3d",
+        "ValinaRNNCell", "VanillaRNNCell", "GRUCell", "LSTMCell", "MGUCell", "MinimalRNNCell", "URLSTMCell",
+        "MiniGRU", "MiniLSTM", "LRUCell",
+        "IF", "LIF", "ALIF", "Expon", "LeakyRateReadout", "LeakySpikeReadout",
+        "BatchNorm1d", "LayerNorm",
+    }  # fmt: skip
+    assert expected <= set(braintrace.nn.__all__)
+    for name in etp_nn.__all__:
+        assert getattr(braintrace.nn, name) is getattr(etp_nn, name)
+    assert braintrace.nn.VanillaRNNCell is braintrace.nn.ValinaRNNCell
+
+
+def test_layers_do_not_import_the_compiler_or_algorithms() -> None:
+    code = "import sys, etp_nn; bad = [m for m in ('etp_compiler', 'etp_algorithms') if m in sys.modules]; print(bad)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

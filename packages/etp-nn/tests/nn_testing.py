@@ -6,9 +6,8 @@ from collections.abc import Iterable
 from typing import Any
 
 import brainstate
-import jax
-
 import etp_primitives as etp
+import jax
 
 
 def _sub_jaxprs(eqn: Any) -> Iterable[Any]:

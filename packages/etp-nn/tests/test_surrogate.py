@@ -36,12 +36,12 @@ def _gaussian_prime(x: np.ndarray, sigma: float) -> np.ndarray:
 CASES: list[
     tuple[Callable[..., Any], type[etp_nn.Surrogate], str, float, Callable[[np.ndarray, float], np.ndarray]]
 ] = [
-    (etp_nn.sigmoid, etp_nn.SigmoidSurrogate, "alpha", 4.0, _sigmoid_prime),
-    (etp_nn.sigmoid, etp_nn.SigmoidSurrogate, "alpha", 10.0, _sigmoid_prime),
-    (etp_nn.piecewise_linear, etp_nn.PiecewiseLinearSurrogate, "width", 1.0, _triangle),
-    (etp_nn.piecewise_linear, etp_nn.PiecewiseLinearSurrogate, "width", 0.3, _triangle),
-    (etp_nn.arctan, etp_nn.ArctanSurrogate, "alpha", 2.0, _arctan_prime),
-    (etp_nn.gaussian, etp_nn.GaussianSurrogate, "sigma", 0.5, _gaussian_prime),
+    (etp_nn.surrogate.sigmoid, etp_nn.SigmoidSurrogate, "alpha", 4.0, _sigmoid_prime),
+    (etp_nn.surrogate.sigmoid, etp_nn.SigmoidSurrogate, "alpha", 10.0, _sigmoid_prime),
+    (etp_nn.surrogate.piecewise_linear, etp_nn.PiecewiseLinearSurrogate, "width", 1.0, _triangle),
+    (etp_nn.surrogate.piecewise_linear, etp_nn.PiecewiseLinearSurrogate, "width", 0.3, _triangle),
+    (etp_nn.surrogate.arctan, etp_nn.ArctanSurrogate, "alpha", 2.0, _arctan_prime),
+    (etp_nn.surrogate.gaussian, etp_nn.GaussianSurrogate, "sigma", 0.5, _gaussian_prime),
 ]
 IDS = [f"{fn.__name__}-{key}={value}" for fn, _, key, value, _ in CASES]
 POINTS = np.array([-3.0, -1.0, -0.4, -0.1, -1e-9, 0.0, 1e-9, 0.05, 0.25, 0.7, 1.5, 4.0])
@@ -80,7 +80,7 @@ def test_derivative_integrates_to_one(fn: Any, cls: Any, key: str, value: float,
     grad = jax.vmap(jax.grad(cls(**{key: value})))(x)
     total = float(jnp.trapezoid(grad, x))
     # arctan's heavy tails leave ~1/(pi^2 alpha L / 2) outside [-L, L]
-    assert total == pytest.approx(1.0, abs=1e-2 if fn is etp_nn.arctan else 1e-6)
+    assert total == pytest.approx(1.0, abs=1e-2 if fn is etp_nn.surrogate.arctan else 1e-6)
 
 
 @pytest.mark.parametrize(("fn", "cls", "key", "value", "prime"), CASES[::2] + CASES[-1:], ids=IDS[::2] + IDS[-1:])
@@ -99,26 +99,26 @@ def test_jit_and_vmap(fn: Any, cls: Any, key: str, value: float, prime: Any, rng
 
 
 def test_shape_parameter_gets_no_gradient_and_may_be_traced() -> None:
-    assert float(jax.grad(etp_nn.sigmoid, argnums=1)(0.3, 4.0)) == 0.0
-    grad = jax.jit(jax.grad(etp_nn.sigmoid))(0.0, 8.0)
+    assert float(jax.grad(etp_nn.surrogate.sigmoid, argnums=1)(0.3, 4.0)) == 0.0
+    grad = jax.jit(jax.grad(etp_nn.surrogate.sigmoid))(0.0, 8.0)
     assert float(grad) == pytest.approx(2.0, rel=1e-12)  # alpha / 4
 
 
 def test_dtypes() -> None:
     x32 = jnp.asarray([-1.0, 1.0], dtype=jnp.float32)
-    assert etp_nn.sigmoid(x32).dtype == jnp.float32
-    assert jax.grad(lambda x: etp_nn.gaussian(x).sum())(x32).dtype == jnp.float32
-    ints = etp_nn.arctan(jnp.asarray([-1, 0, 2]))
+    assert etp_nn.surrogate.sigmoid(x32).dtype == jnp.float32
+    assert jax.grad(lambda x: etp_nn.surrogate.gaussian(x).sum())(x32).dtype == jnp.float32
+    ints = etp_nn.surrogate.arctan(jnp.asarray([-1, 0, 2]))
     assert ints.dtype == jnp.float64
     np.testing.assert_array_equal(ints, [0.0, 0.0, 1.0])
 
 
 def test_dimensionless_quantity_accepted_other_units_rejected() -> None:
     ratio = (jnp.asarray([0.5, 1.5]) * u.mV - 1.0 * u.mV) / (1.0 * u.mV)
-    np.testing.assert_array_equal(etp_nn.sigmoid(ratio), [0.0, 1.0])
-    np.testing.assert_array_equal(etp_nn.sigmoid(u.Quantity(jnp.asarray([-1.0, 1.0]))), [0.0, 1.0])
+    np.testing.assert_array_equal(etp_nn.surrogate.sigmoid(ratio), [0.0, 1.0])
+    np.testing.assert_array_equal(etp_nn.surrogate.sigmoid(u.Quantity(jnp.asarray([-1.0, 1.0]))), [0.0, 1.0])
     with pytest.raises(ValueError, match=r"sigmoid: x must be dimensionless .* unit mV"):
-        etp_nn.sigmoid(jnp.asarray([0.5]) * u.mV)
+        etp_nn.surrogate.sigmoid(jnp.asarray([0.5]) * u.mV)
 
 
 def test_classes_are_frozen_hashable_values() -> None:
@@ -129,7 +129,7 @@ def test_classes_are_frozen_hashable_values() -> None:
     assert etp_nn.SigmoidSurrogate().alpha == 4.0 and etp_nn.PiecewiseLinearSurrogate().width == 1.0
     # functools.partial of the function form is equivalent
     x = jnp.linspace(-1.0, 1.0, 7)
-    partial = functools.partial(etp_nn.sigmoid, alpha=2.0)
+    partial = functools.partial(etp_nn.surrogate.sigmoid, alpha=2.0)
     np.testing.assert_array_equal(partial(x), a(x))
     np.testing.assert_allclose(jax.vmap(jax.grad(partial))(x), jax.vmap(jax.grad(a))(x), rtol=1e-15)
     # usable as a static jit argument
@@ -143,7 +143,7 @@ def test_classes_are_frozen_hashable_values() -> None:
         (lambda: etp_nn.SigmoidSurrogate(alpha=0.0), r"SigmoidSurrogate: alpha must be > 0"),
         (lambda: etp_nn.PiecewiseLinearSurrogate(width=-1.0), r"PiecewiseLinearSurrogate: width must be > 0"),
         (lambda: etp_nn.GaussianSurrogate(sigma=0.0), r"GaussianSurrogate: sigma must be > 0"),
-        (lambda: etp_nn.arctan(jnp.ones(2), alpha=-2.0), r"arctan: alpha must be > 0"),
+        (lambda: etp_nn.surrogate.arctan(jnp.ones(2), alpha=-2.0), r"arctan: alpha must be > 0"),
     ],
 )
 def test_bad_shape_parameters(make: Callable[[], Any], match: str) -> None:

@@ -4,6 +4,25 @@ A thin re-export, no logic: the primitives of :mod:`etp_primitives` now, and
 the compiler, algorithms and layers as those packages grow.
 """
 
+from etp_compiler import (
+    CompilationError,
+    CompilationRecord,
+    DiagnosticKind,
+    DiagnosticLevel,
+    ETraceGraph,
+    HiddenGroup,
+    HiddenParamOpRelation,
+    HiddenPerturbation,
+    ModuleInfo,
+    add_hidden_perturbation_from_minfo,
+    add_hidden_perturbation_from_module,
+    compile_etrace_graph,
+    extract_module_info,
+    find_hidden_groups_from_minfo,
+    find_hidden_groups_from_module,
+    find_hidden_param_op_relations_from_minfo,
+    find_hidden_param_op_relations_from_module,
+)
 from etp_primitives import (
     BATCHED_PRIMITIVES,
     ETP_PRIMITIVE_SPECS,
@@ -28,26 +47,6 @@ from etp_primitives import (
     register_primitive_spec,
     sparse_matmul,
     unregister_primitive,
-)
-
-from etp_compiler import (
-    CompilationError,
-    CompilationRecord,
-    DiagnosticKind,
-    DiagnosticLevel,
-    ETraceGraph,
-    HiddenGroup,
-    HiddenParamOpRelation,
-    HiddenPerturbation,
-    ModuleInfo,
-    add_hidden_perturbation_from_minfo,
-    add_hidden_perturbation_from_module,
-    compile_etrace_graph,
-    extract_module_info,
-    find_hidden_groups_from_minfo,
-    find_hidden_groups_from_module,
-    find_hidden_param_op_relations_from_minfo,
-    find_hidden_param_op_relations_from_module,
 )
 
 from . import _etrace_compiler as _etrace_compiler

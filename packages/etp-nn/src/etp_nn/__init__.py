@@ -1,11 +1,86 @@
-"""etp_nn: layers on brainstate whose trainable weights flow through ETP primitives."""
+"""etp_nn: layers on brainstate whose trainable weights flow through ETP primitives.
 
-from ._conv import *  # noqa: F403
-from ._linear import *  # noqa: F403
-from ._neurons import *  # noqa: F403
-from ._normalization import *  # noqa: F403
-from ._readout import *  # noqa: F403
-from ._rnn import *  # noqa: F403
-from ._surrogate import *  # noqa: F403
+Every trainable weight of these layers passes through an ETP primitive of
+:mod:`etp_primitives`, so it takes part in online learning with no extra
+work; recurrent and neuronal state lives in ``brainstate.HiddenState``.
+
+- Dense: :class:`Linear`, :class:`SignedWLinear`, :class:`ScaledWSLinear`,
+  :class:`SparseLinear`, :class:`LoRA`, :class:`Embedding`.
+- Convolution: :class:`Conv1d`, :class:`Conv2d`, :class:`Conv3d` (channels-last).
+- Recurrent cells: :class:`ValinaRNNCell` (alias :class:`VanillaRNNCell`),
+  :class:`GRUCell`, :class:`LSTMCell`, :class:`MGUCell`, :class:`MinimalRNNCell`,
+  :class:`URLSTMCell`, :class:`MiniGRU`, :class:`MiniLSTM`, :class:`LRUCell`.
+- Spiking neurons and synapses: :class:`IF`, :class:`LIF`, :class:`ALIF`, :class:`Expon`,
+  with surrogate spike functions in :mod:`etp_nn.surrogate`.
+- Readouts: :class:`LeakyRateReadout`, :class:`LeakySpikeReadout`.
+- Normalisation: :class:`BatchNorm0d`, :class:`BatchNorm1d`, :class:`BatchNorm2d`,
+  :class:`LayerNorm`, :class:`RMSNorm`.
+"""
+
+from . import _surrogate as surrogate
+from ._conv import Conv1d, Conv2d, Conv3d
+from ._linear import Embedding, Linear, LoRA, ScaledWSLinear, SignedWLinear, SparseLinear
+from ._neurons import ALIF, IF, LIF, Expon
+from ._normalization import BatchNorm0d, BatchNorm1d, BatchNorm2d, LayerNorm, RMSNorm
+from ._readout import LeakyRateReadout, LeakySpikeReadout
+from ._rnn import (
+    GRUCell,
+    LRUCell,
+    LSTMCell,
+    MGUCell,
+    MiniGRU,
+    MiniLSTM,
+    MinimalRNNCell,
+    URLSTMCell,
+    ValinaRNNCell,
+    VanillaRNNCell,
+)
+from ._surrogate import (
+    ArctanSurrogate,
+    GaussianSurrogate,
+    PiecewiseLinearSurrogate,
+    SigmoidSurrogate,
+    Surrogate,
+)
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "surrogate",
+    "Linear",
+    "SignedWLinear",
+    "ScaledWSLinear",
+    "SparseLinear",
+    "LoRA",
+    "Embedding",
+    "Conv1d",
+    "Conv2d",
+    "Conv3d",
+    "ValinaRNNCell",
+    "VanillaRNNCell",
+    "GRUCell",
+    "LSTMCell",
+    "MGUCell",
+    "MinimalRNNCell",
+    "URLSTMCell",
+    "MiniGRU",
+    "MiniLSTM",
+    "LRUCell",
+    "IF",
+    "LIF",
+    "ALIF",
+    "Expon",
+    "LeakyRateReadout",
+    "LeakySpikeReadout",
+    "BatchNorm0d",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "LayerNorm",
+    "RMSNorm",
+    "Surrogate",
+    "SigmoidSurrogate",
+    "PiecewiseLinearSurrogate",
+    "ArctanSurrogate",
+    "GaussianSurrogate",
+]

@@ -117,9 +117,9 @@ def sigmoid(x: Any, alpha: float = 4.0) -> jax.Array:
     --------
     >>> import jax, jax.numpy as jnp
     >>> import etp_nn
-    >>> etp_nn.sigmoid(jnp.array([-0.5, 0.0, 0.5]))
+    >>> etp_nn.surrogate.sigmoid(jnp.array([-0.5, 0.0, 0.5]))
     Array([0., 0., 1.], dtype=float32)
-    >>> float(jax.grad(etp_nn.sigmoid)(0.0))
+    >>> float(jax.grad(etp_nn.surrogate.sigmoid)(0.0))
     1.0
     """
     x = _as_dimensionless(x, "sigmoid")
@@ -175,7 +175,7 @@ def piecewise_linear(x: Any, width: float = 1.0) -> jax.Array:
     --------
     >>> import jax
     >>> import etp_nn
-    >>> float(jax.grad(etp_nn.piecewise_linear)(0.5))
+    >>> float(jax.grad(etp_nn.surrogate.piecewise_linear)(0.5))
     0.5
     """
     x = _as_dimensionless(x, "piecewise_linear")
@@ -229,7 +229,7 @@ def arctan(x: Any, alpha: float = 2.0) -> jax.Array:
     --------
     >>> import jax
     >>> import etp_nn
-    >>> float(jax.grad(etp_nn.arctan)(0.0))
+    >>> float(jax.grad(etp_nn.surrogate.arctan)(0.0))
     1.0
     """
     x = _as_dimensionless(x, "arctan")
@@ -283,7 +283,7 @@ def gaussian(x: Any, sigma: float = 0.5) -> jax.Array:
     --------
     >>> import jax
     >>> import etp_nn
-    >>> round(float(jax.grad(etp_nn.gaussian)(0.0)), 4)
+    >>> round(float(jax.grad(etp_nn.surrogate.gaussian)(0.0)), 4)
     0.7979
     """
     x = _as_dimensionless(x, "gaussian")

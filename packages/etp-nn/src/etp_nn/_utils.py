@@ -39,7 +39,9 @@ def require_state(layer: brainstate.nn.Module, attribute: str) -> brainstate.Sta
     return state
 
 
-def check_batch_size(layer: brainstate.nn.Module, x: Any, state: brainstate.State[Any], n_feature_axes: int = 1) -> None:
+def check_batch_size(
+    layer: brainstate.nn.Module, x: Any, state: brainstate.State[Any], n_feature_axes: int = 1
+) -> None:
     """Raise ``ValueError`` if the batch axes of ``x`` differ from those the state was initialised with."""
     x_batch = tuple(u.math.shape(x))[:-n_feature_axes] if n_feature_axes else tuple(u.math.shape(x))
     leaves = jax.tree.leaves(state.value)
