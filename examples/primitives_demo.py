@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import argparse
 
-import etp_primitives as etp
 import jax
 import jax.numpy as jnp
+
+import etp_primitives as etp
 
 jax.config.update("jax_enable_x64", True)
 

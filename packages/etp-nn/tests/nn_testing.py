@@ -6,8 +6,9 @@ from collections.abc import Iterable
 from typing import Any
 
 import brainstate
-import etp_primitives as etp
 import jax
+
+import etp_primitives as etp
 
 
 def _sub_jaxprs(eqn: Any) -> Iterable[Any]:

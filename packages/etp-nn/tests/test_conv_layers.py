@@ -5,13 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 import brainstate
-import etp_nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import lax
 from nn_testing import param_leaves_reaching_etp
+
+import etp_nn
 
 LAYERS = {1: etp_nn.Conv1d, 2: etp_nn.Conv2d, 3: etp_nn.Conv3d}
 DIMENSION_NUMBERS = {1: ("NWC", "WIO", "NWC"), 2: ("NHWC", "HWIO", "NHWC"), 3: ("NDHWC", "DHWIO", "NDHWC")}

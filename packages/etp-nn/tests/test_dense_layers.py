@@ -8,13 +8,14 @@ from __future__ import annotations
 from typing import Any
 
 import brainstate
-import etp_nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import saiunit.sparse as ss
 from nn_testing import param_leaves_reaching_etp
+
+import etp_nn
 
 BATCHES = [None, (2, 3)]  # unbatched, and two leading batch axes (one axis is covered by the vmap tests)
 

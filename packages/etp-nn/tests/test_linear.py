@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import brainstate
-import etp_nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from nn_testing import param_leaves_reaching_etp
+
+import etp_nn
 
 
 @pytest.mark.parametrize("bias", [True, False])

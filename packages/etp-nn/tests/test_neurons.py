@@ -7,12 +7,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import brainstate
-import etp_nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import saiunit as u
+
+import etp_nn
 
 DT = 0.5  # ms
 

@@ -8,12 +8,13 @@ from __future__ import annotations
 from typing import Any
 
 import brainstate
-import etp_nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from nn_testing import param_leaves_reaching_etp
+
+import etp_nn
 
 C = 3
 BATCHNORMS = {0: etp_nn.BatchNorm0d, 1: etp_nn.BatchNorm1d, 2: etp_nn.BatchNorm2d}

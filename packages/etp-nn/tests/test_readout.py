@@ -7,12 +7,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import brainstate
-import etp_nn
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import saiunit as u
 from nn_testing import param_leaves_reaching_etp
+
+import etp_nn
 
 DT = 1.0  # ms
 

@@ -7,13 +7,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import brainstate
-import etp_nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from brainstate.nn import init
 from nn_testing import param_leaves_reaching_etp
+
+import etp_nn
 
 N_IN, N_OUT, BATCH, STEPS = 3, 4, 3, 4
 

@@ -7,12 +7,13 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-import etp_nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import saiunit as u
+
+import etp_nn
 
 
 def _sigmoid_prime(x: np.ndarray, alpha: float) -> np.ndarray:

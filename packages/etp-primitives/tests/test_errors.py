@@ -11,12 +11,13 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-import etp_primitives as etp
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import saiunit.sparse as ss
+
+import etp_primitives as etp
 
 NWC = ("NWC", "WIO", "NWC")
 _DENSE = np.array([[1.0, 0.0, 2.0], [0.0, 3.0, 0.0]])  # (in=2, out=3), nse=3

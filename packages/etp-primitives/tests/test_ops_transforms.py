@@ -30,7 +30,6 @@ import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-import etp_primitives as etp
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,6 +37,8 @@ import pytest
 import saiunit.sparse as ss
 from jax import lax
 from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
+
+import etp_primitives as etp
 
 Array = jax.Array
 

@@ -7,11 +7,12 @@ import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import etp_primitives as etp
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+import etp_primitives as etp
 from etp_primitives._compat import Primitive
 
 RULE_TABLES = {

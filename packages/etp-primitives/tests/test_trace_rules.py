@@ -15,12 +15,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import etp_primitives as etp
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import saiunit.sparse as ss
+
+import etp_primitives as etp
 
 Array = jax.Array
 

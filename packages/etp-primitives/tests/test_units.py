@@ -7,7 +7,6 @@ into that unit.
 
 from __future__ import annotations
 
-import etp_primitives as etp
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +14,8 @@ import pytest
 import saiunit as u
 import saiunit.sparse as ss
 from jax import lax
+
+import etp_primitives as etp
 
 NWC = ("NWC", "WIO", "NWC")
 

@@ -7,10 +7,11 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import brainstate
-import etp_primitives as etp
 import numpy as np
 import saiunit as u
 from jax import lax
+
+import etp_primitives as etp
 
 from ._linear import KAIMING_NORMAL, ZEROS, Initializer, _fixed_array, _init_param, _positive_int
 from ._utils import layer_name

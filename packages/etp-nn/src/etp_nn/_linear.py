@@ -6,13 +6,14 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import brainstate
-import etp_primitives as etp
 import jax
 import jax.numpy as jnp
 import numpy as np
 import saiunit as u
 from brainstate.nn import init
 from saiunit.sparse import COO, CSC, CSR, SparseMatrix
+
+import etp_primitives as etp
 
 from ._utils import check_last_dim, layer_name
 

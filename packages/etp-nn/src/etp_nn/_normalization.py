@@ -14,12 +14,13 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import brainstate
-import etp_primitives as etp
 import jax
 import jax.numpy as jnp
 import numpy as np
 import saiunit as u
 from brainstate.nn import init
+
+import etp_primitives as etp
 
 from ._linear import ZEROS, Initializer, _init_param
 from ._utils import check_last_dim, layer_name

@@ -13,9 +13,10 @@ from __future__ import annotations
 from typing import Any
 
 import brainstate
-import etp_primitives as etp
 import saiunit as u
 from brainstate.nn import init
+
+import etp_primitives as etp
 
 from ._neurons import (
     _FIVE_MS,

@@ -27,10 +27,11 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 import brainstate
-import etp_primitives as etp
 import jax
 import jax.numpy as jnp
 from brainstate.nn import init
+
+import etp_primitives as etp
 
 from ._linear import Initializer, Linear
 from ._utils import check_batch_size, check_last_dim, layer_name, require_state
