@@ -1,0 +1,23 @@
+"""Algorithm tests: float64, a float64 brainstate environment, seeded RNG."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import brainstate
+import jax
+import numpy as np
+import pytest
+
+jax.config.update("jax_enable_x64", True)
+
+
+@pytest.fixture(autouse=True)
+def float64_environment() -> Iterator[None]:
+    with brainstate.environ.context(precision=64):
+        yield
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(20261120)
