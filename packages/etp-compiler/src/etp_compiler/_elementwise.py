@@ -3,15 +3,18 @@
 A transition is position-wise when every output position depends only on
 the same position of the inputs, so its Jacobian is block diagonal and one
 forward-mode product with a vector of ones yields the diagonal blocks
-exactly. The test is conservative: an unknown primitive on a dependent value
-makes the slice "not position-wise".
+exactly. Positions are aligned on the trailing axes, as in NumPy
+broadcasting: a NumPy-style ``broadcast_in_dim`` (an unbatched ``(N,)``
+value spread over ``(B, N)``) keeps a slice position-wise. The test is
+conservative: an unknown primitive on a dependent value makes the slice
+"not position-wise".
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ._compat import Jaxpr, JaxprEqn, Var
+from ._compat import Jaxpr, JaxprEqn, Var, aval_shape
 from ._jaxpr_walk import CALL_PRIMITIVES, CUSTOM_DERIVATIVE_PRIMITIVES, is_var, sub_jaxprs
 
 __all__ = ["ELEMENTWISE_PRIMITIVES", "is_positionwise"]
@@ -44,11 +47,34 @@ def is_positionwise(eqns: Sequence[JaxprEqn], dependent: set[Var]) -> bool:
     return True
 
 
+def _broadcasts_to(in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> bool:
+    """Whether ``in_shape`` broadcasts to ``out_shape`` as in NumPy (trailing axes aligned, size 1 or equal)."""
+    offset = len(out_shape) - len(in_shape)
+    return offset >= 0 and all(i in (1, o) for i, o in zip(in_shape, out_shape[offset:], strict=True))
+
+
+def _is_trailing_broadcast(eqn: JaxprEqn) -> bool:
+    """A ``broadcast_in_dim`` that broadcasts like NumPy: operand axes aligned with the trailing output axes.
+
+    Position ``p`` of the output then reads position ``p`` of the operand
+    (its trailing axes, size-1 axes repeated), e.g. an unbatched ``(N,)``
+    value spread over a batched ``(B, N)`` state.
+    """
+    in_shape, out_shape = aval_shape(eqn.invars[0]), aval_shape(eqn.outvars[0])
+    offset = len(out_shape) - len(in_shape)
+    if tuple(eqn.params.get("broadcast_dimensions", ())) != tuple(range(offset, len(out_shape))):
+        return False
+    return _broadcasts_to(in_shape, out_shape)
+
+
 def _eqn_positionwise(eqn: JaxprEqn, hit: list[int]) -> bool:
     name = eqn.primitive.name
-    out_shapes = [tuple(v.aval.shape) for v in eqn.outvars]
+    out_shapes = [aval_shape(v) for v in eqn.outvars]
     if name in ELEMENTWISE_PRIMITIVES:
-        return all(tuple(eqn.invars[i].aval.shape) == out_shapes[0] for i in hit)
+        # size-1 axes of an operand are repeated (recent JAX lets element-wise ops broadcast them)
+        return all(_broadcasts_to(aval_shape(eqn.invars[i]), out_shapes[0]) for i in hit)
+    if name == "broadcast_in_dim":
+        return hit == [0] and _is_trailing_broadcast(eqn)
     if name in CUSTOM_DERIVATIVE_PRIMITIVES or name in CALL_PRIMITIVES:
         bodies = [b for b, _ in sub_jaxprs(eqn) if len(b.invars) == len(eqn.invars)]
         if not bodies:

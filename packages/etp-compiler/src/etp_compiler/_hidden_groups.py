@@ -10,37 +10,42 @@ Jacobian blocks are then :math:`S \times S` with :math:`S` the number of states)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from ._compat import Jaxpr, JaxprEqn, Var
+from ._compat import Jaxpr, JaxprEqn, Var, aval_shape, new_jaxpr
 from ._diagnostics import CompilationRecord, DiagnosticKind, DiagnosticLevel
 from ._elementwise import is_positionwise
 from ._errors import CompilationError
-from ._jaxpr_walk import CONTROL_FLOW_PRIMITIVES, eval_eqns, forward_labels, is_trainable_etp, is_var
+from ._jaxpr_walk import CONTROL_FLOW_PRIMITIVES, eval_eqns, forward_labels, is_trainable_etp, is_var, read_atom
 from ._module_info import ModuleInfo, StatePath
 
 __all__ = ["HiddenGroup", "find_hidden_groups_from_minfo", "slice_between"]
 
 
 def slice_between(
-    eqns: Sequence[JaxprEqn], sources: Sequence[Var], targets: Sequence[Var]
+    eqns: Sequence[JaxprEqn],
+    sources: Sequence[Var],
+    targets: Sequence[Var],
+    cut: Callable[[JaxprEqn], bool] | None = is_trainable_etp,
 ) -> tuple[list[JaxprEqn], list[Var]]:
-    """The equations on paths from ``sources`` to ``targets`` that avoid trainable ETP outputs.
+    """The equations on paths from ``sources`` to ``targets`` that avoid the equations where ``cut`` holds.
 
-    Returns the equations (in order) and the free variables they read
-    (neither sources nor produced inside): the constants of the slice.
+    By default the paths are cut at trainable ETP primitives (their outputs
+    are held as constants). Returns the equations (in order) and the free
+    variables they read (neither sources nor produced inside): the
+    constants of the slice.
     """
     seeds = {v: frozenset({0}) for v in sources}
-    reach = forward_labels(eqns, seeds, cut=is_trainable_etp)
+    reach = forward_labels(eqns, seeds, cut=cut)
     needed = {v for v in targets if is_var(v)}
     chosen: list[JaxprEqn] = []
     for eqn in reversed(eqns):
-        if is_trainable_etp(eqn):
+        if cut is not None and cut(eqn):
             continue
         produces = [v for v in eqn.outvars if is_var(v)]
         if any(v in needed for v in produces) and any(v in reach for v in produces):
@@ -109,7 +114,7 @@ class HiddenGroup:
         env: dict[Var, Any] = dict(zip(self.transition_jaxpr.constvars, const_values, strict=True))
         env.update(zip(self.transition_jaxpr.invars, hidden_values, strict=True))
         eval_eqns(self.transition_jaxpr.eqns, env)
-        return [env[v] if is_var(v) else v.val for v in self.transition_jaxpr.outvars]
+        return [read_atom(env, v) for v in self.transition_jaxpr.outvars]
 
     def jacobian_blocks(self, hidden_values: Sequence[jax.Array], const_values: Sequence[jax.Array]) -> jax.Array:
         r"""Per-position blocks :math:`D_{p,ij} = \partial h_i^t[p] / \partial h_j^{t-1}[p]`, shape ``(*varshape, S, S)``."""
@@ -126,11 +131,13 @@ class HiddenGroup:
                 columns.append(jnp.stack(linear(*tangent), axis=-1))
             return jnp.stack(columns, axis=-1)
         size = int(jnp.size(hidden_values[0]))
-        jac = jax.jacfwd(lambda *hs: jnp.stack([o.reshape(-1) for o in step(*hs)], 0), argnums=tuple(range(self.num_state)))(
-            *hidden_values
-        )
+        jac = jax.jacfwd(
+            lambda *hs: jnp.stack([o.reshape(-1) for o in step(*hs)], 0), argnums=tuple(range(self.num_state))
+        )(*hidden_values)
         # jac[j] has shape (S, N, *varshape): the derivative of every output w.r.t. state j.
-        diag = jnp.stack([jnp.diagonal(jac_j.reshape(self.num_state, size, size), axis1=1, axis2=2) for jac_j in jac], -1)
+        diag = jnp.stack(
+            [jnp.diagonal(jac_j.reshape(self.num_state, size, size), axis1=1, axis2=2) for jac_j in jac], -1
+        )
         return jnp.moveaxis(diag, 0, -2).reshape((*self.varshape, self.num_state, self.num_state))
 
 
@@ -149,24 +156,26 @@ class _UnionFind:
 
 
 def _check_control_flow(minfo: ModuleInfo) -> None:
-    labels = forward_labels(minfo.jaxpr.eqns, {v: frozenset({p}) for p, v in minfo.hidden_path_to_invar.items()})
-    for eqn in minfo.jaxpr.eqns:
-        if eqn.primitive.name not in CONTROL_FLOW_PRIMITIVES:
-            continue
-        outs = [v for v in eqn.outvars if is_var(v)]
-        for path, out in minfo.hidden_path_to_outvar.items():
-            ins = frozenset().union(*(labels.get(v, frozenset()) for v in eqn.invars if is_var(v)))
-            if path in ins and any(o is out or out in _descendants(minfo, o) for o in outs):
+    """Reject hidden states whose old value passes through lax control flow into their new value."""
+    eqns = minfo.jaxpr.eqns
+    labels = forward_labels(eqns, {v: frozenset({p}) for p, v in minfo.hidden_path_to_invar.items()})
+    flows = [(i, e) for i, e in enumerate(eqns) if e.primitive.name in CONTROL_FLOW_PRIMITIVES]
+    if not flows:
+        return
+    # which control-flow equations each var descends from
+    through = forward_labels(eqns, {v: frozenset({i}) for i, e in flows for v in e.outvars if is_var(v)})
+    for path, out in minfo.hidden_path_to_outvar.items():
+        for index in sorted(through.get(out, frozenset())):
+            eqn = eqns[index]
+            ins: frozenset[StatePath] = frozenset().union(
+                *(labels.get(v, frozenset()) for v in eqn.invars if is_var(v))
+            )
+            if path in ins:
                 raise CompilationError(
                     f"hidden state {'.'.join(map(str, path))} is updated inside `{eqn.primitive.name}` "
                     "(jax.lax control flow); ETP needs the step's hidden-state update written as straight-line "
                     "code. Move the loop outside the model step, or use jnp.where instead of lax.cond."
                 )
-
-
-def _descendants(minfo: ModuleInfo, var: Var) -> set[Var]:
-    reach = forward_labels(minfo.jaxpr.eqns, {var: frozenset({0})})
-    return set(reach)
 
 
 def find_hidden_groups_from_minfo(
@@ -196,7 +205,7 @@ def find_hidden_groups_from_minfo(
     for members in components.values():
         by_shape: dict[tuple[int, ...], list[StatePath]] = {}
         for path in members:
-            by_shape.setdefault(tuple(minfo.hidden_path_to_invar[path].aval.shape), []).append(path)
+            by_shape.setdefault(aval_shape(minfo.hidden_path_to_invar[path]), []).append(path)
         if len(by_shape) > 1:
             records.append(
                 CompilationRecord(
@@ -229,7 +238,7 @@ def _build_group(
     invars = tuple(minfo.hidden_path_to_invar[p] for p in paths)
     outvars = tuple(minfo.hidden_path_to_outvar[p] for p in paths)
     eqns, consts = slice_between(minfo.jaxpr.eqns, invars, outvars)
-    transition = Jaxpr(consts, list(invars), list(outvars), eqns)
+    transition = new_jaxpr(consts, invars, outvars, eqns, f"transition of hidden group {index}")
     positionwise = is_positionwise(eqns, set(invars))
     if len(paths) > 1:
         records.append(

@@ -10,14 +10,14 @@ ETP primitive, in which case they are inlined and a diagnostic says so.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, TypeGuard
 
 import jax
 
 from etp_primitives import is_etp_primitive, is_gradient_enabled_primitive
 
-from ._compat import ClosedJaxpr, Jaxpr, JaxprEqn, Literal, Var
+from ._compat import ClosedJaxpr, Jaxpr, JaxprEqn, Literal, Var, aval_dtype, aval_shape
 
 __all__ = [
     "CALL_PRIMITIVES",
@@ -30,6 +30,9 @@ __all__ = [
     "is_var",
     "forward_labels",
     "is_trainable_etp",
+    "custom_call_name",
+    "read_atom",
+    "bind_eqn",
 ]
 
 #: Call-like primitives whose body is inlined (same semantics, no custom rules).
@@ -40,9 +43,14 @@ CUSTOM_DERIVATIVE_PRIMITIVES = frozenset({"custom_jvp_call", "custom_vjp_call", 
 CONTROL_FLOW_PRIMITIVES = frozenset({"scan", "while", "cond"})
 
 
-def is_var(atom: Any) -> bool:
+def is_var(atom: Any) -> TypeGuard[Var]:
     """Whether ``atom`` is a jaxpr variable (not a literal)."""
     return isinstance(atom, Var) and not isinstance(atom, Literal)
+
+
+def read_atom(env: Mapping[Var, Any], atom: Any) -> Any:
+    """The value of a jaxpr atom: a literal's own value, else the variable's value in ``env``."""
+    return atom.val if isinstance(atom, Literal) else env[atom]
 
 
 def is_trainable_etp(eqn: JaxprEqn) -> bool:
@@ -73,12 +81,21 @@ def contains_etp(jaxpr: Jaxpr) -> bool:
     return False
 
 
-def _bind(eqn: JaxprEqn, invals: Sequence[Any]) -> list[Any]:
+def bind_eqn(eqn: JaxprEqn, invals: Sequence[Any]) -> list[Any]:
     """Re-bind one equation on new inputs, as ``jax.core.eval_jaxpr`` does."""
     params = eqn.primitive.get_bind_params(eqn.params)
     with eqn.ctx.manager:
         result = eqn.primitive.bind(*invals, **params)
     return list(result) if eqn.primitive.multiple_results else [result]
+
+
+def custom_call_name(eqn: JaxprEqn) -> str:
+    """The user's name of a ``custom_jvp``/``custom_vjp`` function (from its body's debug info)."""
+    for body, _ in sub_jaxprs(eqn):
+        source = getattr(getattr(body, "debug_info", None), "func_src_info", None)
+        if isinstance(source, str) and source:
+            return source.split(" at ")[0]
+    return str(eqn.params.get("name", eqn.primitive.name))
 
 
 def _inline_target(eqn: JaxprEqn, notes: list[str]) -> tuple[Jaxpr, Sequence[Any]] | None:
@@ -89,7 +106,7 @@ def _inline_target(eqn: JaxprEqn, notes: list[str]) -> tuple[Jaxpr, Sequence[Any
     if name in CUSTOM_DERIVATIVE_PRIMITIVES:
         subs = [s for s in sub_jaxprs(eqn) if len(s[0].invars) == len(eqn.invars)]
         if subs and contains_etp(subs[0][0]):
-            notes.append(str(eqn.params.get("name", name)))
+            notes.append(custom_call_name(eqn))
             return subs[0]
     return None
 
@@ -110,23 +127,48 @@ def _evaluate(jaxpr: Jaxpr, consts: Sequence[Any], args: Sequence[Any], notes: l
         if target is not None:
             outs = _evaluate(target[0], target[1], invals, notes)
         else:
-            outs = _bind(eqn, invals)
+            outs = bind_eqn(eqn, invals)
         for var, value in zip(eqn.outvars, outs, strict=True):
             if is_var(var):
                 env[var] = value
     return [read(v) for v in jaxpr.outvars]
 
 
-def inline_calls(closed: ClosedJaxpr) -> tuple[ClosedJaxpr, list[str]]:
+def inline_calls(closed: ClosedJaxpr, own_outputs: Mapping[int, int] | None = None) -> tuple[ClosedJaxpr, list[str]]:
     """Re-trace ``closed`` with nested ``jit`` calls (and ETP-holding custom-derivative calls) inlined.
 
     Returns the flat jaxpr, whose invars and outvars correspond position by
     position to the original's, and the names of custom-derivative calls that
     had to be inlined because they contain ETP primitives.
+
+    ``own_outputs`` maps output positions (hidden states) to the input
+    position of the same state. Each such output is made the result of its
+    own equation (a ``copy`` is added) when it would otherwise be another
+    input of the step or the same variable as an earlier such output, so
+    that every hidden state's new value is produced by a distinct equation
+    (where its perturbation is added). An output that is its own input, or a
+    constant, is left as is (the caller rejects those).
     """
     notes: list[str] = []
-    avals = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype, weak_type=v.aval.weak_type) for v in closed.jaxpr.invars]
-    flat = jax.make_jaxpr(lambda *args: _evaluate(closed.jaxpr, closed.consts, args, notes))(*avals)
+    avals = [
+        jax.ShapeDtypeStruct(aval_shape(v), aval_dtype(v), weak_type=getattr(v.aval, "weak_type", False))
+        for v in closed.jaxpr.invars
+    ]
+
+    def flat_fn(*args: Any) -> list[Any]:
+        outs = _evaluate(closed.jaxpr, closed.consts, args, notes)
+        seen: set[int] = set()
+        for out_index, in_index in sorted((own_outputs or {}).items()):
+            value = outs[out_index]
+            if not isinstance(value, jax.core.Tracer) or value is args[in_index]:
+                continue
+            if id(value) in seen or any(value is arg for arg in args):
+                value = jax.lax.copy_p.bind(value)
+                outs[out_index] = value
+            seen.add(id(value))
+        return outs
+
+    flat = jax.make_jaxpr(flat_fn)(*avals)
     return flat, notes
 
 
@@ -146,7 +188,7 @@ def eval_eqns(
 
     for eqn in eqns:
         invals = [read(v) for v in eqn.invars]
-        outs = _bind(eqn, invals)
+        outs = bind_eqn(eqn, invals)
         for var, value in zip(eqn.outvars, outs, strict=True):
             if is_var(var):
                 env[var] = override(var, value) if override is not None else value
@@ -169,7 +211,7 @@ def forward_labels(
     for eqn in eqns:
         if cut is not None and cut(eqn):
             continue
-        union = empty.union(*(labels.get(v, empty) for v in eqn.invars if is_var(v)))
+        union = empty.union(*(labels.get(v, empty) for v in eqn.invars if isinstance(v, Var)))
         if union:
             for var in eqn.outvars:
                 if is_var(var):

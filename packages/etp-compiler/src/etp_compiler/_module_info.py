@@ -99,6 +99,28 @@ def _path_text(path: Sequence[Hashable]) -> str:
     return ".".join(str(p) for p in path) or "<root>"
 
 
+def _hidden_positions(
+    traced: ClosedJaxpr,
+    states: Sequence[brainstate.State[Any]],
+    write_ids: set[int],
+    args: Any,
+    kwargs: Any,
+) -> dict[int, int]:
+    """``outvar position -> invar position`` of every written single-array HiddenState."""
+    n_written = sum(len(jax.tree.leaves(s.value)) for s in states if id(s) in write_ids)
+    in_position = len(jax.tree.leaves((args, kwargs)))
+    out_position = len(traced.jaxpr.outvars) - n_written
+    positions: dict[int, int] = {}
+    for state in states:
+        n_leaves = len(jax.tree.leaves(state.value))
+        if id(state) in write_ids:
+            if isinstance(state, brainstate.HiddenState) and n_leaves == 1:
+                positions[out_position] = in_position
+            out_position += n_leaves
+        in_position += n_leaves
+    return positions
+
+
 def extract_module_info(model: brainstate.nn.Module, *args: Any, **kwargs: Any) -> ModuleInfo:
     """Trace ``model(*args, **kwargs)`` once and classify the states it touches.
 
@@ -117,18 +139,29 @@ def extract_module_info(model: brainstate.nn.Module, *args: Any, **kwargs: Any) 
     ------
     CompilationError
         If the model has no hidden state, a hidden state is not a single
-        array, a hidden state is read but never written (or written but
-        never read), or a state is not reachable from the model's attributes.
+        array, a hidden state is read but never written, a hidden state is
+        written with its own old value or a constant, or a state is not
+        reachable from the model's attributes.
+
+    Notes
+    -----
+    Every hidden state's new value is a distinct variable produced by an
+    equation of :attr:`ModuleInfo.jaxpr`: a state set to another state's old
+    value, to an input, or to the same value as another hidden state gets a
+    ``copy`` equation of its own (where its perturbation is added).
     TypeError
         If ``model`` is not a brainstate module.
     """
     if not isinstance(model, brainstate.nn.Module):
         raise TypeError(f"extract_module_info expects a brainstate.nn.Module, got {type(model).__name__}.")
     stateful_fn = brainstate.transform.StatefulFunction(model)
-    closed_jaxpr, inlined_custom_calls = inline_calls(stateful_fn.get_jaxpr(*args, **kwargs))
+    traced = stateful_fn.get_jaxpr(*args, **kwargs)
     states = tuple(stateful_fn.get_states(*args, **kwargs))
     write_ids = {id(s) for s in stateful_fn.get_write_states(*args, **kwargs)}
     out_treedef = stateful_fn.get_out_treedef(*args, **kwargs)
+    closed_jaxpr, inlined_custom_calls = inline_calls(
+        traced, _hidden_positions(traced, states, write_ids, args, kwargs)
+    )
     jaxpr = closed_jaxpr.jaxpr
 
     all_states = model.states()
@@ -177,9 +210,10 @@ def extract_module_info(model: brainstate.nn.Module, *args: Any, **kwargs: Any) 
             + "."
         )
 
+    produced = {v for eqn in jaxpr.eqns for v in eqn.outvars}
     hidden_path_to_invar: dict[StatePath, Var] = {}
     hidden_path_to_outvar: dict[StatePath, Var] = {}
-    for path, state in hidden_states.items():
+    for path in hidden_states:
         if len(state_invars[path]) != 1:
             raise CompilationError(
                 f"hidden state {_path_text(path)} holds {len(state_invars[path])} arrays; each "
@@ -192,12 +226,14 @@ def extract_module_info(model: brainstate.nn.Module, *args: Any, **kwargs: Any) 
                 "updated every step (use a ShortTermState or ParamState for values that do not evolve)."
             )
         (hidden_path_to_invar[path],) = state_invars[path]
-        (hidden_path_to_outvar[path],) = state_outvars[path]
-        if not isinstance(hidden_path_to_outvar[path], Var) or hidden_path_to_outvar[path] is hidden_path_to_invar[path]:
+        (outvar,) = state_outvars[path]
+        if not isinstance(outvar, Var) or outvar not in produced:
+            what = "its own old value" if outvar is hidden_path_to_invar[path] else "a constant"
             raise CompilationError(
-                f"hidden state {_path_text(path)} is written with a value that does not depend on the step's "
-                "computation (a constant or its own old value); it has no dynamics to learn through."
+                f"hidden state {_path_text(path)} is written with {what}, a value that the step does not "
+                "compute; it has no dynamics to learn through (use a ShortTermState or ParamState for it)."
             )
+        hidden_path_to_outvar[path] = outvar
 
     weight_path_to_invars = {path: state_invars[path] for path in weight_states}
     invar_to_weight_path: dict[Var, WeightLeaf] = {}

@@ -1,10 +1,25 @@
 r"""Stage 4: the hidden-state perturbation :math:`h^t = \hat h^t + \Delta`.
 
 The step is re-traced with one extra input :math:`\Delta` per hidden state,
-added where the new state is produced (so everything downstream in the step,
-e.g. a readout, sees the perturbed value). Then
+added where the new state is produced, so that
 :math:`\partial L^t / \partial \Delta = \partial L^t / \partial h^t`: the
-cotangent that the online learners contract with their traces.
+cotangent :math:`g^t` that the online learners contract with their traces,
+:math:`\partial L^t / \partial W \approx \sum_s g^t_s\, \epsilon^t_s`.
+
+Which computations see the perturbed value is fixed by what the traces
+already hold. The traces are total derivatives along every path that avoids
+trainable ETP primitives: the transition :math:`h^{t-1} \to h^t` and the
+:math:`y \to h` maps of the relations both run through the other new hidden
+states of the step (an LSTM's :math:`h^t = o \odot \phi(c^t)` reads
+:math:`c^t`). So :math:`\Delta` reaches
+
+* the model's outputs and every non-hidden computation (e.g. a readout);
+* the inputs of trainable ETP primitives, and through them everything
+  downstream, hidden states included (the next layer of a stack reads
+  :math:`h^t` through its weight: that path is in no trace);
+
+but not the other hidden states' new values along ETP-free paths, which see
+:math:`\hat h^t` (counting those paths in :math:`g` too would count them twice).
 """
 
 from __future__ import annotations
@@ -15,20 +30,21 @@ from typing import Any, NamedTuple
 import brainstate
 import jax
 
-from ._compat import ClosedJaxpr, Var
-from ._jaxpr_walk import eval_eqns, is_var
+from ._compat import ClosedJaxpr, Var, aval_dtype, aval_shape
+from ._jaxpr_walk import bind_eqn, eval_eqns, is_trainable_etp, is_var, read_atom
 from ._module_info import ModuleInfo, StatePath
 
 __all__ = ["HiddenPerturbation", "add_hidden_perturbation_from_minfo", "run_step"]
 
 
-def run_step(
-    minfo: ModuleInfo, invals: Sequence[Any], deltas: Sequence[Any] | None = None
-) -> dict[Var, Any]:
-    """Evaluate the step jaxpr on its invars' values; returns the environment of every variable.
+def run_step(minfo: ModuleInfo, invals: Sequence[Any], deltas: Sequence[Any] | None = None) -> dict[Var, Any]:
+    r"""Evaluate the step jaxpr on its invars' values; returns the environment of every variable.
 
     With ``deltas`` (one per hidden state, in ``hidden_path_to_outvar`` order)
-    each new hidden state gets its perturbation added where it is produced.
+    each new hidden state gets its perturbation added where it is produced;
+    the environment then holds the perturbed values (those the outputs see),
+    and each hidden state's new value is :math:`\hat h^t + \Delta` with
+    :math:`\hat h^t` computed as described in the module docstring.
     """
     jaxpr = minfo.jaxpr
     env: dict[Var, Any] = dict(zip(jaxpr.constvars, minfo.closed_jaxpr.consts, strict=True))
@@ -36,7 +52,26 @@ def run_step(
     if deltas is None:
         return eval_eqns(jaxpr.eqns, env)
     add = dict(zip(minfo.hidden_path_to_outvar.values(), deltas, strict=True))
-    return eval_eqns(jaxpr.eqns, env, override=lambda v, value: value + add[v] if v in add else value)
+    # `hidden` holds, where it differs from `env`, the value that the hidden states' computation sees
+    # (downstream of a new hidden state along ETP-free paths: without the perturbation).
+    hidden: dict[Var, Any] = {}
+    for eqn in jaxpr.eqns:
+        outs = bind_eqn(eqn, [read_atom(env, v) for v in eqn.invars])
+        hidden_outs = outs
+        if not is_trainable_etp(eqn) and any(is_var(v) and v in hidden for v in eqn.invars):
+            hidden_outs = bind_eqn(
+                eqn, [read_atom(hidden if is_var(v) and v in hidden else env, v) for v in eqn.invars]
+            )
+        for var, value, hidden_value in zip(eqn.outvars, outs, hidden_outs, strict=True):
+            if not is_var(var):
+                continue
+            if var in add:
+                env[var], hidden[var] = hidden_value + add[var], hidden_value
+            else:
+                env[var] = value
+                if hidden_value is not value:
+                    hidden[var] = hidden_value
+    return env
 
 
 class HiddenPerturbation(NamedTuple):
@@ -61,16 +96,19 @@ class HiddenPerturbation(NamedTuple):
 def add_hidden_perturbation_from_minfo(minfo: ModuleInfo) -> HiddenPerturbation:
     """Build the step jaxpr with a perturbation input added to every new hidden state."""
     paths = tuple(minfo.hidden_path_to_outvar)
-    invar_avals = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype, weak_type=v.aval.weak_type) for v in minfo.jaxpr.invars]
+    invar_avals = [
+        jax.ShapeDtypeStruct(aval_shape(v), aval_dtype(v), weak_type=getattr(v.aval, "weak_type", False))
+        for v in minfo.jaxpr.invars
+    ]
     delta_avals = [
-        jax.ShapeDtypeStruct(minfo.hidden_path_to_outvar[p].aval.shape, minfo.hidden_path_to_outvar[p].aval.dtype)
+        jax.ShapeDtypeStruct(aval_shape(minfo.hidden_path_to_outvar[p]), aval_dtype(minfo.hidden_path_to_outvar[p]))
         for p in paths
     ]
     n_in = len(invar_avals)
 
     def perturbed(*values: Any) -> list[Any]:
         env = run_step(minfo, values[:n_in], values[n_in:])
-        return [env[v] if is_var(v) else v.val for v in minfo.jaxpr.outvars]
+        return [read_atom(env, v) for v in minfo.jaxpr.outvars]
 
     closed = jax.make_jaxpr(perturbed)(*invar_avals, *delta_avals)
     return HiddenPerturbation(

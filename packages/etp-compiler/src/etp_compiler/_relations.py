@@ -27,11 +27,20 @@ import numpy as np
 
 from etp_primitives import ETP_X_INVAR_INDICES, ETP_Y_OUTVAR_INDICES, is_etp_primitive, require_rules, trainable_invars
 
-from ._compat import Jaxpr, JaxprEqn, Var
+from ._compat import Jaxpr, JaxprEqn, Literal, Var, aval_shape, new_jaxpr
 from ._diagnostics import CompilationRecord, DiagnosticKind, DiagnosticLevel
 from ._elementwise import is_positionwise
 from ._hidden_groups import HiddenGroup, slice_between
-from ._jaxpr_walk import CONTROL_FLOW_PRIMITIVES, contains_etp, eval_eqns, forward_labels, is_trainable_etp, is_var, sub_jaxprs
+from ._jaxpr_walk import (
+    CONTROL_FLOW_PRIMITIVES,
+    contains_etp,
+    eval_eqns,
+    forward_labels,
+    is_trainable_etp,
+    is_var,
+    read_atom,
+    sub_jaxprs,
+)
 from ._module_info import ModuleInfo, StatePath, WeightLeaf
 
 __all__ = ["HiddenParamOpRelation", "find_hidden_param_op_relations_from_minfo", "trace_var_to_params"]
@@ -82,7 +91,7 @@ class HiddenParamOpRelation:
     trainable_vars: dict[str, Var]
     trainable_paths: dict[str, tuple[WeightLeaf, ...]]
     weight_fns: dict[str, tuple[Jaxpr, tuple[Var, ...]]]
-    x_var: Var | None
+    x_var: Var | Literal | None
     y_var: Var
     hidden_groups: tuple[HiddenGroup, ...]
     connected_hidden_paths: tuple[StatePath, ...]
@@ -94,14 +103,26 @@ class HiddenParamOpRelation:
         r""":math:`D_f = \partial h^t / \partial y` per position, shape ``(*group.varshape, S)``.
 
         Exact when the ``y -> h`` map is position-wise (``y`` broadcast onto ``h``).
+        ``const_values`` are the values of ``y_to_hidden[group.index][1]``.
+
+        Raises
+        ------
+        ValueError
+            If ``group`` is not one of :attr:`hidden_groups`.
         """
+        if group.index not in self.y_to_hidden:
+            raise ValueError(
+                f"the ETP primitive {getattr(self.primitive, 'name', self.primitive)} (weight={self.weight_path}) "
+                f"does not reach hidden group {group.index} ({', '.join(_text(p) for p in group.hidden_paths)}); "
+                f"it reaches groups {sorted(self.y_to_hidden)}."
+            )
         jaxpr, _ = self.y_to_hidden[group.index]
 
         def y_to_h(y: jax.Array) -> list[jax.Array]:
             env: dict[Var, Any] = dict(zip(jaxpr.constvars, const_values, strict=True))
             env[jaxpr.invars[0]] = y
             eval_eqns(jaxpr.eqns, env)
-            return [env[v] if is_var(v) else jnp.broadcast_to(v.val, group.varshape) for v in jaxpr.outvars]
+            return [jnp.broadcast_to(read_atom(env, v), group.varshape) for v in jaxpr.outvars]
 
         _, tangents = jax.jvp(y_to_h, (y_value,), (jnp.ones_like(y_value),))
         return jnp.stack([jnp.broadcast_to(t, group.varshape) for t in tangents], axis=-1)
@@ -179,7 +200,7 @@ def find_hidden_param_op_relations_from_minfo(
         primitive = eqn.primitive
         require_rules(primitive)
         layout = trainable_invars(primitive, eqn.params)
-        trainable_vars = {k: eqn.invars[i] for k, i in layout.items()}
+        trainable_atoms = {k: eqn.invars[i] for k, i in layout.items()}
         primary = "weight" if "weight" in layout else next(iter(layout))
         x_index = ETP_X_INVAR_INDICES.get(primitive)
         x_var = eqn.invars[x_index] if x_index is not None else None
@@ -189,10 +210,12 @@ def find_hidden_param_op_relations_from_minfo(
         trainable_paths: dict[str, tuple[WeightLeaf, ...]] = {}
         weight_fns: dict[str, tuple[Jaxpr, tuple[Var, ...]]] = {}
         problem = None
-        for key, var in trainable_vars.items():
+        trainable_vars: dict[str, Var] = {}
+        for key, var in trainable_atoms.items():
             if not is_var(var):
                 problem = f"its trainable input {key!r} is a literal constant"
                 break
+            trainable_vars[key] = var
             roots, cone = _backward_cone(var, producers)
             leaves = [r for r in roots if r in minfo.invar_to_weight_path]
             data = [r for r in roots if r in hidden_inputs or r in arg_inputs]
@@ -211,8 +234,9 @@ def find_hidden_param_op_relations_from_minfo(
             leaves.sort(key=lambda v: repr(minfo.invar_to_weight_path[v]))
             trainable_paths[key] = tuple(minfo.invar_to_weight_path[v] for v in leaves)
             cone.sort(key=lambda e: order[id(e)])
-            fn_eqns, fn_consts = slice_between(cone, leaves, [var])
-            weight_fns[key] = (Jaxpr(fn_consts, list(leaves), [var], fn_eqns), tuple(fn_consts))
+            # the whole computation from the leaves (not cut at ETP primitives: it is a weight transformation)
+            fn_eqns, fn_consts = slice_between(cone, leaves, [var], cut=None)
+            weight_fns[key] = (new_jaxpr(fn_consts, leaves, [var], fn_eqns, f"weight {key!r}"), tuple(fn_consts))
         weight_path: StatePath = trainable_paths[primary][0][0] if primary in trainable_paths else ()
         if problem is not None:
             records.append(
@@ -259,10 +283,10 @@ def find_hidden_param_op_relations_from_minfo(
             continue
 
         # 3. shape compatibility, per hidden state
-        y_shape = tuple(y_var.aval.shape)
+        y_shape = aval_shape(y_var)
         kept: list[StatePath] = []
         for path in reached_direct:
-            h_shape = tuple(minfo.hidden_path_to_outvar[path].aval.shape)
+            h_shape = aval_shape(minfo.hidden_path_to_outvar[path])
             try:
                 compatible = np.broadcast_shapes(y_shape, h_shape) == h_shape
             except ValueError:
@@ -288,7 +312,11 @@ def find_hidden_param_op_relations_from_minfo(
             continue
         groups = tuple(dict.fromkeys(hid_path_to_group[p] for p in kept))
         classification = {
-            p: ("all_direct" if p not in _through_weight(jaxpr, eqn, order, y_var, outvar_to_path) else "partly_through_weight")
+            p: (
+                "all_direct"
+                if p not in _through_weight(jaxpr, eqn, order, y_var, outvar_to_path)
+                else "partly_through_weight"
+            )
             for p in kept
         }
         y_to_hidden: dict[int, tuple[Jaxpr, tuple[Var, ...]]] = {}
@@ -296,7 +324,10 @@ def find_hidden_param_op_relations_from_minfo(
         tail = jaxpr.eqns[order[id(eqn)] + 1 :]
         for group in groups:
             fn_eqns, fn_consts = slice_between(tail, [y_var], list(group.hidden_outvars))
-            y_to_hidden[group.index] = (Jaxpr(fn_consts, [y_var], list(group.hidden_outvars), fn_eqns), tuple(fn_consts))
+            y_to_hidden[group.index] = (
+                new_jaxpr(fn_consts, [y_var], group.hidden_outvars, fn_eqns, f"y -> hidden group {group.index}"),
+                tuple(fn_consts),
+            )
             positionwise[group.index] = is_positionwise(fn_eqns, {y_var})
             if not positionwise[group.index]:
                 records.append(
@@ -370,6 +401,11 @@ def _through_weight(
     tail = jaxpr.eqns[order[id(eqn)] + 1 :]
     labels = forward_labels(tail, {y_var: frozenset({"y"})})
     # mark outputs of trainable ETP ops fed by y, then see which hidden outvars they reach
-    seeds = {v: frozenset({"w"}) for e in tail if is_trainable_etp(e) and any(is_var(i) and i in labels for i in e.invars) for v in e.outvars}
+    seeds = {
+        v: frozenset({"w"})
+        for e in tail
+        if is_trainable_etp(e) and any(is_var(i) and i in labels for i in e.invars)
+        for v in e.outvars
+    }
     via = forward_labels(tail, seeds)
     return {p for v, p in outvar_to_path.items() if v in via}
