@@ -1,10 +1,22 @@
-"""etp_algorithms: online learning by eligibility trace propagation (D-RTRL, ES-D-RTRL).
+"""etp_algorithms: online learning by eligibility trace propagation.
 
-Currently provides the graph executor; the learners are being built.
+- :class:`ETraceGraphExecutor`: one step with the trace quantities (D, D_f, x).
+- :class:`ETraceAlgorithm`: the learner frame (custom_vjp gradients, traces as states).
+- :class:`ParamDimVjpAlgorithm` / :data:`D_RTRL`: parameter-dimension traces.
 """
 
+from ._base import EligibilityTrace, ETraceAlgorithm
+from ._d_rtrl import D_RTRL, ParamDimVjpAlgorithm
 from ._executor import ETraceGraphExecutor, StepValues
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "ETraceGraphExecutor", "StepValues"]
+__all__ = [
+    "__version__",
+    "ETraceGraphExecutor",
+    "StepValues",
+    "ETraceAlgorithm",
+    "EligibilityTrace",
+    "ParamDimVjpAlgorithm",
+    "D_RTRL",
+]

@@ -16,7 +16,7 @@ Everything is a pure function of values, so it composes with ``jit``,
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import brainstate
@@ -24,7 +24,44 @@ import jax
 
 from etp_compiler import ETraceGraph, compile_etrace_graph, run_step
 
-__all__ = ["ETraceGraphExecutor", "StepValues"]
+__all__ = ["ETraceGraphExecutor", "StepValues", "KeyedValues"]
+
+
+@jax.tree_util.register_pytree_node_class
+class KeyedValues(Mapping[Any, Any]):
+    """An insertion-ordered mapping that is a JAX pytree without sorting its keys.
+
+    Keys (jaxpr variables, state paths mixing str and int) need not be
+    comparable; they travel as static structure, the values as leaves.
+    """
+
+    def __init__(self, keys: Sequence[Any], values: Sequence[Any]) -> None:
+        self._keys = tuple(keys)
+        self._values = list(values)
+        self._index = {k: i for i, k in enumerate(self._keys)}
+
+    @classmethod
+    def of(cls, mapping: Mapping[Any, Any]) -> KeyedValues:
+        return cls(list(mapping.keys()), list(mapping.values()))
+
+    def __getitem__(self, key: Any) -> Any:
+        return self._values[self._index[key]]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._index
+
+    def tree_flatten(self) -> tuple[list[Any], tuple[Any, ...]]:
+        return self._values, self._keys
+
+    @classmethod
+    def tree_unflatten(cls, keys: tuple[Any, ...], values: Sequence[Any]) -> KeyedValues:
+        return cls(keys, values)
 
 
 class StepValues(NamedTuple):
@@ -49,12 +86,12 @@ class StepValues(NamedTuple):
     """
 
     outputs: list[Any]
-    state_values: dict[Any, list[Any]]
+    state_values: KeyedValues
     jacobians: dict[int, jax.Array]
     hidden_dims: dict[tuple[int, int], jax.Array]
     x_values: dict[int, Any]
     y_values: dict[int, Any]
-    env: dict[Any, Any]
+    env: KeyedValues
 
 
 class ETraceGraphExecutor:
@@ -121,7 +158,9 @@ class ETraceGraphExecutor:
             return env[var] if hasattr(var, "aval") and var in env else getattr(var, "val", var)
 
         outputs = [value(v) for v in minfo.out_vars]
-        state_values = {path: [value(v) for v in outvars] for path, outvars in minfo.state_outvars.items()}
+        state_values = KeyedValues.of(
+            {path: [value(v) for v in outvars] for path, outvars in minfo.state_outvars.items()}
+        )
         jacobians = {
             group.index: group.jacobian_blocks(
                 [env[v] for v in group.hidden_invars], [value(v) for v in group.transition_jaxpr_constvars]
@@ -139,4 +178,4 @@ class ETraceGraphExecutor:
                 hidden_dims[(index, group.index)] = relation.hidden_dim(
                     group, env[relation.y_var], [value(v) for v in consts]
                 )
-        return StepValues(outputs, state_values, jacobians, hidden_dims, x_values, y_values, env)
+        return StepValues(outputs, state_values, jacobians, hidden_dims, x_values, y_values, KeyedValues.of(env))

@@ -21,7 +21,8 @@ from ._graph import (
     find_hidden_param_op_relations_from_module,
 )
 from ._hidden_groups import HiddenGroup, find_hidden_groups_from_minfo
-from ._module_info import ModuleInfo, extract_module_info
+from ._jaxpr_walk import eval_eqns, is_var
+from ._module_info import ModuleInfo, StatePath, WeightLeaf, extract_module_info
 from ._perturbation import HiddenPerturbation, add_hidden_perturbation_from_minfo, run_step
 from ._relations import HiddenParamOpRelation, find_hidden_param_op_relations_from_minfo, trace_var_to_params
 
@@ -38,6 +39,10 @@ __all__ = [
     "HiddenParamOpRelation",
     "HiddenPerturbation",
     "ModuleInfo",
+    "StatePath",
+    "WeightLeaf",
+    "eval_eqns",
+    "is_var",
     "add_hidden_perturbation_from_minfo",
     "add_hidden_perturbation_from_module",
     "compile_etrace_graph",

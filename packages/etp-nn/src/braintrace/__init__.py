@@ -4,6 +4,13 @@ A thin re-export, no logic: the primitives of :mod:`etp_primitives` now, and
 the compiler, algorithms and layers as those packages grow.
 """
 
+from etp_algorithms import (
+    D_RTRL,
+    EligibilityTrace,
+    ETraceAlgorithm,
+    ETraceGraphExecutor,
+    ParamDimVjpAlgorithm,
+)
 from etp_compiler import (
     CompilationError,
     CompilationRecord,
@@ -81,6 +88,11 @@ __all__ = [
     "is_etp_primitive",
     "is_batched_primitive",
     "is_gradient_enabled_primitive",
+    "D_RTRL",
+    "EligibilityTrace",
+    "ETraceAlgorithm",
+    "ETraceGraphExecutor",
+    "ParamDimVjpAlgorithm",
     "CompilationError",
     "CompilationRecord",
     "DiagnosticKind",

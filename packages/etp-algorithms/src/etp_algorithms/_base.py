@@ -1,0 +1,309 @@
+r"""``ETraceAlgorithm``: the common frame of the online learners.
+
+A learner wraps a model. :meth:`compile_graph` compiles the model's step
+(:mod:`etp_compiler`) and creates the eligibility traces; each call
+:meth:`update` runs one step of the model, updates the traces and returns the
+model's output. The output is produced by a ``jax.custom_vjp`` function whose
+backward pass returns, for a loss :math:`L^t` of that output,
+
+* for every weight with a relation: the eligibility-trace gradient
+  (subclass rule) plus the instantaneous term of step :math:`t`;
+* for every other parameter (plain JAX ops, readouts, weights excluded by the
+  tail rule): the instantaneous gradient :math:`\partial L^t/\partial\theta`
+  with :math:`h^{t-1}` held fixed (exact for a readout).
+
+So an ordinary ``brainstate.transform.grad(loss, params)`` gives the online
+gradient of the step, in memory independent of the sequence length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from typing import Any
+
+import brainstate
+import jax
+import jax.numpy as jnp
+
+from etp_compiler import ETraceGraph, HiddenGroup, HiddenParamOpRelation, StatePath, eval_eqns, is_var, run_step
+
+from ._executor import ETraceGraphExecutor, KeyedValues, StepValues
+
+__all__ = ["ETraceAlgorithm", "EligibilityTrace"]
+
+
+class EligibilityTrace(brainstate.ShortTermState):
+    """The state holding a learner's eligibility traces (filter states by this type to find them)."""
+
+
+def _text(path: Sequence[Hashable]) -> str:
+    return ".".join(map(str, path))
+
+
+class ETraceAlgorithm(brainstate.nn.Module):
+    """Base class of the online learners; see :class:`D_RTRL` and :class:`ES_D_RTRL`.
+
+    Parameters
+    ----------
+    model : brainstate.nn.Module
+        The model, with states initialised.
+    name : str, optional
+    """
+
+    def __init__(self, model: brainstate.nn.Module, name: str | None = None) -> None:
+        super().__init__(name=name)  # type: ignore[call-arg]
+        if not isinstance(model, brainstate.nn.Module):
+            raise TypeError(f"{type(self).__name__} expects a brainstate.nn.Module, got {type(model).__name__}.")
+        self.model = model
+        self._executor = ETraceGraphExecutor(model)
+        self._arg_shapes: list[tuple[tuple[int, ...], Any]] | None = None
+        self.etrace = EligibilityTrace({})
+
+    # ---------------------------------------------------------------- compiled structure
+    @property
+    def is_compiled(self) -> bool:
+        return self._executor.is_compiled
+
+    @property
+    def graph(self) -> ETraceGraph:
+        """The compiled :class:`etp_compiler.ETraceGraph` (``RuntimeError`` before :meth:`compile_graph`)."""
+        if not self._executor.is_compiled:
+            raise RuntimeError(
+                f"{type(self).__name__}: call compile_graph(*example_args) before using the learner "
+                "(it compiles the model's step and creates the eligibility traces)."
+            )
+        return self._executor.graph
+
+    @property
+    def param_states(self) -> dict[StatePath, brainstate.State[Any]]:
+        return dict(self.graph.module_info.weight_states)
+
+    @property
+    def hidden_states(self) -> dict[StatePath, brainstate.State[Any]]:
+        return dict(self.graph.module_info.hidden_states)
+
+    @property
+    def other_states(self) -> dict[StatePath, brainstate.State[Any]]:
+        return dict(self.graph.module_info.other_states)
+
+    def compile_graph(self, *args: Any) -> ETraceGraph:
+        """Compile the model's step for inputs shaped like ``args`` and initialise the traces."""
+        graph = self._executor.compile_graph(*args)
+        self._arg_shapes = [(tuple(jnp.shape(a)), jnp.result_type(a)) for a in jax.tree.leaves(args)]
+        self.init_etrace_state()
+        return graph
+
+    def init_etrace_state(self) -> None:
+        """(Re)create zero traces for the compiled graph."""
+        self.etrace.value = self._initial_traces()
+
+    def reset_state(self, batch_size: int | None = None, **kwargs: Any) -> None:
+        """Reset the traces; with ``batch_size``, also re-initialise the model's states for that batch size
+        (the step is recompiled at the next call)."""
+        if batch_size is not None:
+            brainstate.nn.init_all_states(self.model, batch_size=batch_size)
+            self._executor._graph = None
+            self._arg_shapes = None
+            self.etrace.value = {}
+            return
+        if self.is_compiled:
+            self.init_etrace_state()
+
+    def trace_bytes(self) -> int:
+        """Bytes held by the eligibility traces (independent of the sequence length)."""
+        return int(sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(self.etrace.value)))
+
+    def get_etrace_of(self, weight: brainstate.State[Any] | Sequence[Hashable]) -> Any:
+        """The traces of the relation(s) whose weight is ``weight`` (a ParamState or its path)."""
+        path = self._path_of(weight)
+        traces: Any = self.etrace.value
+        found = {
+            index: traces[index]
+            for index, relation in enumerate(self.graph.hidden_param_op_relations)
+            if relation.weight_path == path
+        }
+        if not found:
+            raise ValueError(
+                f"{type(self).__name__}: weight {_text(path)} has no eligibility trace; weights with traces: "
+                + ", ".join(sorted({_text(r.weight_path) for r in self.graph.hidden_param_op_relations}))
+                + "."
+            )
+        return found[next(iter(found))] if len(found) == 1 else found
+
+    def _path_of(self, weight: brainstate.State[Any] | Sequence[Hashable]) -> StatePath:
+        if isinstance(weight, brainstate.State):
+            for path, state in self.graph.module_info.weight_states.items():
+                if state is weight:
+                    return path
+            raise ValueError(f"{type(self).__name__}: the given state is not a ParamState used by the model's step.")
+        return tuple(weight)
+
+    # ---------------------------------------------------------------- subclass hooks
+    def _initial_traces(self) -> dict[int, Any]:
+        raise NotImplementedError
+
+    def _update_traces(self, traces: Any, values: StepValues, weights: dict[Any, Any]) -> tuple[Any, Any]:
+        """Return ``(new traces, residual for the backward pass)``."""
+        raise NotImplementedError
+
+    def _trace_gradients(
+        self, residual: Any, values: StepValues, g_hidden: dict[StatePath, Any], weights: dict[Any, Any]
+    ) -> dict[int, dict[str, jax.Array]]:
+        """Return ``relation index -> {trainable key: dL/d(trainable input)}`` from the traces."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- the step
+    def _check_args(self, args: tuple[Any, ...]) -> None:
+        assert self._arg_shapes is not None
+        given = [(tuple(jnp.shape(a)), jnp.result_type(a)) for a in jax.tree.leaves(args)]
+        if [s for s, _ in given] != [s for s, _ in self._arg_shapes]:
+            raise ValueError(
+                f"{type(self).__name__}: input shapes {[s for s, _ in given]} differ from the compiled "
+                f"{[s for s, _ in self._arg_shapes]}; to change the batch size call reset_state(batch_size=...) "
+                "first, or compile_graph(...) with the new inputs."
+            )
+
+    def update(self, *args: Any) -> Any:
+        """Run one step: update the model's states and the traces, return the model's output."""
+        if not self._executor.is_compiled:
+            if self._arg_shapes is None and self.etrace.value == {} and getattr(self, "_auto_compile", False):
+                self.compile_graph(*args)
+            else:
+                _ = self.graph  # raises the clear error
+        self._check_args(args)
+        minfo = self.graph.module_info
+        weight_paths = list(minfo.weight_states)
+        weight_vals = [jax.tree.leaves(minfo.weight_states[p].value) for p in weight_paths]
+        other = [
+            (p, jax.tree.leaves(s.value))
+            for p, s in zip(
+                [minfo.state_paths[id(s)] for s in minfo.compiled_model_states],
+                minfo.compiled_model_states,
+                strict=True,
+            )
+            if p not in minfo.weight_states
+        ]
+        other_vals = [v for _, v in other]
+        arg_leaves = list(jax.tree.leaves(args))
+        outputs, new_states, new_traces = self._step_fn()(weight_vals, other_vals, arg_leaves, self.etrace.value)
+        # every computation succeeded: only now write the states back
+        for path, leaves in new_states.items():
+            state = _state_at(minfo, path)
+            state.value = jax.tree.unflatten(jax.tree.structure(state.value), leaves)
+        self.etrace.value = new_traces
+        out_tree: Any = minfo.out_treedef.children()[0]
+        return jax.tree.unflatten(out_tree, outputs)
+
+    def _step_fn(self) -> Any:
+        minfo = self.graph.module_info
+        weight_paths = list(minfo.weight_states)
+        state_order = [minfo.state_paths[id(s)] for s in minfo.compiled_model_states]
+
+        def assemble(weight_vals: list[list[Any]], other_vals: list[list[Any]], arg_leaves: list[Any]) -> list[Any]:
+            by_path = dict(zip(weight_paths, weight_vals, strict=True))
+            others = iter(other_vals)
+            leaves = list(arg_leaves)
+            for path in state_order:
+                leaves.extend(by_path[path] if path in by_path else next(others))
+            return leaves
+
+        def weight_env(weight_vals: list[list[Any]]) -> dict[Any, Any]:
+            return {
+                var: value
+                for path, vals in zip(weight_paths, weight_vals, strict=True)
+                for var, value in zip(minfo.weight_path_to_invars[path], vals, strict=True)
+            }
+
+        def forward(weight_vals: Any, other_vals: Any, arg_leaves: Any, traces: Any) -> tuple[Any, Any]:
+            values = self._executor.step(assemble(weight_vals, other_vals, arg_leaves))
+            new_traces, residual = self._update_traces(traces, values, weight_env(weight_vals))
+            return (values.outputs, values.state_values, new_traces), (values, residual)
+
+        @jax.custom_vjp
+        def step(weight_vals: Any, other_vals: Any, arg_leaves: Any, traces: Any) -> Any:
+            return forward(weight_vals, other_vals, arg_leaves, traces)[0]
+
+        def step_fwd(weight_vals: Any, other_vals: Any, arg_leaves: Any, traces: Any) -> Any:
+            out, (values, residual) = forward(weight_vals, other_vals, arg_leaves, traces)
+            return out, (weight_vals, other_vals, arg_leaves, traces, values, residual)
+
+        def step_bwd(res: Any, cotangents: Any) -> Any:
+            weight_vals, other_vals, arg_leaves, traces, values, residual = res
+            ct_outputs, ct_states, _ = cotangents
+            hidden_paths = list(minfo.hidden_path_to_outvar)
+            written = list(minfo.state_outvars)
+
+            def perturbed(w: Any, a: Any, deltas: Any) -> Any:
+                env = run_step(minfo, assemble(w, other_vals, a), deltas)
+                outs = [env[v] if is_var(v) else v.val for v in minfo.out_vars]
+                states = KeyedValues.of(
+                    {p: [env[v] if is_var(v) else v.val for v in minfo.state_outvars[p]] for p in written}
+                )
+                return outs, states
+
+            avals: list[Any] = [minfo.hidden_path_to_outvar[p].aval for p in hidden_paths]
+            zeros = [jnp.zeros(a.shape, a.dtype) for a in avals]
+            _, pullback = jax.vjp(perturbed, weight_vals, arg_leaves, zeros)
+            g_weights, g_args, g_deltas = pullback((ct_outputs, ct_states))
+            g_hidden = dict(zip(hidden_paths, g_deltas, strict=True))
+            w_env = weight_env(weight_vals)
+            trace_grads = self._trace_gradients(residual, values, g_hidden, w_env)
+            leaf_grads = _pull_back_to_leaves(self.graph.hidden_param_op_relations, trace_grads, values.env, w_env)
+            var_index = {
+                var: (i, j)
+                for i, path in enumerate(weight_paths)
+                for j, var in enumerate(minfo.weight_path_to_invars[path])
+            }
+            g_weights = [list(g) for g in g_weights]
+            for var, grad in leaf_grads.items():
+                i, j = var_index[var]
+                g_weights[i][j] = g_weights[i][j] + grad
+            zero = jax.tree.map(jnp.zeros_like, (other_vals, traces))
+            return g_weights, zero[0], g_args, zero[1]
+
+        step.defvjp(step_fwd, step_bwd)
+        return step
+
+
+def _literal_value(atom: Any) -> Any:
+    """The value of a jaxpr literal."""
+    return atom.val
+
+
+def _state_at(minfo: Any, path: StatePath) -> brainstate.State[Any]:
+    for state in minfo.compiled_model_states:
+        if minfo.state_paths[id(state)] == path:
+            return state  # type: ignore[no-any-return]
+    raise KeyError(path)
+
+
+def _pull_back_to_leaves(
+    relations: Sequence[HiddenParamOpRelation],
+    trace_grads: dict[int, dict[str, jax.Array]],
+    env: dict[Any, Any],
+    weight_env: dict[Any, Any],
+) -> dict[Any, jax.Array]:
+    """Map gradients w.r.t. each relation's trainable inputs back to the ParamState leaves (VJP of ``weight_fns``)."""
+    out: dict[Any, jax.Array] = {}
+    for index, grads in trace_grads.items():
+        relation = relations[index]
+        for key, grad in grads.items():
+            jaxpr, consts = relation.weight_fns[key]
+            leaf_vars = list(jaxpr.invars)
+            const_vals = [env[v] if is_var(v) else _literal_value(v) for v in consts]
+
+            def weight_fn(*leaves: Any, jaxpr: Any = jaxpr, const_vals: Any = const_vals) -> Any:
+                local: dict[Any, Any] = dict(zip(jaxpr.constvars, const_vals, strict=True))
+                local.update(zip(jaxpr.invars, leaves, strict=True))
+                eval_eqns(jaxpr.eqns, local)
+                (result,) = [local[v] if is_var(v) else v.val for v in jaxpr.outvars]
+                return result
+
+            _, pullback = jax.vjp(weight_fn, *[weight_env[v] for v in leaf_vars])
+            for var, g in zip(leaf_vars, pullback(grad), strict=True):
+                out[var] = out[var] + g if var in out else g
+    return out
+
+
+def group_state_index(group: HiddenGroup, path: StatePath) -> int:
+    return group.hidden_paths.index(path)
