@@ -3,10 +3,12 @@
 - :class:`ETraceGraphExecutor`: one step with the trace quantities (D, D_f, x).
 - :class:`ETraceAlgorithm`: the learner frame (custom_vjp gradients, traces as states).
 - :class:`ParamDimVjpAlgorithm` / :data:`D_RTRL`: parameter-dimension traces.
+- :class:`IODimVjpAlgorithm` / :data:`ES_D_RTRL` / :data:`pp_prop`: input/output-dimension traces.
 """
 
 from ._base import EligibilityTrace, ETraceAlgorithm
 from ._d_rtrl import D_RTRL, ParamDimVjpAlgorithm
+from ._es_d_rtrl import ES_D_RTRL, IODimVjpAlgorithm, pp_prop
 from ._executor import ETraceGraphExecutor, StepValues
 
 __version__ = "0.1.0"
@@ -19,4 +21,7 @@ __all__ = [
     "EligibilityTrace",
     "ParamDimVjpAlgorithm",
     "D_RTRL",
+    "IODimVjpAlgorithm",
+    "ES_D_RTRL",
+    "pp_prop",
 ]

@@ -116,7 +116,7 @@ class ETraceAlgorithm(brainstate.nn.Module):
     def get_etrace_of(self, weight: brainstate.State[Any] | Sequence[Hashable]) -> Any:
         """The traces of the relation(s) whose weight is ``weight`` (a ParamState or its path)."""
         path = self._path_of(weight)
-        traces: Any = self.etrace.value
+        traces: Any = self._relation_traces(self.etrace.value)
         found = {
             index: traces[index]
             for index, relation in enumerate(self.graph.hidden_param_op_relations)
@@ -139,6 +139,10 @@ class ETraceAlgorithm(brainstate.nn.Module):
         return tuple(weight)
 
     # ---------------------------------------------------------------- subclass hooks
+    def _relation_traces(self, value: Any) -> Any:
+        """``relation index -> traces`` inside the trace state's value."""
+        return value
+
     def _initial_traces(self) -> dict[int, Any]:
         raise NotImplementedError
 

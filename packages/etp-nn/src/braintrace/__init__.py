@@ -6,10 +6,13 @@ the compiler, algorithms and layers as those packages grow.
 
 from etp_algorithms import (
     D_RTRL,
+    ES_D_RTRL,
     EligibilityTrace,
     ETraceAlgorithm,
     ETraceGraphExecutor,
+    IODimVjpAlgorithm,
     ParamDimVjpAlgorithm,
+    pp_prop,
 )
 from etp_compiler import (
     CompilationError,
@@ -89,6 +92,9 @@ __all__ = [
     "is_batched_primitive",
     "is_gradient_enabled_primitive",
     "D_RTRL",
+    "ES_D_RTRL",
+    "IODimVjpAlgorithm",
+    "pp_prop",
     "EligibilityTrace",
     "ETraceAlgorithm",
     "ETraceGraphExecutor",

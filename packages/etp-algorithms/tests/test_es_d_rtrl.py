@@ -1,0 +1,92 @@
+"""ES_D_RTRL (pp_prop): exact at T = 1, the rule written out by hand for a leaky tanh RNN, and its contract."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import brainstate
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from algorithms_testing import CASES, Driven, _bptt, _cases, _rel
+
+import etp_primitives as etp
+from etp_algorithms import ES_D_RTRL, IODimVjpAlgorithm, pp_prop
+
+Array = jax.Array
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_es_d_rtrl_equals_bptt_at_one_step(name: str, rng: np.random.Generator) -> None:
+    op, weights, xs, leak, h_shape = _cases(rng)[name]
+    leak_full = jnp.broadcast_to(leak, h_shape)
+    r = jnp.asarray(rng.normal(size=h_shape))
+    model = Driven(op, weights, leak_full, h_shape)
+    learner = ES_D_RTRL(model, 0.6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        learner.compile_graph(xs[0])
+    got = brainstate.transform.grad(lambda x: jnp.sum(r * jnp.sin(learner(x))), model.states(brainstate.ParamState))(
+        xs[0]
+    )[("w",)]
+    want = _bptt(op, weights, xs, leak_full, h_shape, r, 1)
+    for key in want:
+        assert _rel(got[key], want[key]) < 1e-10, key
+
+
+class LeakyTanh(brainstate.nn.Module):
+    """h' = alpha * h + (1 - alpha) * tanh(x W): D = alpha, D_f = (1 - alpha) * sech^2(x W)."""
+
+    def __init__(self, w: Array, alpha: float, batch: int) -> None:
+        super().__init__()
+        self.alpha = alpha
+        self.w = brainstate.ParamState(w)
+        self.h = brainstate.HiddenState(jnp.zeros((batch, w.shape[1])))
+
+    def update(self, x: Any) -> Array:
+        self.h.value = self.alpha * self.h.value + (1 - self.alpha) * jnp.tanh(etp.matmul(x, self.w.value))
+        return self.h.value
+
+
+@pytest.mark.parametrize("decay_or_rank", [0.7, 3])
+def test_rule_written_out_by_hand(decay_or_rank: float | int, rng: np.random.Generator) -> None:
+    T, B, I, O, alpha = 7, 2, 3, 4, 0.8
+    w = jnp.asarray(rng.normal(size=(I, O)))
+    xs = jnp.asarray(rng.normal(size=(T, B, I)))
+    target = jnp.asarray(rng.normal(size=(B, O)))
+    model = LeakyTanh(w, alpha, B)
+    learner = pp_prop(model, decay_or_rank)
+    a = decay_or_rank if isinstance(decay_or_rank, float) else (decay_or_rank - 1) / (decay_or_rank + 1)
+    assert learner.decay == pytest.approx(a)
+    learner.compile_graph(xs[0])
+    params = model.states(brainstate.ParamState)
+    eps_x, eps_f, h = jnp.zeros((B, I)), jnp.zeros((B, O)), jnp.zeros((B, O))
+    for t in range(T):
+        got = brainstate.transform.grad(lambda x: jnp.sum((learner(x) - target) ** 2), params)(xs[t])[("w",)]
+        pre = xs[t] @ w
+        h = alpha * h + (1 - alpha) * jnp.tanh(pre)
+        g = 2 * (h - target)
+        Df = (1 - alpha) * (1 - jnp.tanh(pre) ** 2)
+        eps_x = a * eps_x + xs[t]
+        eps_f = a * alpha * eps_f + (1 - a) * Df
+        want = eps_x.T @ (g * eps_f) / (1 - a ** (t + 1))
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+    assert learner.trace_bytes() == (B * I + B * O) * 8 + 4  # eps_x, eps_f and the step counter
+    learner.reset_state()
+    assert int(learner.etrace.value["steps"]) == 0
+
+
+def test_decay_or_rank_validation() -> None:
+    model = LeakyTanh(jnp.ones((3, 4)), 0.5, 2)
+    for bad in (0.0, 1.0, 1.5, -0.2):
+        with pytest.raises(ValueError, match="decay must lie in"):
+            ES_D_RTRL(model, bad)
+    for bad_rank in (0, -3):
+        with pytest.raises(ValueError, match="rank must be a positive int"):
+            IODimVjpAlgorithm(model, bad_rank)
+    with pytest.raises(TypeError, match="decay_or_rank"):
+        ES_D_RTRL(model, "fast")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="decay_or_rank"):
+        ES_D_RTRL(model, True)
