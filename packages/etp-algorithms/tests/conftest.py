@@ -3,22 +3,14 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
-import brainstate
 import jax
 import numpy as np
 import pytest
 
 jax.config.update("jax_enable_x64", True)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-
-@pytest.fixture(autouse=True)
-def float64_environment() -> Iterator[None]:
-    with brainstate.environ.context(precision=64):
-        yield
 
 
 @pytest.fixture

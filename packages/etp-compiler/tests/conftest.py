@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import jax
@@ -17,12 +16,3 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(20261120)
-
-
-@pytest.fixture(autouse=True)
-def float64_environment() -> Iterator[None]:
-    """brainstate casts initial parameters to the environment precision: make it float64."""
-    import brainstate
-
-    with brainstate.environ.context(precision=64):
-        yield

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import jax
 import numpy as np
 import pytest
 
 jax.config.update("jax_enable_x64", True)
-jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+@pytest.fixture(autouse=True)
+def strict_rank_promotion() -> Iterator[None]:
+    """No silent rank promotion inside the primitives (scoped: other packages' tests run in the same session)."""
+    with jax.numpy_rank_promotion("raise"):
+        yield
 
 
 @pytest.fixture
