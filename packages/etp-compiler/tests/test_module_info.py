@@ -106,3 +106,18 @@ def test_hidden_state_read_but_not_written() -> None:
 def test_not_a_module() -> None:
     with pytest.raises(TypeError, match="brainstate.nn.Module"):
         extract_module_info(lambda x: x, jnp.ones(2))  # type: ignore[arg-type]
+
+
+def test_state_changing_shape_with_the_input() -> None:
+    class Growing(brainstate.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = brainstate.ParamState(jnp.ones((3, 4)))
+            self.h = brainstate.HiddenState(jnp.zeros(4))
+
+        def update(self, x: Any) -> Any:
+            self.h.value = self.h.value + etp.matmul(x, self.w.value)
+            return self.h.value
+
+    with pytest.raises(CompilationError, match=r"state h changes shape within one step, from \(4,\) to \(2, 4\)"):
+        extract_module_info(Growing(), jnp.ones((2, 3)))

@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 import brainstate
 import jax
 
-from ._compat import ClosedJaxpr, Jaxpr, Var
+from ._compat import ClosedJaxpr, Jaxpr, Var, aval_shape
 from ._errors import CompilationError
 from ._jaxpr_walk import inline_calls
 
@@ -234,6 +234,17 @@ def extract_module_info(model: brainstate.nn.Module, *args: Any, **kwargs: Any) 
                 "compute; it has no dynamics to learn through (use a ShortTermState or ParamState for it)."
             )
         hidden_path_to_outvar[path] = outvar
+
+    for path, outvars in state_outvars.items():
+        for invar, outvar in zip(state_invars[path], outvars, strict=True):
+            old_shape, new_shape = aval_shape(invar), aval_shape(outvar)
+            if old_shape != new_shape:
+                raise CompilationError(
+                    f"state {_path_text(path)} changes shape within one step, from {old_shape} to {new_shape}, "
+                    f"for inputs of shapes {[aval_shape(v) for v in arg_invars]}; the step must keep every "
+                    "state's shape (initialise states for this batch size with "
+                    "brainstate.nn.init_all_states(model, batch_size=...))."
+                )
 
     weight_path_to_invars = {path: state_invars[path] for path in weight_states}
     invar_to_weight_path: dict[Var, WeightLeaf] = {}
