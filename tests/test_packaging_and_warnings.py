@@ -93,3 +93,15 @@ def test_layers_do_not_import_the_compiler_or_algorithms() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_readme_example_runs() -> None:
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    match = re.search(r"## In 15 lines\n\n```python\n(.*?)```", readme, re.S)
+    assert match is not None, "README lost its example"
+    namespace: dict[str, object] = {}
+    exec(compile(match.group(1), "README.md", "exec"), namespace)
+    grads = namespace["grads"]
+    assert isinstance(grads, dict) and set(grads) >= {("rnn", "Wz", "weight"), ("readout", "weight")}
