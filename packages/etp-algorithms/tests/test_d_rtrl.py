@@ -155,3 +155,19 @@ def test_learner_contract_and_errors(rng: np.random.Generator) -> None:
         learner.get_etrace_of(("nope",))
     learner.reset_state()
     assert float(jnp.abs(learner.get_etrace_of(("w",))[0]["weight"]).sum()) == 0.0
+
+
+def test_float32_weights_with_float64_inputs(rng: np.random.Generator) -> None:
+    """Mixed precision: traces follow the wider input dtype, gradients come back in each weight's dtype."""
+    weights = {"weight": jnp.asarray(rng.normal(size=(4, 5)), jnp.float32), "bias": jnp.zeros(5, jnp.float32)}
+    model = Driven(
+        lambda x, w: etp.matmul(x, w["weight"], w["bias"]).astype(jnp.float32), weights, jnp.float32(0.9), (3, 5)
+    )
+    model.h.value = model.h.value.astype(jnp.float32)
+    learner = D_RTRL(model)
+    x = jnp.asarray(rng.normal(size=(3, 4)))  # float64
+    learner.compile_graph(x)
+    for _ in range(2):
+        grads = brainstate.transform.grad(lambda x: jnp.sum(learner(x)), model.states(brainstate.ParamState))(x)
+    assert grads[("w",)]["weight"].dtype == jnp.float32
+    assert bool(jnp.all(jnp.isfinite(grads[("w",)]["weight"])))

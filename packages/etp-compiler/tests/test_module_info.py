@@ -121,3 +121,18 @@ def test_state_changing_shape_with_the_input() -> None:
 
     with pytest.raises(CompilationError, match=r"state h changes shape within one step, from \(4,\) to \(2, 4\)"):
         extract_module_info(Growing(), jnp.ones((2, 3)))
+
+
+def test_state_changing_dtype_within_a_step() -> None:
+    class Drifting(brainstate.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = brainstate.ParamState(jnp.ones((3, 4), jnp.float32))
+            self.h = brainstate.HiddenState(jnp.zeros(4, jnp.float32))
+
+        def update(self, x: Any) -> Any:
+            self.h.value = self.h.value + etp.matmul(x, self.w.value)
+            return self.h.value
+
+    with pytest.raises(CompilationError, match=r"state h changes dtype within one step, from float32 to float64"):
+        extract_module_info(Drifting(), jnp.ones(3, jnp.float64))

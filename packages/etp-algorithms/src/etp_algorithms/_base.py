@@ -261,7 +261,7 @@ class ETraceAlgorithm(brainstate.nn.Module):
             g_weights = [list(g) for g in g_weights]
             for var, grad in leaf_grads.items():
                 i, j = var_index[var]
-                g_weights[i][j] = g_weights[i][j] + grad
+                g_weights[i][j] = g_weights[i][j] + jnp.asarray(grad, dtype=jnp.result_type(g_weights[i][j]))
             zero = jax.tree.map(jnp.zeros_like, (other_vals, traces))
             return g_weights, zero[0], g_args, zero[1]
 
@@ -303,8 +303,9 @@ def _pull_back_to_leaves(
                 (result,) = [local[v] if is_var(v) else v.val for v in jaxpr.outvars]
                 return result
 
-            _, pullback = jax.vjp(weight_fn, *[weight_env[v] for v in leaf_vars])
-            for var, g in zip(leaf_vars, pullback(grad), strict=True):
+            primal, pullback = jax.vjp(weight_fn, *[weight_env[v] for v in leaf_vars])
+            # traces may be kept in a wider dtype than the weight (float64 inputs, float32 weights)
+            for var, g in zip(leaf_vars, pullback(jnp.asarray(grad, dtype=primal.dtype)), strict=True):
                 out[var] = out[var] + g if var in out else g
     return out
 

@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 import brainstate
 import jax
 
-from ._compat import ClosedJaxpr, Jaxpr, Var, aval_shape
+from ._compat import ClosedJaxpr, Jaxpr, Var, aval_dtype, aval_shape
 from ._errors import CompilationError
 from ._jaxpr_walk import inline_calls
 
@@ -238,6 +238,14 @@ def extract_module_info(model: brainstate.nn.Module, *args: Any, **kwargs: Any) 
     for path, outvars in state_outvars.items():
         for invar, outvar in zip(state_invars[path], outvars, strict=True):
             old_shape, new_shape = aval_shape(invar), aval_shape(outvar)
+            old_dtype, new_dtype = aval_dtype(invar), aval_dtype(outvar)
+            if old_shape == new_shape and old_dtype != new_dtype:
+                raise CompilationError(
+                    f"state {_path_text(path)} changes dtype within one step, from {old_dtype} to {new_dtype} "
+                    f"(inputs: {[str(aval_dtype(v)) for v in arg_invars]}); feed inputs of the state's dtype, "
+                    "cast the new value (e.g. .astype(old.dtype)), or initialise states in the wider dtype "
+                    "(brainstate.environ.set(precision=64))."
+                )
             if old_shape != new_shape:
                 raise CompilationError(
                     f"state {_path_text(path)} changes shape within one step, from {old_shape} to {new_shape}, "
