@@ -10,6 +10,7 @@ from ._base import EligibilityTrace, ETraceAlgorithm
 from ._d_rtrl import D_RTRL, ParamDimVjpAlgorithm
 from ._es_d_rtrl import ES_D_RTRL, IODimVjpAlgorithm, pp_prop
 from ._executor import ETraceGraphExecutor, StepValues
+from ._inputs import MultiStepData, SingleStepData
 
 __version__ = "0.1.0"
 
@@ -24,4 +25,6 @@ __all__ = [
     "IODimVjpAlgorithm",
     "ES_D_RTRL",
     "pp_prop",
+    "SingleStepData",
+    "MultiStepData",
 ]

@@ -18,7 +18,7 @@ gradient of the step, in memory independent of the sequence length.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import brainstate
@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from etp_compiler import ETraceGraph, HiddenGroup, HiddenParamOpRelation, StatePath, eval_eqns, is_var, run_step
 
 from ._executor import ETraceGraphExecutor, KeyedValues, StepValues
+from ._inputs import MultiStepData, SingleStepData
 
 __all__ = ["ETraceAlgorithm", "EligibilityTrace"]
 
@@ -168,7 +169,13 @@ class ETraceAlgorithm(brainstate.nn.Module):
             )
 
     def update(self, *args: Any) -> Any:
-        """Run one step: update the model's states and the traces, return the model's output."""
+        """Run one step (or a window, with :class:`MultiStepData` inputs); return the model's output.
+
+        The model's states and the traces are updated only after the whole
+        call succeeded.
+        """
+        if self._is_window(args):
+            return self._update_window(args)
         if not self._executor.is_compiled:
             if self._arg_shapes is None and self.etrace.value == {} and getattr(self, "_auto_compile", False):
                 self.compile_graph(*args)
@@ -197,6 +204,132 @@ class ETraceAlgorithm(brainstate.nn.Module):
         self.etrace.value = new_traces
         out_tree: Any = minfo.out_treedef.children()[0]
         return jax.tree.unflatten(out_tree, outputs)
+
+    def _is_window(self, args: tuple[Any, ...]) -> bool:
+        if any(isinstance(a, MultiStepData) for a in args):
+            return True
+        return getattr(self, "vjp_method", "single-step") == "multi-step" and not all(
+            isinstance(a, SingleStepData) for a in args
+        )
+
+    def _update_window(self, args: tuple[Any, ...]) -> Any:
+        wrapped = [a if isinstance(a, (MultiStepData, SingleStepData)) else MultiStepData(a) for a in args]
+        lengths = {
+            int(jnp.shape(leaf)[0]) for a in wrapped if isinstance(a, MultiStepData) for leaf in jax.tree.leaves(a.data)
+        }
+        if len(lengths) != 1:
+            raise ValueError(
+                f"{type(self).__name__}: the MultiStepData inputs of one call must share their leading (time) axis; "
+                f"got lengths {sorted(lengths)}."
+            )
+        (steps,) = lengths
+        per_step = [
+            tuple(
+                jax.tree.map(lambda v, t=t: v[t], a.data) if isinstance(a, MultiStepData) else a.data for a in wrapped
+            )
+            for t in range(steps)
+        ]
+        _ = self.graph
+        self._check_args(per_step[0])
+        minfo = self.graph.module_info
+        weight_paths = list(minfo.weight_states)
+        weight_vals = [jax.tree.leaves(minfo.weight_states[p].value) for p in weight_paths]
+        order = [minfo.state_paths[id(s)] for s in minfo.compiled_model_states]
+        other_vals = [
+            jax.tree.leaves(s.value)
+            for p, s in zip(order, minfo.compiled_model_states, strict=True)
+            if p not in minfo.weight_states
+        ]
+        arg_leaves = [list(jax.tree.leaves(a)) for a in per_step]
+        outputs, new_states, new_traces = self._window_fn(steps)(weight_vals, other_vals, arg_leaves, self.etrace.value)
+        for path, leaves in new_states.items():
+            state = _state_at(minfo, path)
+            state.value = jax.tree.unflatten(jax.tree.structure(state.value), leaves)
+        self.etrace.value = new_traces
+        out_tree: Any = minfo.out_treedef.children()[0]
+        per_step_out = [jax.tree.unflatten(out_tree, o) for o in outputs]
+        return jax.tree.map(lambda *xs: jnp.stack(xs), *per_step_out)
+
+    def _window_fn(self, steps: int) -> Any:
+        """A custom_vjp over a window: exact reverse mode inside, traces at the window start outside."""
+        minfo = self.graph.module_info
+        weight_paths = list(minfo.weight_states)
+        order = [minfo.state_paths[id(s)] for s in minfo.compiled_model_states]
+        other_paths = [p for p in order if p not in minfo.weight_states]
+        hidden_paths = list(minfo.hidden_path_to_outvar)
+        single = self._step_fn()
+
+        def unrolled(weight_vals: Any, other_vals: Any, arg_leaves: Any, traces: Any) -> Any:
+            outputs = []
+            for t in range(steps):
+                out, new_states, traces = single.fun(weight_vals, other_vals, arg_leaves[t], traces)
+                other_vals = [
+                    new_states[p] if p in new_states else v for p, v in zip(other_paths, other_vals, strict=True)
+                ]
+                outputs.append(out)
+            final = KeyedValues.of(
+                {p: v for p, v in zip(other_paths, other_vals, strict=True) if p in minfo.state_outvars}
+            )
+            return outputs, final, traces
+
+        @jax.custom_vjp
+        def window(weight_vals: Any, other_vals: Any, arg_leaves: Any, traces: Any) -> Any:
+            return unrolled(weight_vals, other_vals, arg_leaves, traces)
+
+        def window_fwd(weight_vals: Any, other_vals: Any, arg_leaves: Any, traces: Any) -> Any:
+            return unrolled(weight_vals, other_vals, arg_leaves, traces), (weight_vals, other_vals, arg_leaves, traces)
+
+        def window_bwd(res: Any, cotangents: Any) -> Any:
+            weight_vals, other_vals, arg_leaves, traces = res
+            ct_outputs, ct_states, _ = cotangents
+
+            def plain(w: Any, others: Any, a: Any) -> Any:
+                outputs = []
+                for t in range(steps):
+                    values = self._executor.step(_assemble(minfo, weight_paths, w, others, a[t]))
+                    others = [
+                        values.state_values[p] if p in values.state_values else v
+                        for p, v in zip(other_paths, others, strict=True)
+                    ]
+                    outputs.append(values.outputs)
+                final = KeyedValues.of(
+                    {p: v for p, v in zip(other_paths, others, strict=True) if p in minfo.state_outvars}
+                )
+                return outputs, final
+
+            _, pullback = jax.vjp(plain, weight_vals, other_vals, arg_leaves)
+            g_weights, g_others, g_args = pullback((ct_outputs, ct_states))
+            # the window's start state depends on the weights through the traces: contract them
+            by_path = dict(zip(other_paths, g_others, strict=True))
+            lam = {p: by_path[p][0] for p in hidden_paths}
+            first = self._executor.step(_assemble(minfo, weight_paths, weight_vals, other_vals, arg_leaves[0]))
+            w_env = {
+                var: value
+                for path, vals in zip(weight_paths, weight_vals, strict=True)
+                for var, value in zip(minfo.weight_path_to_invars[path], vals, strict=True)
+            }
+            trace_grads = self._window_start_gradients(traces, first, lam, w_env)
+            leaf_grads = _pull_back_to_leaves(self.graph.hidden_param_op_relations, trace_grads, first.env, w_env)
+            var_index = {
+                var: (i, j)
+                for i, path in enumerate(weight_paths)
+                for j, var in enumerate(minfo.weight_path_to_invars[path])
+            }
+            g_weights = [list(g) for g in g_weights]
+            for var, grad in leaf_grads.items():
+                i, j = var_index[var]
+                g_weights[i][j] = g_weights[i][j] + jnp.asarray(grad, dtype=jnp.result_type(g_weights[i][j]))
+            zero_others = jax.tree.map(jnp.zeros_like, other_vals)
+            return g_weights, zero_others, g_args, jax.tree.map(jnp.zeros_like, traces)
+
+        window.defvjp(window_fwd, window_bwd)
+        return window
+
+    def _window_start_gradients(
+        self, traces: Any, first: StepValues, lam: dict[StatePath, Any], weights: dict[Any, Any]
+    ) -> dict[int, dict[str, jax.Array]]:
+        """Contract the traces held at a window's start with ``dL/dh`` of that start state."""
+        raise NotImplementedError(f"{type(self).__name__} does not support multi-step windows yet.")
 
     def _step_fn(self) -> Any:
         minfo = self.graph.module_info
@@ -269,6 +402,19 @@ class ETraceAlgorithm(brainstate.nn.Module):
         return step
 
 
+def _assemble(
+    minfo: Any, weight_paths: list[StatePath], weight_vals: Any, other_vals: Any, arg_leaves: Any
+) -> list[Any]:
+    """The step's invar values from weights, the other states' leaves (compiled order) and argument leaves."""
+    by_path = dict(zip(weight_paths, weight_vals, strict=True))
+    others = iter(other_vals)
+    leaves = list(arg_leaves)
+    for state in minfo.compiled_model_states:
+        path = minfo.state_paths[id(state)]
+        leaves.extend(by_path[path] if path in by_path else next(others))
+    return leaves
+
+
 def _literal_value(atom: Any) -> Any:
     """The value of a jaxpr literal."""
     return atom.val
@@ -284,7 +430,7 @@ def _state_at(minfo: Any, path: StatePath) -> brainstate.State[Any]:
 def _pull_back_to_leaves(
     relations: Sequence[HiddenParamOpRelation],
     trace_grads: dict[int, dict[str, jax.Array]],
-    env: dict[Any, Any],
+    env: Mapping[Any, Any],
     weight_env: dict[Any, Any],
 ) -> dict[Any, jax.Array]:
     """Map gradients w.r.t. each relation's trainable inputs back to the ParamState leaves (VJP of ``weight_fns``)."""

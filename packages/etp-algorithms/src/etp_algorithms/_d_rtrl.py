@@ -41,7 +41,7 @@ from ._executor import StepValues
 
 __all__ = ["ParamDimVjpAlgorithm", "D_RTRL"]
 
-_VJP_METHODS = ("single-step",)
+_VJP_METHODS = ("single-step", "multi-step")
 
 
 def _extra_axes(relation: HiddenParamOpRelation, group: HiddenGroup) -> int:
@@ -64,8 +64,9 @@ class ParamDimVjpAlgorithm(ETraceAlgorithm):
     model : brainstate.nn.Module
         With states initialised.
     name : str, optional
-    vjp_method : {'single-step'}
-        How a call's gradient is formed (a window of several steps is planned).
+    vjp_method : {'single-step', 'multi-step'}
+        ``'multi-step'``: each call takes a window of steps (inputs with a leading time axis,
+        see :class:`MultiStepData`); exact reverse mode inside the window, traces across windows.
 
     Examples
     --------
@@ -121,6 +122,12 @@ class ParamDimVjpAlgorithm(ETraceAlgorithm):
                 new_traces[index][group.index] = new
                 propagated[index][group.index] = prop
         return new_traces, propagated
+
+    def _window_start_gradients(
+        self, traces: Any, first: StepValues, lam: dict[StatePath, Any], weights: dict[Any, Any]
+    ) -> dict[int, dict[str, jax.Array]]:
+        # the full trace at the window start is dh/dW of the start state
+        return self._trace_gradients(traces, first, lam, weights)
 
     def _trace_gradients(
         self, residual: Any, values: StepValues, g_hidden: dict[StatePath, Any], weights: dict[Any, Any]

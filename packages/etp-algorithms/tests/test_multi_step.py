@@ -1,0 +1,88 @@
+"""Multi-step windows: exact reverse mode inside a window, eligibility traces across windows."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import brainstate
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from algorithms_testing import Driven, _bptt, _cases, _rel
+
+import etp_nn
+from etp_algorithms import D_RTRL, MultiStepData
+
+Array = jax.Array
+
+
+def _windowed_grads(learner: D_RTRL, model: brainstate.nn.Module, xs: Array, window: int, loss: Any) -> Any:
+    params = model.states(brainstate.ParamState)
+    total = None
+    for start in range(0, xs.shape[0], window):
+        chunk = xs[start : start + window]
+        g = brainstate.transform.grad(lambda c: loss(learner(MultiStepData(c))), params)(chunk)
+        total = g if total is None else jax.tree.map(jnp.add, total, g)
+    return total
+
+
+@pytest.mark.parametrize("window", [8, 2])
+@pytest.mark.parametrize("name", ["mm+bias", "conv1d+bias"])
+def test_windows_on_an_exact_model_equal_bptt(name: str, window: int, rng: np.random.Generator) -> None:
+    op, weights, xs, leak, h_shape = _cases(rng)[name]
+    xs = xs[:8]
+    leak_full = jnp.broadcast_to(leak, h_shape)
+    r = jnp.asarray(rng.normal(size=h_shape))
+    model = Driven(op, weights, leak_full, h_shape)
+    learner = D_RTRL(model, vjp_method="multi-step")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        learner.compile_graph(xs[0])
+    got = _windowed_grads(learner, model, xs, window, lambda hs: jnp.sum(r * jnp.sin(hs)))[("w",)]
+    want = _bptt(op, weights, xs, leak_full, h_shape, r, 8)
+    for key in want:
+        assert _rel(got[key], want[key]) < 1e-10, key
+
+
+def test_full_window_on_a_gru_equals_bptt(rng: np.random.Generator) -> None:
+    cell = etp_nn.GRUCell(3, 4)
+    brainstate.nn.init_all_states(cell, batch_size=2)
+    xs = jnp.asarray(rng.normal(size=(6, 2, 3)))
+    target = jnp.asarray(rng.normal(size=(6, 2, 4)))
+    init = {p: s.value for p, s in cell.states(brainstate.ParamState).items()}
+    learner = D_RTRL(cell, vjp_method="multi-step")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        learner.compile_graph(xs[0])
+    got = _windowed_grads(learner, cell, xs, 6, lambda hs: jnp.sum((hs - target) ** 2))
+
+    def bptt(p: dict[Any, Any]) -> Array:
+        def lin(key: str, inp: Array) -> Array:
+            return inp @ p[(key, "weight")]["weight"] + p[(key, "weight")]["bias"]
+
+        h, loss = jnp.zeros((2, 4)), 0.0
+        for t in range(6):
+            xh = jnp.concatenate([xs[t], h], -1)
+            z, r = jax.nn.sigmoid(lin("Wz", xh)), jax.nn.sigmoid(lin("Wr", xh))
+            cand = jnp.tanh(lin("Wh", jnp.concatenate([xs[t], r * h], -1)))
+            h = (1 - z) * h + z * cand
+            loss = loss + jnp.sum((h - target[t]) ** 2)
+        return loss
+
+    want = jax.grad(bptt)(init)
+    for path in want:
+        for key in want[path]:
+            assert _rel(got[path][key], want[path][key]) < 1e-10, (path, key)
+
+
+def test_window_outputs_and_errors(rng: np.random.Generator) -> None:
+    op, weights, xs, leak, h_shape = _cases(rng)["mm+bias"]
+    model = Driven(op, weights, jnp.broadcast_to(leak, h_shape), h_shape)
+    learner = D_RTRL(model)
+    learner.compile_graph(xs[0])
+    outs = learner(MultiStepData(xs[:3]))
+    assert outs.shape == (3, *h_shape)
+    with pytest.raises(ValueError, match="input shapes"):
+        learner(MultiStepData(jnp.ones((3, 2, 4))))
