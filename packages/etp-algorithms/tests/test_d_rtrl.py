@@ -171,3 +171,52 @@ def test_float32_weights_with_float64_inputs(rng: np.random.Generator) -> None:
         grads = brainstate.transform.grad(lambda x: jnp.sum(learner(x)), model.states(brainstate.ParamState))(x)
     assert grads[("w",)]["weight"].dtype == jnp.float32
     assert bool(jnp.all(jnp.isfinite(grads[("w",)]["weight"])))
+
+
+class RecurrentTanh(brainstate.nn.Module):
+    """h' = alpha h + (1 - alpha) tanh([x, h] W): D-RTRL drops the path through W (an approximation)."""
+
+    def __init__(self, w: Array, alpha: float, batch: int) -> None:
+        super().__init__()
+        self.alpha = alpha
+        self.w = brainstate.ParamState(w)
+        self.h = brainstate.HiddenState(jnp.zeros((batch, w.shape[1])))
+
+    def update(self, x: Any) -> Array:
+        xh = jnp.concatenate([x, self.h.value], axis=-1)
+        self.h.value = self.alpha * self.h.value + (1 - self.alpha) * jnp.tanh(etp.matmul(xh, self.w.value))
+        return self.h.value
+
+
+def test_d_rtrl_rule_written_out_by_hand_on_a_recurrent_tanh_rnn(rng: np.random.Generator) -> None:
+    T, B, I, H, alpha = 6, 2, 3, 4, 0.7
+    w = jnp.asarray(rng.normal(size=(I + H, H))) * 0.5
+    xs = jnp.asarray(rng.normal(size=(T, B, I)))
+    target = jnp.asarray(rng.normal(size=(B, H)))
+    model = RecurrentTanh(w, alpha, B)
+    learner = D_RTRL(model)
+    learner.compile_graph(xs[0])
+    params = model.states(brainstate.ParamState)
+    h, eps = jnp.zeros((B, H)), jnp.zeros((B, I + H, H))
+    total_online, total_hand = jnp.zeros_like(w), jnp.zeros_like(w)
+    for t in range(T):
+        got = brainstate.transform.grad(lambda x: jnp.sum((learner(x) - target) ** 2), params)(xs[t])[("w",)]
+        xh = jnp.concatenate([xs[t], h], axis=-1)
+        pre = xh @ w
+        h = alpha * h + (1 - alpha) * jnp.tanh(pre)
+        Df = (1 - alpha) * (1 - jnp.tanh(pre) ** 2)  # dh/dy, per unit
+        eps = alpha * eps + xh[:, :, None] * Df[:, None, :]  # D = alpha with y held fixed
+        g = 2 * (h - target)
+        want = jnp.einsum("bio,bo->io", eps, g)
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+        total_online, total_hand = total_online + got, total_hand + want
+
+    # and it is an approximation here: BPTT differs
+    def bptt(w_: Array) -> Array:
+        h_, loss = jnp.zeros((B, H)), 0.0
+        for t in range(T):
+            h_ = alpha * h_ + (1 - alpha) * jnp.tanh(jnp.concatenate([xs[t], h_], -1) @ w_)
+            loss = loss + jnp.sum((h_ - target) ** 2)
+        return loss
+
+    assert _rel(total_online, jax.grad(bptt)(w)) > 1e-4

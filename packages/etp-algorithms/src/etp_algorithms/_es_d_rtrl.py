@@ -61,11 +61,20 @@ class IODimVjpAlgorithm(ETraceAlgorithm):
     decay_or_rank : float or int
         Decay :math:`a \in (0, 1)`, or a rank :math:`r > 0` meaning :math:`a = (r-1)/(r+1)`.
     name : str, optional
+    vjp_method : {'single-step', 'multi-step'}
+        ``'multi-step'``: each call takes a window of steps (:class:`MultiStepData`).
     """
 
-    def __init__(self, model: Any, decay_or_rank: float | int, name: str | None = None) -> None:
+    def __init__(
+        self, model: Any, decay_or_rank: float | int, name: str | None = None, vjp_method: str = "single-step"
+    ) -> None:
         self.decay = _decay_from(decay_or_rank)
+        if vjp_method not in ("single-step", "multi-step"):
+            raise ValueError(
+                f"ES_D_RTRL: unknown vjp_method {vjp_method!r}; expected one of ['single-step', 'multi-step']."
+            )
         super().__init__(model, name=name)
+        self.vjp_method = vjp_method
 
     def _initial_traces(self) -> dict[Any, Any]:
         relations: dict[int, Any] = {}
@@ -102,6 +111,26 @@ class IODimVjpAlgorithm(ETraceAlgorithm):
             relations[index] = {"x": eps_x, "f": eps_f}
         new = {"steps": traces["steps"] + 1, "relations": relations}
         return new, (traces["steps"], relations)
+
+    def _window_start_gradients(
+        self, traces: Any, first: StepValues, lam: dict[StatePath, Any], weights: dict[Any, Any]
+    ) -> dict[int, dict[str, jax.Array]]:
+        steps = traces["steps"]
+        # after k steps the traces carry the bias correction 1 - a^k (zero traces when k == 0)
+        correction = jnp.where(steps > 0, 1.0 - jnp.power(self.decay, steps), 1.0)
+        grads: dict[int, dict[str, jax.Array]] = {}
+        for index, relation in enumerate(self.graph.hidden_param_op_relations):
+            xy_to_dw = etp.require_rules(relation.primitive, "xy_to_dw")["xy_to_dw"]
+            w = {key: first.env[var] for key, var in relation.trainable_vars.items()}
+            trace = traces["relations"][index]
+            cot: Any = 0.0
+            for group in relation.hidden_groups:
+                g = jnp.stack([lam[p] for p in group.hidden_paths], axis=-1)
+                extra = tuple(range(_extra_axes(relation, group)))
+                cot = cot + jnp.sum(g * trace["f"][group.index], axis=(*extra, -1) if extra else -1)
+            approx = xy_to_dw(trace["x"], cot, w, **relation.eqn_params)
+            grads[index] = {k: v / correction.astype(v.dtype) for k, v in approx.items()}
+        return grads
 
     def _trace_gradients(
         self, residual: Any, values: StepValues, g_hidden: dict[StatePath, Any], weights: dict[Any, Any]
