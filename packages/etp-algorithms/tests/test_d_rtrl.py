@@ -180,7 +180,10 @@ class RecurrentTanh(brainstate.nn.Module):
         super().__init__()
         self.alpha = alpha
         self.w = brainstate.ParamState(w)
-        self.h = brainstate.HiddenState(jnp.zeros((batch, w.shape[1])))
+        self.init_state(batch)
+
+    def init_state(self, batch_size: int | None = None, **kwargs: Any) -> None:
+        self.h = brainstate.HiddenState(jnp.zeros((batch_size or 1, self.w.value.shape[1])))
 
     def update(self, x: Any) -> Array:
         xh = jnp.concatenate([x, self.h.value], axis=-1)
@@ -220,3 +223,15 @@ def test_d_rtrl_rule_written_out_by_hand_on_a_recurrent_tanh_rnn(rng: np.random.
         return loss
 
     assert _rel(total_online, jax.grad(bptt)(w)) > 1e-4
+
+
+def test_reset_state_with_a_new_batch_size_recompiles(rng: np.random.Generator) -> None:
+    model = RecurrentTanh(jnp.asarray(rng.normal(size=(7, 4))), 0.7, 2)
+    learner = D_RTRL(model)
+    learner.compile_graph(jnp.ones((2, 3)))
+    with pytest.raises(ValueError, match="reset_state\\(batch_size=...\\)"):
+        learner(jnp.ones((5, 3)))
+    learner.reset_state(batch_size=5)
+    out = learner(jnp.ones((5, 3)))
+    assert out.shape == (5, 4) and model.h.value.shape == (5, 4)
+    assert learner.get_etrace_of(("w",))[0]["weight"].shape == (5, 7, 4, 1)

@@ -58,6 +58,7 @@ class ETraceAlgorithm(brainstate.nn.Module):
         self.model = model
         self._executor = ETraceGraphExecutor(model)
         self._arg_shapes: list[tuple[tuple[int, ...], Any]] | None = None
+        self._recompile_on_next_call = False
         self.etrace = EligibilityTrace({})
 
     # ---------------------------------------------------------------- compiled structure
@@ -90,6 +91,7 @@ class ETraceAlgorithm(brainstate.nn.Module):
     def compile_graph(self, *args: Any) -> ETraceGraph:
         """Compile the model's step for inputs shaped like ``args`` and initialise the traces."""
         graph = self._executor.compile_graph(*args)
+        self._recompile_on_next_call = False
         self._arg_shapes = [(tuple(jnp.shape(a)), jnp.result_type(a)) for a in jax.tree.leaves(args)]
         self.init_etrace_state()
         return graph
@@ -106,6 +108,7 @@ class ETraceAlgorithm(brainstate.nn.Module):
             self._executor._graph = None
             self._arg_shapes = None
             self.etrace.value = {}
+            self._recompile_on_next_call = True
             return
         if self.is_compiled:
             self.init_etrace_state()
@@ -177,7 +180,7 @@ class ETraceAlgorithm(brainstate.nn.Module):
         if self._is_window(args):
             return self._update_window(args)
         if not self._executor.is_compiled:
-            if self._arg_shapes is None and self.etrace.value == {} and getattr(self, "_auto_compile", False):
+            if self._recompile_on_next_call:
                 self.compile_graph(*args)
             else:
                 _ = self.graph  # raises the clear error
