@@ -185,28 +185,32 @@ class ETraceAlgorithm(brainstate.nn.Module):
             else:
                 _ = self.graph  # raises the clear error
         self._check_args(args)
+        weight_vals, other_vals = self._current_values()
+        outputs, new_states, new_traces = self._step_fn()(
+            weight_vals, other_vals, list(jax.tree.leaves(args)), self.etrace.value
+        )
+        self._commit(new_states, new_traces)
+        out_tree: Any = self.graph.module_info.out_treedef.children()[0]
+        return jax.tree.unflatten(out_tree, outputs)
+
+    def _current_values(self) -> tuple[list[list[Any]], list[list[Any]]]:
+        """Leaves of the ParamStates (``weight_states`` order) and of every other state (compiled order)."""
         minfo = self.graph.module_info
-        weight_paths = list(minfo.weight_states)
-        weight_vals = [jax.tree.leaves(minfo.weight_states[p].value) for p in weight_paths]
-        other = [
-            (p, jax.tree.leaves(s.value))
-            for p, s in zip(
-                [minfo.state_paths[id(s)] for s in minfo.compiled_model_states],
-                minfo.compiled_model_states,
-                strict=True,
-            )
-            if p not in minfo.weight_states
+        weight_vals = [jax.tree.leaves(state.value) for state in minfo.weight_states.values()]
+        other_vals = [
+            jax.tree.leaves(state.value)
+            for state in minfo.compiled_model_states
+            if minfo.state_paths[id(state)] not in minfo.weight_states
         ]
-        other_vals = [v for _, v in other]
-        arg_leaves = list(jax.tree.leaves(args))
-        outputs, new_states, new_traces = self._step_fn()(weight_vals, other_vals, arg_leaves, self.etrace.value)
-        # every computation succeeded: only now write the states back
+        return weight_vals, other_vals
+
+    def _commit(self, new_states: Mapping[StatePath, list[Any]], new_traces: Any) -> None:
+        """Write a successful call's results back (nothing is written before everything succeeded)."""
+        minfo = self.graph.module_info
         for path, leaves in new_states.items():
             state = _state_at(minfo, path)
             state.value = jax.tree.unflatten(jax.tree.structure(state.value), leaves)
         self.etrace.value = new_traces
-        out_tree: Any = minfo.out_treedef.children()[0]
-        return jax.tree.unflatten(out_tree, outputs)
 
     def _is_window(self, args: tuple[Any, ...]) -> bool:
         if any(isinstance(a, MultiStepData) for a in args):
@@ -234,22 +238,11 @@ class ETraceAlgorithm(brainstate.nn.Module):
         ]
         _ = self.graph
         self._check_args(per_step[0])
-        minfo = self.graph.module_info
-        weight_paths = list(minfo.weight_states)
-        weight_vals = [jax.tree.leaves(minfo.weight_states[p].value) for p in weight_paths]
-        order = [minfo.state_paths[id(s)] for s in minfo.compiled_model_states]
-        other_vals = [
-            jax.tree.leaves(s.value)
-            for p, s in zip(order, minfo.compiled_model_states, strict=True)
-            if p not in minfo.weight_states
-        ]
+        weight_vals, other_vals = self._current_values()
         arg_leaves = [list(jax.tree.leaves(a)) for a in per_step]
         outputs, new_states, new_traces = self._window_fn(steps)(weight_vals, other_vals, arg_leaves, self.etrace.value)
-        for path, leaves in new_states.items():
-            state = _state_at(minfo, path)
-            state.value = jax.tree.unflatten(jax.tree.structure(state.value), leaves)
-        self.etrace.value = new_traces
-        out_tree: Any = minfo.out_treedef.children()[0]
+        self._commit(new_states, new_traces)
+        out_tree: Any = self.graph.module_info.out_treedef.children()[0]
         per_step_out = [jax.tree.unflatten(out_tree, o) for o in outputs]
         return jax.tree.map(lambda *xs: jnp.stack(xs), *per_step_out)
 
@@ -306,22 +299,10 @@ class ETraceAlgorithm(brainstate.nn.Module):
             by_path = dict(zip(other_paths, g_others, strict=True))
             lam = {p: by_path[p][0] for p in hidden_paths}
             first = self._executor.step(_assemble(minfo, weight_paths, weight_vals, other_vals, arg_leaves[0]))
-            w_env = {
-                var: value
-                for path, vals in zip(weight_paths, weight_vals, strict=True)
-                for var, value in zip(minfo.weight_path_to_invars[path], vals, strict=True)
-            }
+            w_env = _weight_env(minfo, weight_paths, weight_vals)
             trace_grads = self._window_start_gradients(traces, first, lam, w_env)
             leaf_grads = _pull_back_to_leaves(self.graph.hidden_param_op_relations, trace_grads, first.env, w_env)
-            var_index = {
-                var: (i, j)
-                for i, path in enumerate(weight_paths)
-                for j, var in enumerate(minfo.weight_path_to_invars[path])
-            }
-            g_weights = [list(g) for g in g_weights]
-            for var, grad in leaf_grads.items():
-                i, j = var_index[var]
-                g_weights[i][j] = g_weights[i][j] + jnp.asarray(grad, dtype=jnp.result_type(g_weights[i][j]))
+            g_weights = _add_leaf_grads(minfo, weight_paths, g_weights, leaf_grads)
             zero_others = jax.tree.map(jnp.zeros_like, other_vals)
             return g_weights, zero_others, g_args, jax.tree.map(jnp.zeros_like, traces)
 
@@ -337,22 +318,12 @@ class ETraceAlgorithm(brainstate.nn.Module):
     def _step_fn(self) -> Any:
         minfo = self.graph.module_info
         weight_paths = list(minfo.weight_states)
-        state_order = [minfo.state_paths[id(s)] for s in minfo.compiled_model_states]
 
-        def assemble(weight_vals: list[list[Any]], other_vals: list[list[Any]], arg_leaves: list[Any]) -> list[Any]:
-            by_path = dict(zip(weight_paths, weight_vals, strict=True))
-            others = iter(other_vals)
-            leaves = list(arg_leaves)
-            for path in state_order:
-                leaves.extend(by_path[path] if path in by_path else next(others))
-            return leaves
+        def assemble(weight_vals: Any, other_vals: Any, arg_leaves: Any) -> list[Any]:
+            return _assemble(minfo, weight_paths, weight_vals, other_vals, arg_leaves)
 
-        def weight_env(weight_vals: list[list[Any]]) -> dict[Any, Any]:
-            return {
-                var: value
-                for path, vals in zip(weight_paths, weight_vals, strict=True)
-                for var, value in zip(minfo.weight_path_to_invars[path], vals, strict=True)
-            }
+        def weight_env(weight_vals: Any) -> dict[Any, Any]:
+            return _weight_env(minfo, weight_paths, weight_vals)
 
         def forward(weight_vals: Any, other_vals: Any, arg_leaves: Any, traces: Any) -> tuple[Any, Any]:
             values = self._executor.step(assemble(weight_vals, other_vals, arg_leaves))
@@ -389,15 +360,7 @@ class ETraceAlgorithm(brainstate.nn.Module):
             w_env = weight_env(weight_vals)
             trace_grads = self._trace_gradients(residual, values, g_hidden, w_env)
             leaf_grads = _pull_back_to_leaves(self.graph.hidden_param_op_relations, trace_grads, values.env, w_env)
-            var_index = {
-                var: (i, j)
-                for i, path in enumerate(weight_paths)
-                for j, var in enumerate(minfo.weight_path_to_invars[path])
-            }
-            g_weights = [list(g) for g in g_weights]
-            for var, grad in leaf_grads.items():
-                i, j = var_index[var]
-                g_weights[i][j] = g_weights[i][j] + jnp.asarray(grad, dtype=jnp.result_type(g_weights[i][j]))
+            g_weights = _add_leaf_grads(minfo, weight_paths, g_weights, leaf_grads)
             zero = jax.tree.map(jnp.zeros_like, (other_vals, traces))
             return g_weights, zero[0], g_args, zero[1]
 
@@ -416,6 +379,29 @@ def _assemble(
         path = minfo.state_paths[id(state)]
         leaves.extend(by_path[path] if path in by_path else next(others))
     return leaves
+
+
+def _weight_env(minfo: Any, weight_paths: list[StatePath], weight_vals: Any) -> dict[Any, Any]:
+    """``ParamState leaf var -> value``."""
+    return {
+        var: value
+        for path, vals in zip(weight_paths, weight_vals, strict=True)
+        for var, value in zip(minfo.weight_path_to_invars[path], vals, strict=True)
+    }
+
+
+def _add_leaf_grads(
+    minfo: Any, weight_paths: list[StatePath], g_weights: Any, leaf_grads: dict[Any, jax.Array]
+) -> list[list[Any]]:
+    """Add trace gradients (keyed by leaf var) to the VJP's gradients, in each leaf's dtype."""
+    index = {
+        var: (i, j) for i, path in enumerate(weight_paths) for j, var in enumerate(minfo.weight_path_to_invars[path])
+    }
+    out = [list(g) for g in g_weights]
+    for var, grad in leaf_grads.items():
+        i, j = index[var]
+        out[i][j] = out[i][j] + jnp.asarray(grad, dtype=jnp.result_type(out[i][j]))
+    return out
 
 
 def _literal_value(atom: Any) -> Any:
