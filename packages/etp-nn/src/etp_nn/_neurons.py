@@ -53,7 +53,7 @@ import saiunit as u
 from brainstate.nn import init
 
 from ._surrogate import SigmoidSurrogate
-from ._utils import check_batch_size, check_last_dim, layer_name, require_state
+from ._utils import check_batch_size, check_last_dim, layer_name, require_state, reset_hidden
 
 __all__ = ["IF", "LIF", "ALIF", "Expon"]
 
@@ -248,10 +248,7 @@ class _SpikingNeuron(brainstate.nn.Module):
 
     def reset_state(self, batch_size: int | None = None, **kwargs: Any) -> None:
         """Re-initialise ``V`` in place (the State object is kept); creates it if missing."""
-        if isinstance(getattr(self, "V", None), brainstate.State):
-            self.V.value = self._init_V(batch_size)
-        else:
-            self.init_state(batch_size)
+        reset_hidden(self, "V", self._init_V(batch_size))
 
     # -- one step
 
@@ -546,10 +543,7 @@ class ALIF(_SpikingNeuron):
     def reset_state(self, batch_size: int | None = None, **kwargs: Any) -> None:
         """Re-initialise ``V`` and ``a`` in place; creates them if missing."""
         super().reset_state(batch_size)
-        if isinstance(getattr(self, "a", None), brainstate.State):
-            self.a.value = self._init_a(batch_size)
-        else:
-            self.a = brainstate.HiddenState(self._init_a(batch_size))
+        reset_hidden(self, "a", self._init_a(batch_size))
 
     def update(self, x: Any) -> Any:
         """One step with input ``x`` (a voltage, shape ``(*batch, *in_size)``); returns the spikes (float, same shape)."""
@@ -641,10 +635,7 @@ class Expon(brainstate.nn.Module):
 
     def reset_state(self, batch_size: int | None = None, **kwargs: Any) -> None:
         """Re-initialise ``g`` in place; creates it if missing."""
-        if isinstance(getattr(self, "g", None), brainstate.State):
-            self.g.value = self._init_g(batch_size)
-        else:
-            self.init_state(batch_size)
+        reset_hidden(self, "g", self._init_g(batch_size))
 
     def update(self, x: Any) -> Any:
         """One step with input ``x`` (shape ``(*batch, *in_size)``, unit like ``unit``); returns ``g``."""

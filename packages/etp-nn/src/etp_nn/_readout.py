@@ -39,7 +39,7 @@ from ._neurons import (
     _time_step,
     _unit_text,
 )
-from ._utils import check_batch_size, check_last_dim, layer_name, require_state
+from ._utils import check_batch_size, check_last_dim, layer_name, require_state, reset_hidden
 
 __all__ = ["LeakyRateReadout", "LeakySpikeReadout"]
 
@@ -123,10 +123,7 @@ class LeakyRateReadout(brainstate.nn.Module):
 
     def reset_state(self, batch_size: int | None = None, **kwargs: Any) -> None:
         """Re-initialise ``r`` in place; creates it if missing."""
-        if isinstance(getattr(self, "r", None), brainstate.State):
-            self.r.value = self._init_r(batch_size)
-        else:
-            self.init_state(batch_size)
+        reset_hidden(self, "r", self._init_r(batch_size))
 
     def update(self, x: Any) -> Any:
         """One step with input ``x`` of shape ``(*batch, in)``; returns ``r`` of shape ``(*batch, out)``."""

@@ -8,7 +8,7 @@ import brainstate
 import jax
 import saiunit as u
 
-__all__ = ["layer_name", "check_last_dim", "require_state", "check_batch_size"]
+__all__ = ["layer_name", "check_last_dim", "require_state", "check_batch_size", "reset_hidden"]
 
 
 def layer_name(layer: brainstate.nn.Module) -> str:
@@ -54,3 +54,13 @@ def check_batch_size(
             f"{layer_name(layer)}: input batch shape {x_batch} (x shape {tuple(u.math.shape(x))}) differs from the "
             f"state's batch shape {state_batch}; re-initialise states with init_all_states(model, batch_size=...)."
         )
+
+
+def reset_hidden(layer: brainstate.nn.Module, attribute: str, value: Any) -> None:
+    """Set ``layer.<attribute>`` to ``value``: in place when the HiddenState exists (so references to it
+    stay valid), else as a new ``brainstate.HiddenState``."""
+    state = getattr(layer, attribute, None)
+    if isinstance(state, brainstate.State):
+        state.value = value
+    else:
+        setattr(layer, attribute, brainstate.HiddenState(value))
