@@ -92,18 +92,33 @@ class ParamDimVjpAlgorithm(ETraceAlgorithm):
             for group in relation.hidden_groups:
                 extra = _extra_axes(relation, group)
                 base = init(relation.x_var, relation.y_var, relation.trainable_vars, group.num_state)
+                # A single-state group stores its traces without the trailing S axis: a size-1 minor axis
+                # makes XLA pick a different layout for the loop-carried trace than for its update, and
+                # the layout change costs a full copy of the trace per step (see _relation_traces).
                 per_group[group.index] = {
-                    key: jnp.zeros((*group.varshape[:extra], *leaf.shape), leaf.dtype) for key, leaf in base.items()
+                    key: jnp.zeros((*group.varshape[:extra], *_stored_shape(leaf.shape, group.num_state)), leaf.dtype)
+                    for key, leaf in base.items()
                 }
             traces[index] = per_group
         return traces
 
+    def _relation_traces(self, value: Any) -> Any:
+        """The traces with their trailing S axis (also for single-state groups, stored without it)."""
+        out: dict[int, Any] = {}
+        for index, relation in enumerate(self.graph.hidden_param_op_relations):
+            out[index] = {
+                group.index: {
+                    k: v[..., None] if group.num_state == 1 else v for k, v in value[index][group.index].items()
+                }
+                for group in relation.hidden_groups
+            }
+        return out
+
     def _update_traces(self, traces: Any, values: StepValues, weights: dict[Any, Any]) -> tuple[Any, Any]:
         new_traces: dict[int, Any] = {}
-        propagated: dict[int, Any] = {}
         for index, relation in enumerate(self.graph.hidden_param_op_relations):
             w = {key: values.env[var] for key, var in relation.trainable_vars.items()}
-            new_traces[index], propagated[index] = {}, {}
+            new_traces[index] = {}
             for group in relation.hidden_groups:
                 one = partial(
                     _propagate_and_seed,
@@ -113,45 +128,130 @@ class ParamDimVjpAlgorithm(ETraceAlgorithm):
                     num_state=group.num_state,
                 )
                 fn = _map_extra(one, _extra_axes(relation, group), (0, 0, 0, None))
-                new, prop = fn(
+                new_traces[index][group.index] = fn(
                     traces[index][group.index],
                     values.jacobians[group.index],
                     values.hidden_dims[(index, group.index)],
                     values.x_values[index],
                 )
-                new_traces[index][group.index] = new
-                propagated[index][group.index] = prop
-        return new_traces, propagated
+        # The residual is the new traces: the backward pass recovers D eps^{t-1} = eps^t - seed^t inside
+        # its contraction, so the old traces are dead after the update (XLA updates them in place) and
+        # the trace is read once by the update and once by the contraction.
+        return new_traces, new_traces
 
     def _window_start_gradients(
         self, traces: Any, first: StepValues, lam: dict[StatePath, Any], weights: dict[Any, Any]
     ) -> dict[int, dict[str, jax.Array]]:
         # the full trace at the window start is dh/dW of the start state
-        return self._trace_gradients(traces, first, lam, weights)
+        return self._contract_traces(traces, first, lam, subtract_seed=False)
 
     def _trace_gradients(
         self, residual: Any, values: StepValues, g_hidden: dict[StatePath, Any], weights: dict[Any, Any]
     ) -> dict[int, dict[str, jax.Array]]:
+        # Without the barrier XLA re-fuses the update into the contraction and reads eps^{t-1} again,
+        # which keeps the old traces alive and costs a full copy of them per step inside a scan.
+        new_traces = jax.lax.optimization_barrier(residual)
+        return self._contract_traces(new_traces, values, g_hidden, subtract_seed=True)
+
+    def _contract_traces(
+        self, traces: Any, values: StepValues, g_hidden: dict[StatePath, Any], subtract_seed: bool
+    ) -> dict[int, dict[str, jax.Array]]:
+        """``sum_s drtrl_grad(x, g_s, eps_s)`` per relation; ``eps_s - seed_s`` when ``subtract_seed``."""
         grads: dict[int, dict[str, jax.Array]] = {}
         for index, relation in enumerate(self.graph.hidden_param_op_relations):
             w = {key: values.env[var] for key, var in relation.trainable_vars.items()}
+            x = values.x_values[index]
             total: dict[str, jax.Array] = {}
             for group in relation.hidden_groups:
                 g = jnp.stack([g_hidden[p] for p in group.hidden_paths], axis=-1)
+                Df = values.hidden_dims[(index, group.index)] if subtract_seed else None
+                eps = traces[index][group.index]
                 one = partial(
-                    _contract,
+                    _contract_group,
                     primitive=relation.primitive,
                     params=relation.eqn_params,
                     weights=w,
                     num_state=group.num_state,
                 )
                 extra = _extra_axes(relation, group)
-                part = _map_extra(one, extra, (0, 0, None))(residual[index][group.index], g, values.x_values[index])
+                if extra == 0 and _weight_shaped_batched(relation.primitive, eps, w, g, x):
+                    part = _sum_over_samples(one, eps, g, Df, x)
+                else:
+                    part = _map_extra(one, extra, (0, 0, 0, None))(eps, g, Df, x)
                 for key, value in part.items():
                     value = jnp.sum(value, axis=tuple(range(extra))) if extra else value
                     total[key] = total[key] + value if key in total else value
             grads[index] = total
         return grads
+
+
+#: Batches up to this size are contracted sample by sample (see :func:`_sum_over_samples`).
+_PER_SAMPLE_LIMIT = 128
+
+
+def _weight_shaped_batched(primitive: Any, eps: dict[str, Any], weights: dict[str, Any], g: Any, x: Any) -> bool:
+    """Whether every trace leaf is ``(batch, *weight.shape[, S])``: its contraction is element-wise per sample."""
+    if not etp.is_batched_primitive(primitive) or x is None or g.ndim < 2:
+        return False
+    batch = g.shape[0]
+    if not 1 < batch <= _PER_SAMPLE_LIMIT or jnp.shape(x)[0] != batch:
+        return False
+
+    def weight_shaped(key: str, shape: tuple[int, ...]) -> bool:
+        if key not in weights:
+            return False
+        expected = (batch, *jnp.shape(weights[key]))
+        return shape == expected or shape[:-1] == expected
+
+    return all(weight_shaped(key, tuple(value.shape)) for key, value in eps.items())
+
+
+def _sum_over_samples(one: Callable[..., dict[str, Any]], eps: dict[str, Any], g: Any, Df: Any, x: Any) -> Any:
+    """``one`` on each sample's slices, summed pairwise.
+
+    Slicing the operands before the element-wise contraction lets XLA fuse the whole
+    contraction into one pass over the trace; a batched product followed by a reduction over
+    the batch axis materialises the product and reduces it with a slow loop on CPU.
+    """
+    batch = g.shape[0]
+
+    def at(value: Any, b: int) -> Any:
+        return None if value is None else value[b : b + 1]
+
+    terms = [one({k: v[b : b + 1] for k, v in eps.items()}, g[b : b + 1], at(Df, b), at(x, b)) for b in range(batch)]
+    while len(terms) > 1:
+        paired = [{k: terms[i][k] + terms[i + 1][k] for k in terms[i]} for i in range(0, len(terms) - 1, 2)]
+        terms = paired + ([terms[-1]] if len(terms) % 2 else [])
+    return terms[0]
+
+
+def _stored_shape(shape: tuple[int, ...], num_state: int) -> tuple[int, ...]:
+    return shape[:-1] if num_state == 1 else shape
+
+
+def _state(value: Any, s: int, num_state: int) -> Any:
+    """State ``s`` of a stored trace leaf (single-state traces have no S axis)."""
+    return value if num_state == 1 else value[..., s]
+
+
+def _pack(per_state: list[Any]) -> Any:
+    """Per-state values in the stored layout: the value itself for one state, else stacked on a last axis."""
+    return per_state[0] if len(per_state) == 1 else jnp.stack(per_state, axis=-1)
+
+
+def _propagate(
+    eps: dict[str, Any], D: Any, *, primitive: Any, params: dict[str, Any], num_state: int
+) -> dict[str, Any]:
+    r"""``\bar\epsilon_s = \sum_{s'} yw\_to\_w(D_{ss'}, \epsilon_{s'})``, stacked over ``s``."""
+    yw_to_w = etp.require_rules(primitive, "yw_to_w")["yw_to_w"]
+    propagated = []
+    for s in range(num_state):
+        acc: dict[str, Any] = {}
+        for s2 in range(num_state):
+            part = yw_to_w(D[..., s, s2], {k: _state(v, s2, num_state) for k, v in eps.items()}, **params)
+            acc = {k: acc[k] + part[k] for k in part} if acc else dict(part)
+        propagated.append(acc)
+    return {k: _pack([p[k] for p in propagated]) for k in eps}
 
 
 def _propagate_and_seed(
@@ -164,29 +264,33 @@ def _propagate_and_seed(
     params: dict[str, Any],
     weights: Any,
     num_state: int,
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``(eps^t, D eps^{t-1})`` for one group: the S x S propagation, then the seed."""
-    yw_to_w = etp.require_rules(primitive, "yw_to_w")["yw_to_w"]
-    propagated = []
-    for s in range(num_state):
-        acc: dict[str, Any] = {}
-        for s2 in range(num_state):
-            part = yw_to_w(D[..., s, s2], {k: v[..., s2] for k, v in eps.items()}, **params)
-            acc = {k: acc[k] + part[k] for k in part} if acc else dict(part)
-        propagated.append(acc)
-    prop = {k: jnp.stack([p[k] for p in propagated], axis=-1) for k in eps}
-    seeds = [etp.drtrl_seed(primitive, x, Df[..., s], weights, params) for s in range(num_state)]
-    seed = {k: jnp.stack([sd[k] for sd in seeds], axis=-1) for k in eps}
-    return {k: prop[k] + seed[k].astype(prop[k].dtype) for k in eps}, prop
-
-
-def _contract(
-    prop: dict[str, Any], g: Any, x: Any, *, primitive: Any, params: dict[str, Any], weights: Any, num_state: int
 ) -> dict[str, Any]:
-    """``sum_s drtrl_grad(x, g_s, prop_s)`` for one group."""
+    """``eps^t = D eps^{t-1} + seed`` for one group: the S x S propagation, then the seed."""
+    prop = _propagate(eps, D, primitive=primitive, params=params, num_state=num_state)
+    seeds = [etp.drtrl_seed(primitive, x, Df[..., s], weights, params) for s in range(num_state)]
+    seed = {k: _pack([sd[k] for sd in seeds]) for k in eps}
+    return {k: prop[k] + seed[k].astype(prop[k].dtype) for k in eps}
+
+
+def _contract_group(
+    eps: dict[str, Any],
+    g: Any,
+    Df: Any,
+    x: Any,
+    *,
+    primitive: Any,
+    params: dict[str, Any],
+    weights: Any,
+    num_state: int,
+) -> dict[str, Any]:
+    """``sum_s drtrl_grad(x, g_s, eps_s)`` for one group; with ``Df``, ``eps_s`` minus the seed of ``(x, Df_s)``."""
     acc: dict[str, Any] = {}
     for s in range(num_state):
-        part = etp.drtrl_grad(primitive, x, g[..., s], {k: v[..., s] for k, v in prop.items()}, weights, params)
+        trace = {k: _state(v, s, num_state) for k, v in eps.items()}
+        if Df is not None:
+            seed = etp.drtrl_seed(primitive, x, Df[..., s], weights, params)
+            trace = {k: trace[k] - seed[k].astype(trace[k].dtype) for k in trace}
+        part = etp.drtrl_grad(primitive, x, g[..., s], trace, weights, params)
         acc = {k: acc[k] + part[k] for k in part} if acc else dict(part)
     return acc
 

@@ -40,6 +40,7 @@ from ._trace import (
     drtrl_seed,
     init_pp_like_output,
     require_rules,
+    sum_leading_axes,
     trainable_invars,
 )
 from .ops import (
@@ -111,6 +112,7 @@ __all__ = [
     "trainable_invars",
     "drtrl_seed",
     "drtrl_grad",
+    "sum_leading_axes",
     "aval_of",
     "init_pp_like_output",
     "derive_xy_to_dw",

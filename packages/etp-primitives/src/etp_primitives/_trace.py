@@ -78,6 +78,7 @@ __all__ = [
     "trainable_invars",
     "drtrl_seed",
     "drtrl_grad",
+    "sum_leading_axes",
     "aval_of",
     "init_pp_like_output",
     "derive_xy_to_dw",
@@ -173,6 +174,31 @@ def drtrl_seed(
     return jax.vmap(one_sample)(x, hidden_dim)
 
 
+#: Up to this many terms, :func:`sum_leading_axes` adds slices pairwise instead of calling ``reduce``.
+_PAIRWISE_SUM_LIMIT = 128
+
+
+def sum_leading_axes(value: jax.Array, kept_ndim: int) -> jax.Array:
+    """Sum ``value`` over all but its last ``kept_ndim`` axes (the batch axes of a trace contraction).
+
+    A reduction over the major axis of a large array is a slow loop on XLA's CPU backend;
+    a pairwise sum of the slices is one element-wise fusion that streams the array once.
+    Used by the ``drtrl_grad`` rules, where this contraction reads the whole trace every step.
+    """
+    lead = value.ndim - kept_ndim
+    if lead <= 0:
+        return value
+    flat = value.reshape((-1, *value.shape[lead:]))
+    count = flat.shape[0]
+    if count > _PAIRWISE_SUM_LIMIT or count == 0:
+        return jnp.sum(flat, axis=0)
+    terms = [flat[i] for i in range(count)]
+    while len(terms) > 1:
+        paired = [terms[i] + terms[i + 1] for i in range(0, len(terms) - 1, 2)]
+        terms = paired + ([terms[-1]] if len(terms) % 2 else [])
+    return terms[0]
+
+
 def drtrl_grad(
     primitive: Primitive,
     x: Any,
@@ -194,7 +220,7 @@ def drtrl_grad(
     weighted = dict(yw_to_w(cotangent, dict(trace), **params))
     if primitive not in BATCHED_PRIMITIVES:
         return weighted
-    return {key: jnp.sum(value, axis=0) for key, value in weighted.items()}
+    return {key: sum_leading_axes(value, value.ndim - 1) for key, value in weighted.items()}
 
 
 def init_pp_like_output(x_var: Any, y_var: Any, weight_vars: Any, num_hidden_state: int) -> jax.Array:

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from .._checks import as_array, check_ndim, check_shape
+from .._trace import sum_leading_axes
 from .._units import attach_unit, bias_in_unit, product_unit, split_unit
 from ._common import (
     add_bias_last_axis,
@@ -71,9 +72,9 @@ def _seed(x: jax.Array, hidden_dim: jax.Array, weights: dict[str, jax.Array], **
 def _grad(
     x: jax.Array, cotangent: jax.Array, trace: dict[str, jax.Array], weights: dict[str, jax.Array], **params: Any
 ) -> dict[str, jax.Array]:
-    out = {"weight": jnp.einsum("...io,...o->io", trace["weight"], cotangent)}
+    out = {"weight": sum_leading_axes(trace["weight"] * cotangent[..., None, :], 2)}
     if "bias" in trace:
-        out["bias"] = jnp.einsum("...o,...o->o", trace["bias"], cotangent)
+        out["bias"] = sum_leading_axes(trace["bias"] * cotangent, 1)
     return out
 
 
