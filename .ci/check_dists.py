@@ -24,6 +24,7 @@ import zipfile
 from dataclasses import dataclass, field
 from email.message import Message
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("etp-primitives", "etp-compiler", "etp-algorithms", "etp-nn")
@@ -60,11 +61,11 @@ class Project:
 
     name: str
     directory: Path
-    pyproject: dict[str, object] = field(repr=False)
+    pyproject: dict[str, Any] = field(repr=False)
 
     @property
-    def project(self) -> dict[str, object]:
-        return self.pyproject["project"]  # type: ignore[return-value]
+    def project(self) -> dict[str, Any]:
+        return dict(self.pyproject["project"])
 
     @property
     def version(self) -> str:
@@ -73,7 +74,7 @@ class Project:
     @property
     def import_packages(self) -> list[str]:
         """Top-level import packages of the wheel (``src/etp_nn`` -> ``etp_nn``)."""
-        wheel = self.pyproject["tool"]["hatch"]["build"]["targets"]["wheel"]  # type: ignore[index]
+        wheel = self.pyproject["tool"]["hatch"]["build"]["targets"]["wheel"]
         return [Path(p).name for p in wheel["packages"]]
 
     @property
@@ -131,7 +132,7 @@ def check_metadata(meta: Message, proj: Project, projects: dict[str, Project], w
     expect(isinstance(body, str) and body.strip() == readme.strip(), "long description is not the README.md")
     expect(len(readme) > 500 and "pip install " + proj.name in readme, "README.md says too little (no install line)")
 
-    declared = dict(split_requirement(r) for r in p["dependencies"])  # type: ignore[union-attr]
+    declared = dict(split_requirement(r) for r in p["dependencies"])
     built = dict(split_requirement(r) for r in meta.get_all("Requires-Dist") or [])
     expect(built == declared, f"Requires-Dist {built!r} != dependencies {declared!r}")
     for dep, clauses in built.items():
