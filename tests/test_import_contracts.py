@@ -242,3 +242,13 @@ def test_checker_reports_an_upward_import_among_the_real_packages(tmp_path: Path
         "packages/etp-compiler/src/etp_compiler/_bad.py:2: imports braintrace (distribution etp-nn), "
         "not declared by etp-compiler",
     ]
+
+
+def test_isolation_script_adds_the_same_test_only_siblings() -> None:
+    script = (ROOT / ".ci" / "isolation.sh").read_text()
+    match = re.search(r"^declare -A test_only=\((.*)\)$", script, re.M)
+    assert match is not None, "isolation.sh lost its test_only table"
+    in_script = dict(re.findall(r"\[([\w-]+)\]=([\w-]+)", match.group(1)))
+    siblings = {name: deps & set(PACKAGES) for name, deps in TEST_ONLY_DEPENDENCIES.items()}
+    assert in_script == {name: next(iter(deps)) for name, deps in siblings.items() if deps}
+    assert all(len(deps) <= 1 for deps in siblings.values())
