@@ -1,0 +1,100 @@
+"""The examples run end to end in their ``--quick`` mode and print their summary tables.
+
+Each runs in a fresh interpreter (``sys.executable``), as a user would run it; the plots go
+to ``tmp_path``. Beyond "it ran", each test checks a claim of its example that can fail: the
+online learners' update memory does not grow with the trial length while BPTT's does, every
+learner of the spiking example reports an accuracy, the custom primitives' online gradients
+equal BPTT.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _run(script: str, *args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / script), "--quick", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "MPLBACKEND": "Agg"},
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def _table_row(stdout: str, name: str) -> list[str]:
+    """The cells of the summary-table row for ``name`` (cells are separated by two or more spaces)."""
+    for line in stdout.splitlines():
+        cells = re.split(r"\s{2,}", line.strip())
+        if cells and cells[0] == name:
+            return cells
+    raise AssertionError(f"no table row {name!r} in:\n{stdout}")
+
+
+def _bytes(cell: str) -> float:
+    value, unit = cell.split()
+    return float(value) * {"KiB": 2**10, "MiB": 2**20}[unit]
+
+
+def _assert_png(path: Path) -> None:
+    assert path.is_file(), f"{path} was not written"
+    data = path.read_bytes()
+    assert data.startswith(PNG_MAGIC) and len(data) > 1000
+
+
+def test_train_online_quick(tmp_path: Path) -> None:
+    out = tmp_path / "curves.png"
+    stdout = _run("train_online.py", "--out", str(out))
+    header = _table_row(stdout, "learner")
+    assert header[:4] == ["learner", "test acc", "test loss", "trace memory"]
+    rows = {name: _table_row(stdout, name) for name in ("BPTT", "D_RTRL", "ES_D_RTRL")}
+    for cells in rows.values():
+        assert len(cells) == 7, cells
+        assert re.fullmatch(r"\d+\.\d%", cells[1]), cells
+        assert 0.0 <= float(cells[1].rstrip("%")) <= 100.0
+        assert float(cells[2]) > 0, cells  # a finite, positive loss
+        assert re.fullmatch(r"\d+\.\d s", cells[6]), cells
+    # columns 4 and 5: XLA temporary memory of one update at T and with a 4x longer cue period
+    bptt_short, bptt_long = _bytes(rows["BPTT"][4]), _bytes(rows["BPTT"][5])
+    assert bptt_long > 2 * bptt_short, rows["BPTT"]  # BPTT stores the sequence
+    for name in ("D_RTRL", "ES_D_RTRL"):
+        assert rows[name][3] != "-" and _bytes(rows[name][3]) > 0, rows[name]
+        assert _bytes(rows[name][5]) == _bytes(rows[name][4]), rows[name]  # online: independent of T
+    assert rows["BPTT"][3] == "-"
+    _assert_png(out)
+
+
+def test_snn_online_quick(tmp_path: Path) -> None:
+    out = tmp_path / "snn.png"
+    stdout = _run("snn_online.py", "--out", str(out))
+    assert _table_row(stdout, "learner")[:3] == ["learner", "acc before", "acc after"]
+    for name in ("ES_D_RTRL", "D_RTRL", "readout only"):
+        cells = _table_row(stdout, name)
+        assert len(cells) == 6, cells
+        assert all(re.fullmatch(r"\d+\.\d%", c) for c in cells[1:3]), cells
+        assert float(cells[3]) > 0, cells
+        assert _bytes(cells[4]) > 0, cells
+    # ES_D_RTRL's traces are O(B (I + O)), D_RTRL's O(B * #params)
+    assert _bytes(_table_row(stdout, "D_RTRL")[4]) > _bytes(_table_row(stdout, "ES_D_RTRL")[4])
+    _assert_png(out)
+
+
+def test_custom_primitive_quick() -> None:
+    stdout = _run("custom_primitive.py")
+    assert "without rules: ETP primitive 'etp_example_bare_mm' has no yw_to_w" in stdout
+    for name in ("etp.matmul (built-in)", "scaled_mm", "gain_mm"):
+        cells = _table_row(stdout, f"online D-RTRL vs BPTT, {name}")
+        assert float(cells[1]) < 1e-9, cells
+    for name in ("gain_mm under jit", "gain_mm grad (W, g) under jit", "gain_mm under vmap", "scaled_mm under vmap"):
+        assert float(_table_row(stdout, name)[1]) < 1e-9
+    assert stdout.rstrip().endswith("the online gradients equal BPTT.")
