@@ -58,6 +58,8 @@ class ModuleInfo(NamedTuple):
     inlined_custom_calls : tuple of str
         ``custom_jvp``/``custom_vjp`` calls inlined because they contain an ETP primitive.
 
+    Notes
+    -----
     Nested ``jit`` calls are inlined, so every ETP primitive is an equation of :attr:`jaxpr`.
     """
 
@@ -142,6 +144,8 @@ def extract_module_info(model: brainstate.nn.Module, *args: Any, **kwargs: Any) 
         array, a hidden state is read but never written, a hidden state is
         written with its own old value or a constant, or a state is not
         reachable from the model's attributes.
+    TypeError
+        If ``model`` is not a brainstate module.
 
     Notes
     -----
@@ -149,8 +153,6 @@ def extract_module_info(model: brainstate.nn.Module, *args: Any, **kwargs: Any) 
     equation of :attr:`ModuleInfo.jaxpr`: a state set to another state's old
     value, to an input, or to the same value as another hidden state gets a
     ``copy`` equation of its own (where its perturbation is added).
-    TypeError
-        If ``model`` is not a brainstate module.
     """
     if not isinstance(model, brainstate.nn.Module):
         raise TypeError(f"extract_module_info expects a brainstate.nn.Module, got {type(model).__name__}.")
