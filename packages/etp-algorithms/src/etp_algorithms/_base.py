@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from etp_compiler import ETraceGraph, HiddenGroup, HiddenParamOpRelation, StatePath, eval_eqns, is_var, run_step
 
 from ._executor import ETraceGraphExecutor, KeyedValues, StepValues
+from ._hidden_only import hidden_only_keys
 from ._inputs import MultiStepData, SingleStepData
 
 __all__ = ["ETraceAlgorithm", "EligibilityTrace"]
@@ -59,6 +60,7 @@ class ETraceAlgorithm(brainstate.nn.Module):
         self._executor = ETraceGraphExecutor(model)
         self._arg_shapes: list[tuple[tuple[int, ...], Any]] | None = None
         self._recompile_on_next_call = False
+        self._hidden_only: frozenset[tuple[int, str]] = frozenset()
         self.etrace = EligibilityTrace({})
 
     # ---------------------------------------------------------------- compiled structure
@@ -91,6 +93,7 @@ class ETraceAlgorithm(brainstate.nn.Module):
     def compile_graph(self, *args: Any) -> ETraceGraph:
         """Compile the model's step for inputs shaped like ``args`` and initialise the traces."""
         graph = self._executor.compile_graph(*args)
+        self._hidden_only = hidden_only_keys(graph)
         self._recompile_on_next_call = False
         self._arg_shapes = [(tuple(jnp.shape(a)), jnp.result_type(a)) for a in jax.tree.leaves(args)]
         self.init_etrace_state()
@@ -142,6 +145,9 @@ class ETraceAlgorithm(brainstate.nn.Module):
             raise ValueError(f"{type(self).__name__}: the given state is not a ParamState used by the model's step.")
         return tuple(weight)
 
+    def _leaf_vars(self, index: int, key: str) -> tuple[Any, ...]:
+        return tuple(self.graph.hidden_param_op_relations[index].weight_fns[key][0].invars)
+
     # ---------------------------------------------------------------- subclass hooks
     def _relation_traces(self, value: Any) -> Any:
         """``relation index -> traces`` inside the trace state's value."""
@@ -157,7 +163,12 @@ class ETraceAlgorithm(brainstate.nn.Module):
     def _trace_gradients(
         self, residual: Any, values: StepValues, g_hidden: dict[StatePath, Any], weights: dict[Any, Any]
     ) -> dict[int, dict[str, jax.Array]]:
-        """Return ``relation index -> {trainable key: dL/d(trainable input)}`` from the traces."""
+        """Return ``relation index -> {trainable key: dL/d(trainable input)}`` from the traces.
+
+        For the keys in :attr:`_hidden_only` the step's VJP did not differentiate the weight: the
+        result must include the instantaneous hidden-path term ``xy_to_dw(x, sum_s g_s D_f,s)``
+        (see :mod:`._hidden_only`); for the others the VJP holds it already.
+        """
         raise NotImplementedError
 
     # ---------------------------------------------------------------- the step
@@ -344,8 +355,23 @@ class ETraceAlgorithm(brainstate.nn.Module):
             hidden_paths = list(minfo.hidden_path_to_outvar)
             written = list(minfo.state_outvars)
 
-            def perturbed(w: Any, a: Any, deltas: Any) -> Any:
-                env = run_step(minfo, assemble(w, other_vals, a), deltas)
+            # weights whose only route to the loss is their relation's hidden states are left out of
+            # the VJP: the trace contraction supplies their instantaneous term (see _hidden_only)
+            skipped = {v for index, key in self._hidden_only for v in self._leaf_vars(index, key)}
+            keep = [[var not in skipped for var in minfo.weight_path_to_invars[p]] for p in weight_paths]
+            w_diff = [
+                [v for v, k in zip(vals, row, strict=True) if k] for vals, row in zip(weight_vals, keep, strict=True)
+            ]
+
+            def merge(w_sub: Any) -> list[list[Any]]:
+                out = []
+                for vals, row, sub in zip(weight_vals, keep, w_sub, strict=True):
+                    it = iter(sub)
+                    out.append([next(it) if k else v for v, k in zip(vals, row, strict=True)])
+                return out
+
+            def perturbed(w_sub: Any, a: Any, deltas: Any) -> Any:
+                env = run_step(minfo, assemble(merge(w_sub), other_vals, a), deltas)
                 outs = [env[v] if is_var(v) else v.val for v in minfo.out_vars]
                 states = KeyedValues.of(
                     {p: [env[v] if is_var(v) else v.val for v in minfo.state_outvars[p]] for p in written}
@@ -354,8 +380,12 @@ class ETraceAlgorithm(brainstate.nn.Module):
 
             avals: list[Any] = [minfo.hidden_path_to_outvar[p].aval for p in hidden_paths]
             zeros = [jnp.zeros(a.shape, a.dtype) for a in avals]
-            _, pullback = jax.vjp(perturbed, weight_vals, arg_leaves, zeros)
-            g_weights, g_args, g_deltas = pullback((ct_outputs, ct_states))
+            _, pullback = jax.vjp(perturbed, w_diff, arg_leaves, zeros)
+            g_sub, g_args, g_deltas = pullback((ct_outputs, ct_states))
+            g_weights = []
+            for vals, row, sub in zip(weight_vals, keep, g_sub, strict=True):
+                it = iter(sub)
+                g_weights.append([next(it) if k else jnp.zeros_like(v) for v, k in zip(vals, row, strict=True)])
             g_hidden = dict(zip(hidden_paths, g_deltas, strict=True))
             w_env = weight_env(weight_vals)
             trace_grads = self._trace_gradients(residual, values, g_hidden, w_env)

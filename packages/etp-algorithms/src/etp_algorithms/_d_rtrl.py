@@ -172,6 +172,8 @@ class ParamDimVjpAlgorithm(ETraceAlgorithm):
                     params=relation.eqn_params,
                     weights=w,
                     num_state=group.num_state,
+                    # keys left out of the VJP keep their seed: it is their instantaneous term
+                    keep_seed=frozenset(k for i, k in self._hidden_only if i == index),
                 )
                 extra = _extra_axes(relation, group)
                 if extra == 0 and _weight_shaped_batched(relation.primitive, eps, w, g, x):
@@ -282,14 +284,16 @@ def _contract_group(
     params: dict[str, Any],
     weights: Any,
     num_state: int,
+    keep_seed: frozenset[str] = frozenset(),
 ) -> dict[str, Any]:
-    """``sum_s drtrl_grad(x, g_s, eps_s)`` for one group; with ``Df``, ``eps_s`` minus the seed of ``(x, Df_s)``."""
+    """``sum_s drtrl_grad(x, g_s, eps_s)`` for one group; with ``Df``, ``eps_s`` minus the seed of ``(x, Df_s)``
+    for the keys not in ``keep_seed``."""
     acc: dict[str, Any] = {}
     for s in range(num_state):
         trace = {k: _state(v, s, num_state) for k, v in eps.items()}
-        if Df is not None:
+        if Df is not None and set(trace) - keep_seed:
             seed = etp.drtrl_seed(primitive, x, Df[..., s], weights, params)
-            trace = {k: trace[k] - seed[k].astype(trace[k].dtype) for k in trace}
+            trace = {k: trace[k] if k in keep_seed else trace[k] - seed[k].astype(trace[k].dtype) for k in trace}
         part = etp.drtrl_grad(primitive, x, g[..., s], trace, weights, params)
         acc = {k: acc[k] + part[k] for k in part} if acc else dict(part)
     return acc

@@ -107,7 +107,10 @@ class IODimVjpAlgorithm(ETraceAlgorithm):
                 D = values.jacobians[group.index]
                 Df = values.hidden_dims[(index, group.index)]
                 old = old_relation["f"][group.index]
-                eps_f[group.index] = a * jnp.einsum("...ij,...j->...i", D, old) + (1 - a) * Df.astype(old.dtype)
+                # S is small: an element-wise product summed over the minor axis fuses with the rest of the
+                # update, where a batched (S x S) matrix-vector product becomes a slow generic dot on CPU
+                propagated = jnp.sum(D * old[..., None, :], axis=-1)
+                eps_f[group.index] = a * propagated + (1 - a) * Df.astype(old.dtype)
             relations[index] = {"x": eps_x, "f": eps_f}
         new = {"steps": traces["steps"] + 1, "relations": relations}
         return new, (traces["steps"], relations)
@@ -151,9 +154,12 @@ class IODimVjpAlgorithm(ETraceAlgorithm):
                 approx_cot = approx_cot + jnp.sum(g * f, axis=(*extra, -1) if extra else -1)
                 exact_cot = exact_cot + jnp.sum(g * Df, axis=(*extra, -1) if extra else -1)
             approx = xy_to_dw(traces[index]["x"], approx_cot, w, **relation.eqn_params)
-            # the instantaneous VJP already holds the current step's hidden-path term: replace it by the trace
-            current = xy_to_dw(values.x_values[index], exact_cot, w, **relation.eqn_params)
-            grads[index] = {k: approx[k] / correction.astype(approx[k].dtype) - current[k] for k in approx}
+            grads[index] = {k: v / correction.astype(v.dtype) for k, v in approx.items()}
+            replaced = [k for k in approx if (index, k) not in self._hidden_only]
+            if replaced:
+                # the instantaneous VJP already holds the current step's hidden-path term: replace it by the trace
+                current = xy_to_dw(values.x_values[index], exact_cot, w, **relation.eqn_params)
+                grads[index] = {k: v - current[k] if k in replaced else v for k, v in grads[index].items()}
         return grads
 
 
