@@ -1,0 +1,129 @@
+"""One benchmark measurement in a fresh process; prints one JSON line.
+
+Usage: ``python _worker.py '{"kind": "step_time", "model": "gru", ...}'``. Run by
+``performance.py`` with the project's interpreter or with the peer environment's one; it
+imports only ``braintrace``, ``brainstate``, ``jax`` and ``saiunit`` (see ``_workloads.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import sys
+import time
+import warnings
+from typing import Any
+
+import _workloads as work
+import brainstate
+import jax
+import jax.numpy as jnp
+
+import braintrace
+
+
+def _block(tree: Any) -> None:
+    jax.block_until_ready(jax.tree.leaves(tree))
+
+
+def _compile_learner(learner: Any, batch: int, n_in: int) -> float:
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        learner.compile_graph(jnp.zeros((batch, n_in)))
+    return time.perf_counter() - start
+
+
+def _trace_bytes(learner: Any) -> int:
+    leaves = [s.value for s in learner.states(braintrace.EligibilityTrace).values()]
+    return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(leaves)))
+
+
+def step_time(spec: dict[str, Any]) -> dict[str, Any]:
+    model, method, batch, n_in, hidden = spec["model"], spec["method"], spec["batch"], spec["n_in"], spec["hidden"]
+    steps, repeats = spec["steps"], spec["repeats"]
+    net = work.build(model, batch, n_in, hidden)
+    program, args, learner = work.make_program(method, net, batch, n_in, steps, online_inputs=False)
+    result: dict[str, Any] = {}
+    if learner is not None:
+        result["compile_graph_s"] = _compile_learner(learner, batch, n_in)
+        result["trace_bytes"] = _trace_bytes(learner)
+    start = time.perf_counter()
+    _block(program(*args))
+    result["first_call_s"] = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        _block(program(*args))
+        times.append(time.perf_counter() - start)
+    result["ms_per_step"] = 1e3 * statistics.median(times) / steps
+    result["ms_per_step_min"] = 1e3 * min(times) / steps
+    return result
+
+
+def compile_time(spec: dict[str, Any]) -> dict[str, Any]:
+    """``compile_graph`` and the first jitted single-step gradient (trace, XLA compile, run)."""
+    model, method, batch, n_in, hidden = spec["model"], spec["method"], spec["batch"], spec["n_in"], spec["hidden"]
+    net = work.build(model, batch, n_in, hidden)
+    learner = work.make_learner(method, net)
+    compile_graph_s = _compile_learner(learner, batch, n_in)
+    params = net.states(brainstate.ParamState)
+    x, y = jnp.ones((batch, n_in)), jnp.zeros((batch, work.N_OUT))
+
+    @brainstate.transform.jit
+    def one_step(x: Any, y: Any) -> Any:
+        return brainstate.transform.grad(lambda x, y: jnp.mean((learner(x) - y) ** 2), params)(x, y)
+
+    start = time.perf_counter()
+    _block(one_step(x, y))
+    first_step_s = time.perf_counter() - start
+    return {"compile_graph_s": compile_graph_s, "first_step_s": first_step_s}
+
+
+def memory(spec: dict[str, Any]) -> dict[str, Any]:
+    """XLA's memory analysis of the whole-sequence program (inputs drawn inside), then one run for peak RSS."""
+    model, method, batch, n_in, hidden = spec["model"], spec["method"], spec["batch"], spec["n_in"], spec["hidden"]
+    net = work.build(model, batch, n_in, hidden)
+    program, args, learner = work.make_program(method, net, batch, n_in, spec["steps"], online_inputs=True)
+    if learner is not None:
+        _compile_learner(learner, batch, n_in)
+    analysis = program.compile(*args).memory_analysis()
+    _block(program(*args))
+    fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "alias_size_in_bytes")
+    result = {name: int(getattr(analysis, name)) for name in fields}
+    result["xla_total_bytes"] = (
+        result["argument_size_in_bytes"]
+        + result["output_size_in_bytes"]
+        + result["temp_size_in_bytes"]
+        - result["alias_size_in_bytes"]
+    )
+    result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return result
+
+
+def copy_bandwidth(spec: dict[str, Any]) -> dict[str, Any]:
+    """Measured memory bandwidth: bytes read + written per second by a jitted scaled copy."""
+    size = spec["bytes"] // 4
+    x = jnp.ones((size,), jnp.float32)
+    scale = jax.jit(lambda x: x * 1.0001)
+    _block(scale(x))
+    times = []
+    for _ in range(spec["repeats"]):
+        start = time.perf_counter()
+        _block(scale(x))
+        times.append(time.perf_counter() - start)
+    return {"bytes_per_s": 2 * x.nbytes / min(times), "array_bytes": int(x.nbytes)}
+
+
+KINDS = {"step_time": step_time, "compile_time": compile_time, "memory": memory, "copy_bandwidth": copy_bandwidth}
+
+
+if __name__ == "__main__":
+    # one spec, or a list of specs run one after the other in this process (the --quick mode)
+    given = json.loads(sys.argv[1])
+    warnings.simplefilter("ignore")
+    for spec in given if isinstance(given, list) else [given]:
+        output = KINDS[spec["kind"]](spec)
+        output["library_version"] = getattr(braintrace, "__version__", "unknown")
+        print("RESULT " + json.dumps(output), flush=True)

@@ -1,0 +1,334 @@
+"""Performance of the online learners against BPTT and the released braintrace (the peer).
+
+One command: ``uv run python benchmarks/performance.py`` (``--quick`` for a smoke run,
+``--no-peer`` to skip the peer). It measures, every number in fresh worker processes
+(``_worker.py``) so that one measurement cannot warm or pollute another:
+
+1. the machine's copy bandwidth (bytes read + written per second);
+2. ms per training step after warm-up (median of repeats of a jitted loop over ``steps``):
+   forward only, BPTT (gradient of the whole loop, amortised per step), D_RTRL, ES_D_RTRL;
+   GRU (B=32, I=64, H in {256, 512}) with a linear readout and a recurrent LIF SNN
+   (B=32, I=128, H in {256, 512}) with a linear readout; ours and the peer interleaved
+   config by config so both see the same machine state;
+3. memory against the sequence length T: XLA's memory analysis of the compiled
+   whole-sequence program (inputs drawn inside the loop, so only learning state counts)
+   and the worker's peak RSS;
+4. D_RTRL's memory-traffic floor: the trace read once and written once per step at the
+   measured bandwidth, and the ratio of the measured step time to it;
+5. compile time: ``compile_graph`` and the first jitted single-step gradient.
+
+The peer lives in its own virtual environment (``--peer-env``, created with ``uv`` on first
+use, ``braintrace==0.2.6``); it is never installed into the project's environment.
+Output: a table on stdout, ``results.json`` and ``step_time.png``/``memory.png`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+PEER_REQUIREMENT = "braintrace==0.2.6"
+METHODS = ("forward", "bptt", "d_rtrl", "es_d_rtrl")
+
+
+def _run_worker(python: str, specs: list[dict[str, Any]], timeout: float = 1800.0) -> list[dict[str, Any]]:
+    """Run ``specs`` in one fresh worker process; one result (or ``{"error": ...}``) per spec."""
+    env = dict(os.environ, PYTHONPATH=str(HERE), JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [python, str(HERE / "_worker.py"), json.dumps(specs)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=HERE,  # not the repository root: the peer must not see the project's sources
+    )
+    results: list[dict[str, Any]] = [
+        json.loads(line[len("RESULT ") :]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")
+    ]
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    error = {"error": " | ".join(tail) or f"exit code {proc.returncode}"}
+    return results + [error] * (len(specs) - len(results))
+
+
+def _run_jobs(jobs: list[tuple[str, dict[str, Any]]], batch: bool) -> list[dict[str, Any]]:
+    """``(python, spec)`` jobs, each in its own process, or (``batch``) one process per interpreter."""
+    if not batch:
+        results = []
+        for python, spec in jobs:
+            print(f"  {spec['kind']}: {json.dumps({k: v for k, v in spec.items() if k != 'kind'})}", file=sys.stderr)
+            results.extend(_run_worker(python, [spec]))
+        return results
+    by_python: dict[str, list[int]] = {}
+    for index, (python, _) in enumerate(jobs):
+        by_python.setdefault(python, []).append(index)
+    out: list[dict[str, Any]] = [{} for _ in jobs]
+    for python, indices in by_python.items():
+        for index, result in zip(indices, _run_worker(python, [jobs[i][1] for i in indices]), strict=True):
+            out[index] = result
+    return out
+
+
+def _peer_python(env_dir: Path) -> str | None:
+    """The peer environment's interpreter, created on first use; ``None`` when it cannot be made."""
+    python = env_dir / "bin" / "python"
+    check = [str(python), "-c", "import braintrace, sys; sys.exit(braintrace.__version__ != '0.2.6')"]
+    if python.exists() and subprocess.run(check, capture_output=True, cwd=HERE).returncode == 0:
+        return str(python)
+    uv = shutil.which("uv")
+    if uv is None:
+        print("peer: uv not found; skipping the peer", file=sys.stderr)
+        return None
+    print(f"peer: creating {env_dir} with {PEER_REQUIREMENT} (once)", file=sys.stderr)
+    made = subprocess.run([uv, "venv", "--quiet", "--python", sys.executable, str(env_dir)], capture_output=True)
+    installed = subprocess.run(
+        [uv, "pip", "install", "--quiet", "--python", str(python), PEER_REQUIREMENT], capture_output=True, text=True
+    )
+    if made.returncode or installed.returncode:
+        print(f"peer: could not install {PEER_REQUIREMENT}: {installed.stderr.strip()[-300:]}", file=sys.stderr)
+        return None
+    return str(python)
+
+
+def _configs(quick: bool) -> dict[str, Any]:
+    if quick:
+        return {
+            "models": [("gru", 4, 8, 16)],
+            "steps": 5,
+            "repeats": 2,
+            "memory_model": ("gru", 4, 8, 16),
+            "memory_T": [10, 30],
+            "bandwidth_bytes": 1 << 22,
+        }
+    return {
+        "models": [("gru", 32, 64, 256), ("gru", 32, 64, 512), ("lif", 32, 128, 256), ("lif", 32, 128, 512)],
+        "steps": 50,
+        "repeats": 7,
+        "memory_model": ("gru", 32, 64, 256),
+        "memory_T": [100, 300, 1000, 3000],
+        "bandwidth_bytes": 1 << 28,
+    }
+
+
+def _spec(kind: str, model: tuple[str, int, int, int], **extra: Any) -> dict[str, Any]:
+    name, batch, n_in, hidden = model
+    return {"kind": kind, "model": name, "batch": batch, "n_in": n_in, "hidden": hidden, **extra}
+
+
+def measure(quick: bool, peer: str | None) -> dict[str, Any]:
+    cfg = _configs(quick)
+    ours = sys.executable
+    libs = {"etp": ours, **({"peer": peer} if peer else {})}
+    results: dict[str, Any] = {
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "quick": quick,
+    }
+    jobs: list[tuple[str, dict[str, Any]]] = []
+    labels: list[tuple[str, dict[str, Any]]] = []
+    jobs.append((ours, {"kind": "copy_bandwidth", "bytes": cfg["bandwidth_bytes"], "repeats": 20}))
+    labels.append(("bandwidth", {}))
+    for model in cfg["models"]:
+        for method in METHODS:
+            for lib, python in libs.items():  # interleaved: both libraries see the same machine state
+                spec = _spec("step_time", model, method=method, steps=cfg["steps"], repeats=cfg["repeats"])
+                row = {"library": lib, "model": model[0], "batch": model[1], "n_in": model[2], "hidden": model[3]}
+                jobs.append((python, spec))
+                labels.append(("step_time", {**row, "method": method}))
+    for method in ("bptt", "d_rtrl", "es_d_rtrl"):
+        for steps in cfg["memory_T"]:
+            jobs.append((ours, _spec("memory", cfg["memory_model"], method=method, steps=steps)))
+            labels.append(("memory", {"method": method, "T": steps}))
+    for method in ("d_rtrl", "es_d_rtrl"):
+        for lib, python in libs.items():
+            jobs.append((python, _spec("compile_time", cfg["models"][0], method=method)))
+            labels.append(("compile_time", {"library": lib, "method": method}))
+
+    measured = _run_jobs(jobs, batch=quick)
+    results["bandwidth"] = measured[0]
+    results["step_time"] = [
+        {**row, **m} for (kind, row), m in zip(labels, measured, strict=True) if kind == "step_time"
+    ]
+    results["memory"] = {
+        "model": cfg["memory_model"],
+        "rows": [{**row, **m} for (kind, row), m in zip(labels, measured, strict=True) if kind == "memory"],
+    }
+    results["compile_time"] = [
+        {**row, **m} for (kind, row), m in zip(labels, measured, strict=True) if kind == "compile_time"
+    ]
+    results["summary"] = summarise(results)
+    return results
+
+
+def _lookup(rows: list[dict[str, Any]], **match: Any) -> dict[str, Any] | None:
+    for row in rows:
+        if all(row.get(k) == v for k, v in match.items()):
+            return row
+    return None
+
+
+def summarise(results: dict[str, Any]) -> dict[str, Any]:
+    """Ratios against the peer and the traffic floor, and memory growth, with the targets."""
+    bandwidth = results["bandwidth"].get("bytes_per_s")
+    rows = results["step_time"]
+    ratios = []
+    for row in rows:
+        if row["library"] != "etp" or "ms_per_step" not in row:
+            continue
+        entry: dict[str, Any] = {k: row[k] for k in ("model", "hidden", "method")}
+        entry["etp_ms"] = row["ms_per_step"]
+        peer = _lookup(rows, library="peer", model=row["model"], hidden=row["hidden"], method=row["method"])
+        if peer and "ms_per_step" in peer:
+            entry["peer_ms"] = peer["ms_per_step"]
+            entry["ratio_to_peer"] = row["ms_per_step"] / peer["ms_per_step"]
+        if row["method"] == "d_rtrl" and bandwidth and "trace_bytes" in row:
+            floor_ms = 1e3 * 2 * row["trace_bytes"] / bandwidth
+            entry["traffic_floor_ms"] = floor_ms
+            entry["ratio_to_floor"] = row["ms_per_step"] / floor_ms
+        ratios.append(entry)
+    memory = results["memory"]["rows"]
+    growth = {}
+    for method in ("bptt", "d_rtrl", "es_d_rtrl"):
+        by_t = {r["T"]: r for r in memory if r["method"] == method and "xla_total_bytes" in r}
+        if len(by_t) >= 2:
+            first, last = by_t[min(by_t)], by_t[max(by_t)]
+            growth[method] = {
+                "T_first": min(by_t),
+                "T_last": max(by_t),
+                "xla_ratio": last["xla_total_bytes"] / first["xla_total_bytes"],
+                "rss_ratio": last["peak_rss_bytes"] / first["peak_rss_bytes"],
+            }
+    compile_rows = results["compile_time"]
+    compile_cmp = {}
+    for method in ("d_rtrl", "es_d_rtrl"):
+        ours = _lookup(compile_rows, library="etp", method=method)
+        peer = _lookup(compile_rows, library="peer", method=method)
+        if ours and peer and "first_step_s" in ours and "first_step_s" in peer:
+            compile_cmp[method] = (ours["compile_graph_s"] + ours["first_step_s"]) / (
+                peer["compile_graph_s"] + peer["first_step_s"]
+            )
+    targets = {
+        "d_rtrl_vs_peer<=0.5": [e.get("ratio_to_peer") for e in ratios if e["method"] == "d_rtrl"],
+        "es_d_rtrl_vs_peer<=0.7": [e.get("ratio_to_peer") for e in ratios if e["method"] == "es_d_rtrl"],
+        "d_rtrl_vs_floor<=2": [e.get("ratio_to_floor") for e in ratios if e["method"] == "d_rtrl"],
+        "online_memory_growth<=1.1": {m: g["xla_ratio"] for m, g in growth.items() if m != "bptt"},
+        "compile_vs_peer<=1": compile_cmp,
+    }
+    return {"ratios": ratios, "memory_growth": growth, "compile_ratio_to_peer": compile_cmp, "targets": targets}
+
+
+def _fmt(value: Any, spec: str = ".2f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def print_tables(results: dict[str, Any]) -> None:
+    bandwidth = results["bandwidth"].get("bytes_per_s")
+    print(f"\ncopy bandwidth: {_fmt(bandwidth and bandwidth / 1e9)} GB/s (read + write)")
+    print("\nms per step (median)          etp      peer   etp/peer   floor  etp/floor")
+    for e in results["summary"]["ratios"]:
+        label = f"{e['model']} H={e['hidden']} {e['method']}"
+        print(
+            f"{label:<26}{_fmt(e['etp_ms']):>8}{_fmt(e.get('peer_ms')):>10}{_fmt(e.get('ratio_to_peer')):>10}"
+            f"{_fmt(e.get('traffic_floor_ms')):>8}{_fmt(e.get('ratio_to_floor')):>10}"
+        )
+    for row in results["step_time"]:
+        if "error" in row:
+            print(f"  error: {row['library']} {row['model']} H={row['hidden']} {row['method']}: {row['error']}")
+    print("\nmemory vs T (XLA compiled program, MB / peak RSS, MB)")
+    for row in results["memory"]["rows"]:
+        if "xla_total_bytes" in row:
+            print(
+                f"  {row['method']:<10} T={row['T']:<6}{row['xla_total_bytes'] / 1e6:>10.1f}"
+                f"{row['peak_rss_bytes'] / 1e6:>10.1f}"
+            )
+        else:
+            print(f"  {row['method']:<10} T={row['T']:<6} error: {row.get('error')}")
+    print("\ncompile time (compile_graph + first jitted step), s")
+    for row in results["compile_time"]:
+        if "compile_graph_s" in row:
+            print(f"  {row['library']:<5} {row['method']:<10}{row['compile_graph_s']:>8.2f}{row['first_step_s']:>8.2f}")
+        else:
+            print(f"  {row['library']:<5} {row['method']:<10} error: {row.get('error')}")
+    print("\ntargets:", json.dumps(results["summary"]["targets"], indent=1, default=lambda v: round(v, 3)))
+
+
+def plot(results: dict[str, Any], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    rows = [r for r in results["step_time"] if "ms_per_step" in r]
+    configs = sorted({(r["model"], r["hidden"]) for r in rows})
+    libraries = sorted({r["library"] for r in rows})
+    fig, axes = plt.subplots(1, max(len(configs), 1), figsize=(4 * max(len(configs), 1), 3.6), squeeze=False)
+    for ax, (model, hidden) in zip(axes[0], configs, strict=False):
+        width = 0.8 / len(libraries)
+        for i, lib in enumerate(libraries):
+            values = [
+                (_lookup(rows, library=lib, model=model, hidden=hidden, method=m) or {}).get("ms_per_step", 0.0)
+                for m in METHODS
+            ]
+            ax.bar([j + i * width for j in range(len(METHODS))], values, width, label=lib)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(METHODS))], METHODS, rotation=30)
+        ax.set_yscale("log")
+        ax.set_title(f"{model} H={hidden}")
+        ax.set_ylabel("ms per step")
+    axes[0][0].legend()
+    fig.tight_layout()
+    paths.append(out / "step_time.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for method in ("bptt", "d_rtrl", "es_d_rtrl"):
+        points = sorted(
+            (r["T"], r["xla_total_bytes"] / 1e6)
+            for r in results["memory"]["rows"]
+            if r["method"] == method and "xla_total_bytes" in r
+        )
+        if points:
+            ax.plot(*zip(*points, strict=True), marker="o", label=method)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("sequence length T")
+    ax.set_ylabel("XLA program memory, MB")
+    ax.legend()
+    fig.tight_layout()
+    paths.append(out / "memory.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of the whole pipeline")
+    parser.add_argument("--no-peer", action="store_true", help="do not measure the released braintrace")
+    parser.add_argument("--peer-env", type=Path, default=ROOT / "results" / "peer-venv")
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "performance")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    peer = None if args.no_peer else _peer_python(args.peer_env)
+    results = measure(args.quick, peer)
+    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    print_tables(results)
+    for path in plot(results, args.out):
+        print(f"wrote {path}")
+    print(f"wrote {args.out / 'results.json'}")
+    errors = [
+        r for r in results["step_time"] + results["memory"]["rows"] if "error" in r and r.get("library") != "peer"
+    ]
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""The performance benchmark's pipeline runs end to end (``--quick``: tiny sizes, no peer).
+
+Timings are not asserted (they live in the benchmark's output, not in tests); the structure of
+the results, the memory analysis and the plots are.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_performance_benchmark_quick_run(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "performance.py"), "--quick", "--no-peer", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "ms per step (median)" in proc.stdout
+    results = json.loads((tmp_path / "results.json").read_text())
+    rows = results["step_time"]
+    assert {r["method"] for r in rows} == {"forward", "bptt", "d_rtrl", "es_d_rtrl"}
+    assert all(r["ms_per_step"] > 0 for r in rows), rows
+    d_rtrl = next(r for r in rows if r["method"] == "d_rtrl")
+    # GRU(8 -> 16): Wz and Wh carry (B, I + H, H) weight traces plus (B, H) bias traces, float32
+    assert d_rtrl["trace_bytes"] == 2 * 4 * (4 * (8 + 16) * 16 + 4 * 16)
+    memory = {(r["method"], r["T"]): r for r in results["memory"]["rows"]}
+    # BPTT keeps every step's activations; the online learners' programs do not grow with T
+    assert memory[("bptt", 30)]["temp_size_in_bytes"] > memory[("bptt", 10)]["temp_size_in_bytes"]
+    for method in ("d_rtrl", "es_d_rtrl"):
+        assert memory[(method, 30)]["xla_total_bytes"] <= 1.1 * memory[(method, 10)]["xla_total_bytes"]
+    assert results["bandwidth"]["bytes_per_s"] > 0
+    for name in ("step_time.png", "memory.png"):
+        assert (tmp_path / name).stat().st_size > 1000
