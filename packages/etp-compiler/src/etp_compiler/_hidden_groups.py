@@ -107,6 +107,7 @@ class HiddenGroup:
 
     @property
     def num_state(self) -> int:
+        """:math:`S`, the number of hidden states in the group."""
         return len(self.hidden_paths)
 
     def transition(self, hidden_values: Sequence[jax.Array], const_values: Sequence[jax.Array]) -> list[jax.Array]:
