@@ -66,6 +66,7 @@ class ETraceAlgorithm(brainstate.nn.Module):
     # ---------------------------------------------------------------- compiled structure
     @property
     def is_compiled(self) -> bool:
+        """Whether :meth:`compile_graph` has run (and no batch-size reset is pending)."""
         return self._executor.is_compiled
 
     @property
@@ -80,14 +81,17 @@ class ETraceAlgorithm(brainstate.nn.Module):
 
     @property
     def param_states(self) -> dict[StatePath, brainstate.State[Any]]:
+        """``path -> ParamState`` of every parameter the model's step reads."""
         return dict(self.graph.module_info.weight_states)
 
     @property
     def hidden_states(self) -> dict[StatePath, brainstate.State[Any]]:
+        """``path -> HiddenState`` of the model's hidden states."""
         return dict(self.graph.module_info.hidden_states)
 
     @property
     def other_states(self) -> dict[StatePath, brainstate.State[Any]]:
+        """``path -> State`` of the remaining states (neither parameters nor hidden)."""
         return dict(self.graph.module_info.other_states)
 
     def compile_graph(self, *args: Any) -> ETraceGraph:

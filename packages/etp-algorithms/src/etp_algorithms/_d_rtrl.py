@@ -18,9 +18,11 @@ and the gradient of a loss :math:`L^t` of step :math:`t` is
 
 where the first term (the instantaneous VJP of the step) already contains
 the seed term contracted with :math:`g^t`. Exact when the hidden dynamics and
-the op are position-wise (e.g. leaky integrators, LIF neurons with
-feed-forward input); an approximation otherwise (paths through other ETP ops
-are dropped). Memory: :math:`O(B\cdot\theta)` per relation, independent of
+the op are position-wise and the outputs read the stored hidden states (e.g.
+leaky integrators); an approximation otherwise: paths through other ETP ops
+are dropped, and ``etp_nn.LIF`` emits the spike of its potential before the
+reset, not of the stored state, so it is approximate even with feed-forward
+input. Memory: :math:`O(B\cdot\theta)` per relation, independent of
 the sequence length.
 """
 

@@ -133,6 +133,7 @@ class ETraceGraphExecutor:
 
     @property
     def is_compiled(self) -> bool:
+        """Whether :meth:`compile_graph` has run."""
         return self._graph is not None
 
     def compile_graph(self, *args: Any, **kwargs: Any) -> ETraceGraph:
