@@ -40,6 +40,7 @@ from etp_compiler import HiddenGroup, HiddenParamOpRelation, StatePath
 
 from ._base import ETraceAlgorithm
 from ._executor import StepValues
+from ._hidden_only import _reach
 
 __all__ = ["ParamDimVjpAlgorithm", "D_RTRL"]
 
@@ -94,27 +95,44 @@ class ParamDimVjpAlgorithm(ETraceAlgorithm):
             for group in relation.hidden_groups:
                 extra = _extra_axes(relation, group)
                 base = init(relation.x_var, relation.y_var, relation.trainable_vars, group.num_state)
-                # A single-state group stores its traces without the trailing S axis: a size-1 minor axis
-                # makes XLA pick a different layout for the loop-carried trace than for its update, and
-                # the layout change costs a full copy of the trace per step (see _relation_traces).
+                # Stored as a tuple of one array per state (no S axis): stacking the states, or a size-1
+                # minor S axis, makes XLA write each step's trace to a new buffer and copy it into the
+                # loop carry, a full extra pass over the trace per step (see _relation_traces).
                 per_group[group.index] = {
-                    key: jnp.zeros((*group.varshape[:extra], *_stored_shape(leaf.shape, group.num_state)), leaf.dtype)
+                    key: tuple(
+                        jnp.zeros((*group.varshape[:extra], *leaf.shape[:-1]), leaf.dtype)
+                        for _ in range(group.num_state)
+                    )
                     for key, leaf in base.items()
                 }
             traces[index] = per_group
         return traces
 
     def _relation_traces(self, value: Any) -> Any:
-        """The traces with their trailing S axis (also for single-state groups, stored without it)."""
+        """The traces with the states stacked on a trailing S axis (they are stored one array per state)."""
         out: dict[int, Any] = {}
         for index, relation in enumerate(self.graph.hidden_param_op_relations):
             out[index] = {
-                group.index: {
-                    k: v[..., None] if group.num_state == 1 else v for k, v in value[index][group.index].items()
-                }
+                group.index: {k: jnp.stack(v, axis=-1) for k, v in value[index][group.index].items()}
                 for group in relation.hidden_groups
             }
         return out
+
+    def _coupling(self, group: HiddenGroup) -> tuple[tuple[bool, ...], ...]:
+        """``[s][s']``: whether ``h_s^t`` depends on ``h_{s'}^{t-1}`` with the relations' outputs held fixed."""
+        minfo = self.graph.module_info
+        eqns = list(minfo.jaxpr.eqns)
+        cut = {id(relation.eqn) for relation in self.graph.hidden_param_op_relations}
+        rows = []
+        for path in group.hidden_paths:
+            out = minfo.hidden_path_to_outvar[path]
+            rows.append(
+                tuple(
+                    out in _reach(eqns, {minfo.hidden_path_to_invar[source]}, stop=set(), cut=cut)
+                    for source in group.hidden_paths
+                )
+            )
+        return tuple(rows)
 
     def _update_traces(self, traces: Any, values: StepValues, weights: dict[Any, Any]) -> tuple[Any, Any]:
         new_traces: dict[int, Any] = {}
@@ -124,6 +142,7 @@ class ParamDimVjpAlgorithm(ETraceAlgorithm):
             for group in relation.hidden_groups:
                 one = partial(
                     _propagate_and_seed,
+                    coupling=self._coupling(group),
                     primitive=relation.primitive,
                     params=relation.eqn_params,
                     weights=w,
@@ -204,10 +223,9 @@ def _weight_shaped_batched(primitive: Any, eps: dict[str, Any], weights: dict[st
     def weight_shaped(key: str, shape: tuple[int, ...]) -> bool:
         if key not in weights:
             return False
-        expected = (batch, *jnp.shape(weights[key]))
-        return shape == expected or shape[:-1] == expected
+        return shape == (batch, *jnp.shape(weights[key]))
 
-    return all(weight_shaped(key, tuple(value.shape)) for key, value in eps.items())
+    return all(weight_shaped(key, tuple(leaf.shape)) for key, value in eps.items() for leaf in value)
 
 
 def _sum_over_samples(one: Callable[..., dict[str, Any]], eps: dict[str, Any], g: Any, Df: Any, x: Any) -> Any:
@@ -222,38 +240,51 @@ def _sum_over_samples(one: Callable[..., dict[str, Any]], eps: dict[str, Any], g
     def at(value: Any, b: int) -> Any:
         return None if value is None else value[b : b + 1]
 
-    terms = [one({k: v[b : b + 1] for k, v in eps.items()}, g[b : b + 1], at(Df, b), at(x, b)) for b in range(batch)]
+    terms = [
+        one(jax.tree.map(lambda v, b=b: v[b : b + 1], eps), g[b : b + 1], at(Df, b), at(x, b)) for b in range(batch)
+    ]
     while len(terms) > 1:
         paired = [{k: terms[i][k] + terms[i + 1][k] for k in terms[i]} for i in range(0, len(terms) - 1, 2)]
         terms = paired + ([terms[-1]] if len(terms) % 2 else [])
     return terms[0]
 
 
-def _stored_shape(shape: tuple[int, ...], num_state: int) -> tuple[int, ...]:
-    return shape[:-1] if num_state == 1 else shape
+def _state(value: tuple[Any, ...], s: int, num_state: int) -> Any:
+    """State ``s`` of a stored trace leaf (a tuple of one array per state)."""
+    return value[s]
 
 
-def _state(value: Any, s: int, num_state: int) -> Any:
-    """State ``s`` of a stored trace leaf (single-state traces have no S axis)."""
-    return value if num_state == 1 else value[..., s]
-
-
-def _pack(per_state: list[Any]) -> Any:
-    """Per-state values in the stored layout: the value itself for one state, else stacked on a last axis."""
-    return per_state[0] if len(per_state) == 1 else jnp.stack(per_state, axis=-1)
+def _pack(per_state: list[Any]) -> tuple[Any, ...]:
+    """Per-state values in the stored layout."""
+    return tuple(per_state)
 
 
 def _propagate(
-    eps: dict[str, Any], D: Any, *, primitive: Any, params: dict[str, Any], num_state: int
+    eps: dict[str, Any],
+    D: Any,
+    *,
+    primitive: Any,
+    params: dict[str, Any],
+    num_state: int,
+    coupling: tuple[tuple[bool, ...], ...] | None = None,
 ) -> dict[str, Any]:
-    r"""``\bar\epsilon_s = \sum_{s'} yw\_to\_w(D_{ss'}, \epsilon_{s'})``, stacked over ``s``."""
+    r"""``\bar\epsilon_s = \sum_{s'} yw\_to\_w(D_{ss'}, \epsilon_{s'})`` per state.
+
+    ``coupling[s][s']`` false means :math:`D_{ss'}` is structurally zero (``h_s`` does not
+    depend on ``h_{s'}`` once the ETP outputs are held fixed): that term is skipped, which
+    also lets XLA update a state's trace in place when no other state reads it.
+    """
     yw_to_w = etp.require_rules(primitive, "yw_to_w")["yw_to_w"]
     propagated = []
     for s in range(num_state):
         acc: dict[str, Any] = {}
         for s2 in range(num_state):
+            if coupling is not None and not coupling[s][s2]:
+                continue
             part = yw_to_w(D[..., s, s2], {k: _state(v, s2, num_state) for k, v in eps.items()}, **params)
             acc = {k: acc[k] + part[k] for k in part} if acc else dict(part)
+        if not acc:
+            acc = {k: jnp.zeros_like(_state(v, s, num_state)) for k, v in eps.items()}
         propagated.append(acc)
     return {k: _pack([p[k] for p in propagated]) for k in eps}
 
@@ -268,12 +299,13 @@ def _propagate_and_seed(
     params: dict[str, Any],
     weights: Any,
     num_state: int,
+    coupling: tuple[tuple[bool, ...], ...] | None = None,
 ) -> dict[str, Any]:
     """``eps^t = D eps^{t-1} + seed`` for one group: the S x S propagation, then the seed."""
-    prop = _propagate(eps, D, primitive=primitive, params=params, num_state=num_state)
+    prop = _propagate(eps, D, primitive=primitive, params=params, num_state=num_state, coupling=coupling)
     seeds = [etp.drtrl_seed(primitive, x, Df[..., s], weights, params) for s in range(num_state)]
     seed = {k: _pack([sd[k] for sd in seeds]) for k in eps}
-    return {k: prop[k] + seed[k].astype(prop[k].dtype) for k in eps}
+    return {k: tuple(p + sd.astype(p.dtype) for p, sd in zip(prop[k], seed[k], strict=True)) for k in eps}
 
 
 def _contract_group(

@@ -25,7 +25,7 @@ from typing import Any
 
 from etp_compiler import ETraceGraph, is_var
 
-__all__ = ["hidden_only_keys"]
+__all__ = ["hidden_only_keys", "_reach"]
 
 
 def _reach(eqns: Iterable[Any], seeds: set[Any], *, stop: set[Any], cut: set[int]) -> set[Any]:
