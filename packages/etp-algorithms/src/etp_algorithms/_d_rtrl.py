@@ -40,7 +40,7 @@ from etp_compiler import HiddenGroup, HiddenParamOpRelation, StatePath
 
 from ._base import ETraceAlgorithm
 from ._executor import StepValues
-from ._hidden_only import _reach
+from ._hidden_only import reach
 
 __all__ = ["ParamDimVjpAlgorithm", "D_RTRL"]
 
@@ -128,7 +128,7 @@ class ParamDimVjpAlgorithm(ETraceAlgorithm):
             out = minfo.hidden_path_to_outvar[path]
             rows.append(
                 tuple(
-                    out in _reach(eqns, {minfo.hidden_path_to_invar[source]}, stop=set(), cut=cut)
+                    out in reach(eqns, {minfo.hidden_path_to_invar[source]}, stop=set(), cut=cut)
                     for source in group.hidden_paths
                 )
             )
@@ -249,16 +249,6 @@ def _sum_over_samples(one: Callable[..., dict[str, Any]], eps: dict[str, Any], g
     return terms[0]
 
 
-def _state(value: tuple[Any, ...], s: int, num_state: int) -> Any:
-    """State ``s`` of a stored trace leaf (a tuple of one array per state)."""
-    return value[s]
-
-
-def _pack(per_state: list[Any]) -> tuple[Any, ...]:
-    """Per-state values in the stored layout."""
-    return tuple(per_state)
-
-
 def _propagate(
     eps: dict[str, Any],
     D: Any,
@@ -281,12 +271,12 @@ def _propagate(
         for s2 in range(num_state):
             if coupling is not None and not coupling[s][s2]:
                 continue
-            part = yw_to_w(D[..., s, s2], {k: _state(v, s2, num_state) for k, v in eps.items()}, **params)
+            part = yw_to_w(D[..., s, s2], {k: v[s2] for k, v in eps.items()}, **params)
             acc = {k: acc[k] + part[k] for k in part} if acc else dict(part)
         if not acc:
-            acc = {k: jnp.zeros_like(_state(v, s, num_state)) for k, v in eps.items()}
+            acc = {k: jnp.zeros_like(v[s]) for k, v in eps.items()}
         propagated.append(acc)
-    return {k: _pack([p[k] for p in propagated]) for k in eps}
+    return {k: tuple(p[k] for p in propagated) for k in eps}
 
 
 def _propagate_and_seed(
@@ -304,7 +294,7 @@ def _propagate_and_seed(
     """``eps^t = D eps^{t-1} + seed`` for one group: the S x S propagation, then the seed."""
     prop = _propagate(eps, D, primitive=primitive, params=params, num_state=num_state, coupling=coupling)
     seeds = [etp.drtrl_seed(primitive, x, Df[..., s], weights, params) for s in range(num_state)]
-    seed = {k: _pack([sd[k] for sd in seeds]) for k in eps}
+    seed = {k: tuple(sd[k] for sd in seeds) for k in eps}
     return {k: tuple(p + sd.astype(p.dtype) for p, sd in zip(prop[k], seed[k], strict=True)) for k in eps}
 
 
@@ -324,7 +314,7 @@ def _contract_group(
     for the keys not in ``keep_seed``."""
     acc: dict[str, Any] = {}
     for s in range(num_state):
-        trace = {k: _state(v, s, num_state) for k, v in eps.items()}
+        trace = {k: v[s] for k, v in eps.items()}
         if Df is not None and set(trace) - keep_seed:
             seed = etp.drtrl_seed(primitive, x, Df[..., s], weights, params)
             trace = {k: trace[k] if k in keep_seed else trace[k] - seed[k].astype(trace[k].dtype) for k in trace}

@@ -25,10 +25,10 @@ from typing import Any
 
 from etp_compiler import ETraceGraph, is_var
 
-__all__ = ["hidden_only_keys", "_reach"]
+__all__ = ["hidden_only_keys", "reach"]
 
 
-def _reach(eqns: Iterable[Any], seeds: set[Any], *, stop: set[Any], cut: set[int]) -> set[Any]:
+def reach(eqns: Iterable[Any], seeds: set[Any], *, stop: set[Any], cut: set[int]) -> set[Any]:
     """Vars that depend on ``seeds``; vars in ``stop`` pass nothing on; equations in ``cut`` (by id) neither."""
     reached = set(seeds)
     for eqn in eqns:
@@ -74,11 +74,11 @@ def hidden_only_keys(graph: ETraceGraph) -> frozenset[tuple[int, str]]:
             for path in group.hidden_paths
         }
         # no path from the leaf to an output that avoids the relations' own equations
-        if _reach(eqns, {leaf}, stop=set(), cut={id(relations[i].eqn) for i in indices}) & outputs:
+        if reach(eqns, {leaf}, stop=set(), cut={id(relations[i].eqn) for i in indices}) & outputs:
             return False
         # each relation's output reaches the outputs only through its groups' hidden states
         for i in indices:
-            reached = _reach(eqns, {relations[i].y_var}, stop=hidden_out, cut=set())
+            reached = reach(eqns, {relations[i].y_var}, stop=hidden_out, cut=set())
             if (reached & outputs) - hidden_out:
                 return False
         return True
