@@ -78,6 +78,59 @@ def test_rule_written_out_by_hand(decay_or_rank: float | int, rng: np.random.Gen
     assert int(learner.etrace.value["steps"]) == 0
 
 
+class Adaptive(brainstate.nn.Module):
+    """Two coupled states: v' = alpha v - beta w + tanh(x W), w' = rho w + kappa v'."""
+
+    def __init__(self, weight: Array, batch: int) -> None:
+        super().__init__()
+        self.alpha, self.beta, self.rho, self.kappa = 0.8, 0.3, 0.6, 0.5
+        self.weight = brainstate.ParamState(weight)
+        self.v = brainstate.HiddenState(jnp.zeros((batch, weight.shape[1])))
+        self.w = brainstate.HiddenState(jnp.zeros((batch, weight.shape[1])))
+
+    def update(self, x: Any) -> tuple[Array, Array]:
+        v = self.alpha * self.v.value - self.beta * self.w.value + jnp.tanh(etp.matmul(x, self.weight.value))
+        self.w.value = self.rho * self.w.value + self.kappa * v
+        self.v.value = v
+        return v, self.w.value
+
+
+def test_two_state_rule_written_out_by_hand(rng: np.random.Generator) -> None:
+    """The S x S propagation and the sum over states, for a group of two coupled states."""
+    T, B, I, O, a = 6, 2, 3, 4, 0.7
+    weight = jnp.asarray(rng.normal(size=(I, O)))
+    xs = jnp.asarray(rng.normal(size=(T, B, I)))
+    target, c = jnp.asarray(rng.normal(size=(B, O))), jnp.asarray(rng.normal(size=(B, O)))
+    model = Adaptive(weight, B)
+    learner = ES_D_RTRL(model, a)
+    learner.compile_graph(xs[0])
+    (group,) = learner.graph.hidden_groups
+    assert group.num_state == 2
+    params = model.states(brainstate.ParamState)
+
+    def loss(x: Array) -> Array:
+        v, w = learner(x)
+        return jnp.sum((v - target) ** 2) + jnp.sum(c * w)
+
+    al, be, rho, ka = model.alpha, model.beta, model.rho, model.kappa
+    # D[s][s'] = dh_s^t / dh_{s'}^{t-1}, Df[s] = dh_s^t / dy^t (y = x W)
+    D = {("v", "v"): al, ("v", "w"): -be, ("w", "v"): ka * al, ("w", "w"): rho - ka * be}
+    eps_x = jnp.zeros((B, I))
+    eps_f = {"v": jnp.zeros((B, O)), "w": jnp.zeros((B, O))}
+    v, w = jnp.zeros((B, O)), jnp.zeros((B, O))
+    for t in range(T):
+        got = brainstate.transform.grad(loss, params)(xs[t])[("weight",)]
+        sech2 = 1 - jnp.tanh(xs[t] @ weight) ** 2
+        v = al * v - be * w + jnp.tanh(xs[t] @ weight)
+        w = rho * w + ka * v
+        Df = {"v": sech2, "w": ka * sech2}
+        eps_x = a * eps_x + xs[t]
+        eps_f = {s: a * sum(D[(s, s2)] * eps_f[s2] for s2 in "vw") + (1 - a) * Df[s] for s in "vw"}
+        g = {"v": 2 * (v - target), "w": c}
+        want = eps_x.T @ (g["v"] * eps_f["v"] + g["w"] * eps_f["w"]) / (1 - a ** (t + 1))
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
 def test_decay_or_rank_validation() -> None:
     model = LeakyTanh(jnp.ones((3, 4)), 0.5, 2)
     for bad in (0.0, 1.0, 1.5, -0.2):
