@@ -6,7 +6,7 @@
 * units: a hidden state in mV trains end to end; D_RTRL equals BPTT on the mantissas;
 * dtype: float64 parameters give float64 traces, a float32 model float32 traces;
 * state safety: a call with a wrong input shape raises and changes no state;
-* reset: ``reset_state()`` zeroes the traces and the ES_D_RTRL step counter.
+* reset: ``reset_state()`` zeroes the traces and the ES_D_RTRL step counter, compiling nothing.
 """
 
 from __future__ import annotations
@@ -363,7 +363,13 @@ def test_reset_state_restarts_traces_and_bias_correction(kind: str, rng: np.rand
         assert int(learner.etrace.value["steps"]) == 4
 
     hidden = _values(model.states(brainstate.HiddenState))
+    compiles: list[str] = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, duration, **kwargs: compiles.append(event) if event.endswith("backend_compile_duration") else None
+    )
+    jax.clear_caches()  # so that a zeros kernel compiled earlier in this process cannot hide a compilation
     learner.reset_state()
+    assert not compiles, "reset_state() compiled XLA programs; zero traces are made on the host"
     _assert_tree_equal(learner.etrace.value, initial)
     assert all(float(jnp.abs(leaf).sum()) == 0 for leaf in jax.tree.leaves(learner.etrace.value))
     if kind == "ES_D_RTRL":

@@ -24,6 +24,7 @@ from typing import Any
 import brainstate
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from etp_compiler import ETraceGraph, HiddenGroup, HiddenParamOpRelation, StatePath, eval_eqns, is_var, run_step
 
@@ -36,6 +37,21 @@ __all__ = ["ETraceAlgorithm", "EligibilityTrace"]
 
 class EligibilityTrace(brainstate.ShortTermState):
     """The state holding a learner's eligibility traces (filter states by this type to find them)."""
+
+
+def host_zeros(shape: Sequence[int], dtype: Any) -> jax.Array:
+    """A zero array made on the host and transferred.
+
+    ``jnp.zeros`` compiles a broadcast for every new shape; a learner creates a dozen
+    trace shapes at :meth:`ETraceAlgorithm.compile_graph` and again at every reset.
+    """
+    zeros: jax.Array = jax.device_put(np.zeros(tuple(shape), dtype))  # jnp.asarray compiles a staging program
+    return zeros
+
+
+def rule_shapes(rule: Any, *args: Any) -> Any:
+    """The shapes and dtypes a trace ``init_*`` rule would return, without running it."""
+    return jax.eval_shape(lambda: rule(*args))
 
 
 def _text(path: Sequence[Hashable]) -> str:

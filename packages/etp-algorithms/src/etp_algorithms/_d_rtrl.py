@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import etp_primitives as etp
 from etp_compiler import HiddenGroup, HiddenParamOpRelation, StatePath
 
-from ._base import ETraceAlgorithm
+from ._base import ETraceAlgorithm, host_zeros, rule_shapes
 from ._executor import StepValues
 from ._hidden_only import reach
 
@@ -94,13 +94,13 @@ class ParamDimVjpAlgorithm(ETraceAlgorithm):
             per_group = {}
             for group in relation.hidden_groups:
                 extra = _extra_axes(relation, group)
-                base = init(relation.x_var, relation.y_var, relation.trainable_vars, group.num_state)
+                base = rule_shapes(init, relation.x_var, relation.y_var, relation.trainable_vars, group.num_state)
                 # Stored as a tuple of one array per state (no S axis): stacking the states, or a size-1
                 # minor S axis, makes XLA write each step's trace to a new buffer and copy it into the
                 # loop carry, a full extra pass over the trace per step (see _relation_traces).
                 per_group[group.index] = {
                     key: tuple(
-                        jnp.zeros((*group.varshape[:extra], *leaf.shape[:-1]), leaf.dtype)
+                        host_zeros((*group.varshape[:extra], *leaf.shape[:-1]), leaf.dtype)
                         for _ in range(group.num_state)
                     )
                     for key, leaf in base.items()
@@ -237,12 +237,11 @@ def _sum_over_samples(one: Callable[..., dict[str, Any]], eps: dict[str, Any], g
     """
     batch = g.shape[0]
 
-    def at(value: Any, b: int) -> Any:
-        return None if value is None else value[b : b + 1]
+    def at(b: int) -> Callable[[Any], Any]:
+        # lax.slice_in_dim, not v[b : b + 1]: NumPy-style indexing costs far more to trace, B times per relation
+        return lambda value: jax.lax.slice_in_dim(value, b, b + 1, axis=0)
 
-    terms = [
-        one(jax.tree.map(lambda v, b=b: v[b : b + 1], eps), g[b : b + 1], at(Df, b), at(x, b)) for b in range(batch)
-    ]
+    terms = [one(*jax.tree.map(at(b), (eps, g, Df, x))) for b in range(batch)]
     while len(terms) > 1:
         paired = [{k: terms[i][k] + terms[i + 1][k] for k in terms[i]} for i in range(0, len(terms) - 1, 2)]
         terms = paired + ([terms[-1]] if len(terms) % 2 else [])

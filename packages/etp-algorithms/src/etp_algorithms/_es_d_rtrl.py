@@ -26,11 +26,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import etp_primitives as etp
 from etp_compiler import StatePath
 
-from ._base import ETraceAlgorithm
+from ._base import ETraceAlgorithm, host_zeros, rule_shapes
 from ._d_rtrl import _extra_axes
 from ._executor import StepValues
 
@@ -102,14 +103,14 @@ class IODimVjpAlgorithm(ETraceAlgorithm):
             x_aval: Any = None if relation.x_var is None else relation.x_var.aval
             per_group: dict[int, Any] = {}
             for group in relation.hidden_groups:
-                base = init_pp(relation.x_var, relation.y_var, relation.trainable_vars, group.num_state)
+                base = rule_shapes(init_pp, relation.x_var, relation.y_var, relation.trainable_vars, group.num_state)
                 extra = _extra_axes(relation, group)
-                per_group[group.index] = jnp.zeros((*group.varshape[:extra], *base.shape), base.dtype)
+                per_group[group.index] = host_zeros((*group.varshape[:extra], *base.shape), base.dtype)
             relations[index] = {
-                "x": None if x_aval is None else jnp.zeros(x_aval.shape, x_aval.dtype),
+                "x": None if x_aval is None else host_zeros(x_aval.shape, x_aval.dtype),
                 "f": per_group,
             }
-        return {"steps": jnp.zeros((), jnp.int32), "relations": relations}
+        return {"steps": host_zeros((), np.int32), "relations": relations}
 
     def _relation_traces(self, value: Any) -> Any:
         return value["relations"]
