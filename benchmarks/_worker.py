@@ -59,6 +59,10 @@ def step_time(spec: dict[str, Any]) -> dict[str, Any]:
         times.append(time.perf_counter() - start)
     result["ms_per_step"] = 1e3 * statistics.median(times) / steps
     result["ms_per_step_min"] = 1e3 * min(times) / steps
+    # XLA's cost analysis counts a loop body once: the program's flops are those of one step
+    cost = program.compile(*args).cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    result["flops_per_step"] = float(cost.get("flops", 0.0))
     return result
 
 
@@ -119,7 +123,30 @@ def copy_bandwidth(spec: dict[str, Any]) -> dict[str, Any]:
     return {"bytes_per_s": max(per_size.values()), "bytes_per_s_by_array_bytes": per_size}
 
 
-KINDS = {"step_time": step_time, "compile_time": compile_time, "memory": memory, "copy_bandwidth": copy_bandwidth}
+def dot_throughput(spec: dict[str, Any]) -> dict[str, Any]:
+    """Flops per second of jitted matrix products ``(M, K) @ (K, N)`` for each shape in ``spec["shapes"]``
+    (the best of the repeats), and the best over the shapes."""
+    per_shape = {}
+    for m, k, n in spec["shapes"]:
+        a, b = jnp.ones((m, k), jnp.float32), jnp.ones((k, n), jnp.float32)
+        product = jax.jit(lambda a, b: a @ b)
+        _block(product(a, b))
+        times = []
+        for _ in range(spec["repeats"]):
+            start = time.perf_counter()
+            _block(product(a, b))
+            times.append(time.perf_counter() - start)
+        per_shape[f"{m}x{k}x{n}"] = 2 * m * k * n / min(times)
+    return {"flops_per_s": max(per_shape.values()), "flops_per_s_by_shape": per_shape}
+
+
+KINDS = {
+    "step_time": step_time,
+    "compile_time": compile_time,
+    "memory": memory,
+    "copy_bandwidth": copy_bandwidth,
+    "dot_throughput": dot_throughput,
+}
 
 
 if __name__ == "__main__":

@@ -108,6 +108,8 @@ def _configs(quick: bool) -> dict[str, Any]:
             "memory_model": ("gru", 4, 8, 16),
             "memory_T": [10, 30],
             "bandwidth_bytes": 1 << 22,
+            "compile_models": [("gru", 4, 8, 16)],
+            "compile_repeats": 1,
         }
     return {
         "models": [("gru", 32, 64, 256), ("gru", 32, 64, 512), ("lif", 32, 128, 256), ("lif", 32, 128, 512)],
@@ -116,6 +118,8 @@ def _configs(quick: bool) -> dict[str, Any]:
         "memory_model": ("gru", 32, 64, 256),
         "memory_T": [100, 300, 1000, 3000],
         "bandwidth_bytes": 1 << 28,
+        "compile_models": [("gru", 32, 64, 256), ("lif", 32, 128, 256)],
+        "compile_repeats": 3,
     }
 
 
@@ -136,6 +140,10 @@ def measure(quick: bool, peer: str | None) -> dict[str, Any]:
     labels: list[tuple[str, dict[str, Any]]] = []
     jobs.append((ours, {"kind": "copy_bandwidth", "bytes": cfg["bandwidth_bytes"], "repeats": 20}))
     labels.append(("bandwidth", {}))
+    # the matrix products of the models' steps: (batch, inputs of the widest op, hidden)
+    shapes = sorted({(b, n_in + h if name == "gru" else max(n_in, h), h) for name, b, n_in, h in cfg["models"]})
+    jobs.append((ours, {"kind": "dot_throughput", "shapes": shapes, "repeats": 50}))
+    labels.append(("dot_throughput", {}))
     for model in cfg["models"]:
         for method in METHODS:
             for lib, python in libs.items():  # interleaved: both libraries see the same machine state
@@ -147,13 +155,18 @@ def measure(quick: bool, peer: str | None) -> dict[str, Any]:
         for steps in cfg["memory_T"]:
             jobs.append((ours, _spec("memory", cfg["memory_model"], method=method, steps=steps)))
             labels.append(("memory", {"method": method, "T": steps}))
-    for method in ("d_rtrl", "es_d_rtrl"):
-        for lib, python in libs.items():
-            jobs.append((python, _spec("compile_time", cfg["models"][0], method=method)))
-            labels.append(("compile_time", {"library": lib, "method": method}))
+    # compile time varies by tens of percent between processes: fresh processes, interleaved, the median
+    for model in cfg["compile_models"]:
+        for method in ("d_rtrl", "es_d_rtrl"):
+            for repeat in range(cfg["compile_repeats"]):
+                for lib, python in libs.items():
+                    jobs.append((python, _spec("compile_time", model, method=method)))
+                    row = {"library": lib, "model": model[0], "hidden": model[3], "method": method}
+                    labels.append(("compile_time", {**row, "repeat": repeat}))
 
     measured = _run_jobs(jobs, batch=quick)
     results["bandwidth"] = measured[0]
+    results["dot_throughput"] = measured[1]
     results["step_time"] = [
         {**row, **m} for (kind, row), m in zip(labels, measured, strict=True) if kind == "step_time"
     ]
@@ -161,11 +174,35 @@ def measure(quick: bool, peer: str | None) -> dict[str, Any]:
         "model": cfg["memory_model"],
         "rows": [{**row, **m} for (kind, row), m in zip(labels, measured, strict=True) if kind == "memory"],
     }
-    results["compile_time"] = [
-        {**row, **m} for (kind, row), m in zip(labels, measured, strict=True) if kind == "compile_time"
-    ]
+    results["compile_time"] = _median_compile_times(
+        [{**row, **m} for (kind, row), m in zip(labels, measured, strict=True) if kind == "compile_time"]
+    )
     results["summary"] = summarise(results)
     return results
+
+
+def _median_compile_times(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (library, model, method): the median total over the repeats, and every repeat."""
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["library"], row["model"], row["hidden"], row["method"]), []).append(row)
+    out = []
+    for (lib, model, hidden, method), repeats in groups.items():
+        entry: dict[str, Any] = {"library": lib, "model": model, "hidden": hidden, "method": method}
+        done = [r for r in repeats if "first_step_s" in r]
+        if done:
+            totals = [r["compile_graph_s"] + r["first_step_s"] for r in done]
+            middle = done[sorted(range(len(done)), key=totals.__getitem__)[len(done) // 2]]
+            entry.update(
+                compile_graph_s=middle["compile_graph_s"],
+                first_step_s=middle["first_step_s"],
+                total_s=middle["compile_graph_s"] + middle["first_step_s"],
+                totals_s=totals,
+            )
+        else:
+            entry["error"] = repeats[0].get("error", "no result")
+        out.append(entry)
+    return out
 
 
 def _lookup(rows: list[dict[str, Any]], **match: Any) -> dict[str, Any] | None:
@@ -188,6 +225,7 @@ def _bandwidth_for(measured: dict[str, Any], nbytes: int) -> float:
 def summarise(results: dict[str, Any]) -> dict[str, Any]:
     """Ratios against the peer and the traffic floor, and memory growth, with the targets."""
     bandwidth = results["bandwidth"].get("bytes_per_s")
+    flops_per_s = results.get("dot_throughput", {}).get("flops_per_s")
     rows = results["step_time"]
     ratios = []
     for row in rows:
@@ -203,6 +241,14 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
             floor_ms = 1e3 * 2 * row["trace_bytes"] / _bandwidth_for(results["bandwidth"], row["trace_bytes"])
             entry["traffic_floor_ms"] = floor_ms
             entry["ratio_to_floor"] = row["ms_per_step"] / floor_ms
+        if flops_per_s and row.get("flops_per_step"):
+            entry["etp_mflop"] = row["flops_per_step"] / 1e6
+            entry["etp_ratio_to_compute_floor"] = row["ms_per_step"] / (1e3 * row["flops_per_step"] / flops_per_s)
+            if peer and peer.get("flops_per_step") and "ms_per_step" in peer:
+                entry["peer_mflop"] = peer["flops_per_step"] / 1e6
+                entry["peer_ratio_to_compute_floor"] = peer["ms_per_step"] / (
+                    1e3 * peer["flops_per_step"] / flops_per_s
+                )
         ratios.append(entry)
     memory = results["memory"]["rows"]
     growth = {}
@@ -218,13 +264,13 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
             }
     compile_rows = results["compile_time"]
     compile_cmp = {}
-    for method in ("d_rtrl", "es_d_rtrl"):
-        ours = _lookup(compile_rows, library="etp", method=method)
-        peer = _lookup(compile_rows, library="peer", method=method)
-        if ours and peer and "first_step_s" in ours and "first_step_s" in peer:
-            compile_cmp[method] = (ours["compile_graph_s"] + ours["first_step_s"]) / (
-                peer["compile_graph_s"] + peer["first_step_s"]
-            )
+    for ours in compile_rows:
+        if ours["library"] != "etp" or "total_s" not in ours:
+            continue
+        match = {k: ours[k] for k in ("model", "hidden", "method")}
+        peer = _lookup(compile_rows, library="peer", **match)
+        if peer and "total_s" in peer:
+            compile_cmp[f"{ours['model']} H={ours['hidden']} {ours['method']}"] = ours["total_s"] / peer["total_s"]
     targets = {
         "d_rtrl_vs_peer<=0.5": [e.get("ratio_to_peer") for e in ratios if e["method"] == "d_rtrl"],
         "es_d_rtrl_vs_peer<=0.7": [e.get("ratio_to_peer") for e in ratios if e["method"] == "es_d_rtrl"],
@@ -244,12 +290,19 @@ def print_tables(results: dict[str, Any]) -> None:
     sizes = results["bandwidth"].get("bytes_per_s_by_array_bytes", {})
     listed = ", ".join(f"{int(k) >> 20} MiB: {v / 1e9:.2f}" for k, v in sizes.items())
     print(f"\ncopy bandwidth (read + write), GB/s: {listed or _fmt(bandwidth and bandwidth / 1e9)}")
-    print("\nms per step (median)          etp      peer   etp/peer   floor  etp/floor")
+    flops = results.get("dot_throughput", {}).get("flops_per_s")
+    print(f"matrix-product throughput (best of the models' shapes), GFLOP/s: {_fmt(flops and flops / 1e9)}")
+    print(
+        "\nms per step (median)          etp      peer   etp/peer   floor  etp/floor"
+        "   MFLOP etp/peer   etp, peer / compute floor"
+    )
     for e in results["summary"]["ratios"]:
         label = f"{e['model']} H={e['hidden']} {e['method']}"
         print(
             f"{label:<26}{_fmt(e['etp_ms']):>8}{_fmt(e.get('peer_ms')):>10}{_fmt(e.get('ratio_to_peer')):>10}"
             f"{_fmt(e.get('traffic_floor_ms')):>8}{_fmt(e.get('ratio_to_floor')):>10}"
+            f"{_fmt(e.get('etp_mflop'), '.1f'):>8}/{_fmt(e.get('peer_mflop'), '.1f'):<8}"
+            f"{_fmt(e.get('etp_ratio_to_compute_floor')):>6}, {_fmt(e.get('peer_ratio_to_compute_floor'))}"
         )
     for row in results["step_time"]:
         if "error" in row:
@@ -263,12 +316,16 @@ def print_tables(results: dict[str, Any]) -> None:
             )
         else:
             print(f"  {row['method']:<10} T={row['T']:<6} error: {row.get('error')}")
-    print("\ncompile time (compile_graph + first jitted step), s")
+    print("\ncompile time (compile_graph + first jitted step, median of fresh processes), s")
     for row in results["compile_time"]:
-        if "compile_graph_s" in row:
-            print(f"  {row['library']:<5} {row['method']:<10}{row['compile_graph_s']:>8.2f}{row['first_step_s']:>8.2f}")
+        label = f"{row['library']:<5} {row['model']} H={row['hidden']} {row['method']:<10}"
+        if "total_s" in row:
+            every = ", ".join(f"{t:.2f}" for t in row["totals_s"])
+            print(
+                f"  {label}{row['compile_graph_s']:>7.2f} +{row['first_step_s']:>5.2f} = {row['total_s']:.2f}  ({every})"
+            )
         else:
-            print(f"  {row['library']:<5} {row['method']:<10} error: {row.get('error')}")
+            print(f"  {label} error: {row.get('error')}")
     print("\ntargets:", json.dumps(results["summary"]["targets"], indent=1, default=lambda v: round(v, 3)))
 
 

@@ -37,5 +37,13 @@ def test_performance_benchmark_quick_run(tmp_path: Path) -> None:
     for method in ("d_rtrl", "es_d_rtrl"):
         assert memory[(method, 30)]["xla_total_bytes"] <= 1.1 * memory[(method, 10)]["xla_total_bytes"]
     assert results["bandwidth"]["bytes_per_s"] > 0
+    assert results["dot_throughput"]["flops_per_s"] > 0
+    forward = next(r for r in rows if r["method"] == "forward")
+    # at least the step's matrix products: the three gates (B, I + H) @ (I + H, H) and the readout (H -> 10)
+    assert forward["flops_per_step"] >= 3 * 2 * 4 * (8 + 16) * 16 + 2 * 4 * 16 * 10
+    assert all(r["flops_per_step"] >= forward["flops_per_step"] for r in rows)
+    compile_rows = {r["method"]: r for r in results["compile_time"]}
+    assert set(compile_rows) == {"d_rtrl", "es_d_rtrl"}
+    assert all(r["total_s"] == r["compile_graph_s"] + r["first_step_s"] > 0 for r in compile_rows.values())
     for name in ("step_time.png", "memory.png"):
         assert (tmp_path / name).stat().st_size > 1000
