@@ -39,6 +39,7 @@ import etp_primitives as etp
 from etp_compiler import HiddenGroup, HiddenParamOpRelation, StatePath
 
 from ._base import ETraceAlgorithm, host_zeros, rule_shapes
+from ._compat import jaxpr_as_fun
 from ._executor import StepValues
 from ._hidden_only import reach
 
@@ -233,15 +234,19 @@ def _sum_over_samples(one: Callable[..., dict[str, Any]], eps: dict[str, Any], g
 
     Slicing the operands before the element-wise contraction lets XLA fuse the whole
     contraction into one pass over the trace; a batched product followed by a reduction over
-    the batch axis materialises the product and reduces it with a slow loop on CPU.
+    the batch axis materialises the product, or on XLA's CPU backend becomes a YNNPACK
+    reduction many times slower. To keep the B-fold unroll cheap to trace, each operand is
+    split once and ``one`` is traced once, on the first sample, its jaxpr replayed on the others.
     """
     batch = g.shape[0]
-
-    def at(b: int) -> Callable[[Any], Any]:
-        # lax.slice_in_dim, not v[b : b + 1]: NumPy-style indexing costs far more to trace, B times per relation
-        return lambda value: jax.lax.slice_in_dim(value, b, b + 1, axis=0)
-
-    terms = [one(*jax.tree.map(at(b), (eps, g, Df, x))) for b in range(batch)]
+    leaves, structure = jax.tree.flatten((eps, g, Df, x))
+    per_sample = list(zip(*(jax.lax.split(leaf, [1] * batch, axis=0) for leaf in leaves), strict=True))
+    closed, shapes = jax.make_jaxpr(lambda *sample: one(*jax.tree.unflatten(structure, sample)), return_shape=True)(
+        *per_sample[0]
+    )
+    replay = jaxpr_as_fun(closed)
+    out_tree = jax.tree.structure(shapes)
+    terms = [jax.tree.unflatten(out_tree, replay(*sample)) for sample in per_sample]
     while len(terms) > 1:
         paired = [{k: terms[i][k] + terms[i + 1][k] for k in terms[i]} for i in range(0, len(terms) - 1, 2)]
         terms = paired + ([terms[-1]] if len(terms) % 2 else [])
