@@ -359,3 +359,25 @@ def test_conv_weight_trace_is_an_approximation_when_the_leak_varies_over_units(r
     assert _relative_error(grads["weight"], want["weight"]) > 1e-3
     # The bias trace is y-shaped and stays exact for any position-wise leak.
     assert _relative_error(grads["bias"], want["bias"]) < 1e-10
+
+
+@pytest.mark.parametrize("count", [1, 2, 5, 8])
+def test_pairwise_sum_equals_the_plain_sum(count: int, rng: np.random.Generator) -> None:
+    terms = [{"w": jnp.asarray(rng.normal(size=(3, 4))), "b": jnp.asarray(rng.normal(size=4))} for _ in range(count)]
+    got = etp.pairwise_sum(terms)
+    for key in ("w", "b"):
+        np.testing.assert_allclose(got[key], sum(np.asarray(t[key]) for t in terms), rtol=1e-13)
+    with pytest.raises(ValueError, match="at least one term"):
+        etp.pairwise_sum([])
+
+
+@pytest.mark.parametrize(
+    ("shape", "kept"), [((5, 3, 4), 2), ((2, 3, 4, 6), 2), ((7, 4), 1), ((3, 4), 2), ((200, 3), 1)]
+)
+def test_sum_leading_axes_equals_numpy(shape: tuple[int, ...], kept: int, rng: np.random.Generator) -> None:
+    value = rng.normal(size=shape)
+    lead = tuple(range(len(shape) - kept))
+    want = value.sum(axis=lead) if lead else value
+    got = jax.jit(lambda v: etp.sum_leading_axes(v, kept))(jnp.asarray(value))
+    assert got.shape == shape[len(shape) - kept :]
+    np.testing.assert_allclose(got, want, rtol=1e-12)

@@ -246,11 +246,7 @@ def _sum_over_samples(one: Callable[..., dict[str, Any]], eps: dict[str, Any], g
     )
     replay = jaxpr_as_fun(closed)
     out_tree = jax.tree.structure(shapes)
-    terms = [jax.tree.unflatten(out_tree, replay(*sample)) for sample in per_sample]
-    while len(terms) > 1:
-        paired = [{k: terms[i][k] + terms[i + 1][k] for k in terms[i]} for i in range(0, len(terms) - 1, 2)]
-        terms = paired + ([terms[-1]] if len(terms) % 2 else [])
-    return terms[0]
+    return etp.pairwise_sum([jax.tree.unflatten(out_tree, replay(*sample)) for sample in per_sample])
 
 
 def _propagate(
