@@ -52,22 +52,14 @@ def _decay_from(decay_or_rank: float | int) -> float:
     return float(decay_or_rank)
 
 
-def _sum_states(terms: list[Any]) -> Any:
-    """The sum of a group's per-state terms, written as element-wise adds.
-
-    S is small; a ``jnp.sum`` over a minor S axis becomes a reduction that XLA's CPU backend
-    (jax 0.10) hands to a YNNPACK fusion costing several times the whole step, while adds of
-    slices fuse with the surrounding element-wise work.
-    """
-    total = terms[0]
-    for term in terms[1:]:
-        total = total + term
-    return total
+# Sums over a group's S states are written as element-wise adds (etp.pairwise_sum), never as a
+# ``jnp.sum`` over a minor S axis: XLA's CPU backend (jax 0.10) hands that reduction to a YNNPACK
+# fusion costing several times the whole step, while adds of slices fuse with the element-wise work.
 
 
 def _contract_states(group: Any, g: dict[StatePath, Any], per_state: Any, extra: int) -> Any:
     r"""``sum_s g_s * per_state[..., s]``, also summed over the ``extra`` leading hidden axes."""
-    total = _sum_states([g[path] * per_state[..., s] for s, path in enumerate(group.hidden_paths)])
+    total = etp.pairwise_sum([g[path] * per_state[..., s] for s, path in enumerate(group.hidden_paths)])
     return jnp.sum(total, axis=tuple(range(extra))) if extra else total
 
 
@@ -129,7 +121,7 @@ class IODimVjpAlgorithm(ETraceAlgorithm):
                 old = old_relation["f"][group.index]
                 propagated = jnp.stack(
                     [
-                        _sum_states([D[..., s, s2] * old[..., s2] for s2 in range(group.num_state)])
+                        etp.pairwise_sum([D[..., s, s2] * old[..., s2] for s2 in range(group.num_state)])
                         for s in range(group.num_state)
                     ],
                     axis=-1,
