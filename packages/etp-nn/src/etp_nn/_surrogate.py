@@ -22,8 +22,9 @@ carry their shape parameter; :meth:`Surrogate.grad` evaluates :math:`g'`.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -70,6 +71,31 @@ def _heaviside(x: jax.Array) -> jax.Array:
     return (x > 0).astype(x.dtype)
 
 
+_Derivative = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def _spike_with_surrogate(derivative: _Derivative) -> _Derivative:
+    """``spike(x, p)``: :math:`H(x)` forward, tangent ``derivative(x, p) * dx`` (``p`` gets none)."""
+
+    @jax.custom_jvp
+    def spike(x: jax.Array, parameter: jax.Array) -> jax.Array:
+        return _heaviside(x)
+
+    @spike.defjvp
+    def spike_jvp(primals: tuple[jax.Array, jax.Array], tangents: tuple[Any, Any]) -> tuple[jax.Array, Any]:
+        x, parameter = primals
+        return _heaviside(x), derivative(x, parameter) * tangents[0]
+
+    return spike
+
+
+def _spike(where: str, spike: _Derivative, x: Any, argument: str, value: Any) -> jax.Array:
+    """Check the input and the shape parameter of a public surrogate function, then apply ``spike``."""
+    x = _as_dimensionless(x, where)
+    _check_positive(value, where, argument)
+    return spike(x, jnp.asarray(value, dtype=x.dtype))
+
+
 # --------------------------------------------------------------------------- sigmoid
 
 
@@ -78,15 +104,7 @@ def _sigmoid_grad(x: jax.Array, alpha: jax.Array) -> jax.Array:
     return alpha * sig * (1.0 - sig)
 
 
-@jax.custom_jvp
-def _sigmoid_spike(x: jax.Array, alpha: jax.Array) -> jax.Array:
-    return _heaviside(x)
-
-
-@_sigmoid_spike.defjvp
-def _sigmoid_spike_jvp(primals: tuple[jax.Array, jax.Array], tangents: tuple[Any, Any]) -> tuple[jax.Array, Any]:
-    x, alpha = primals
-    return _heaviside(x), _sigmoid_grad(x, alpha) * tangents[0]
+_sigmoid_spike = _spike_with_surrogate(_sigmoid_grad)
 
 
 def sigmoid(x: Any, alpha: float = 4.0) -> jax.Array:
@@ -122,9 +140,7 @@ def sigmoid(x: Any, alpha: float = 4.0) -> jax.Array:
     >>> float(jax.grad(etp_nn.surrogate.sigmoid)(0.0))
     1.0
     """
-    x = _as_dimensionless(x, "sigmoid")
-    _check_positive(alpha, "sigmoid", "alpha")
-    return _sigmoid_spike(x, jnp.asarray(alpha, dtype=x.dtype))
+    return _spike("sigmoid", _sigmoid_spike, x, "alpha", alpha)
 
 
 # --------------------------------------------------------------------------- piecewise linear
@@ -134,17 +150,7 @@ def _piecewise_linear_grad(x: jax.Array, width: jax.Array) -> jax.Array:
     return jnp.maximum(0.0, 1.0 - jnp.abs(x) / width) / width
 
 
-@jax.custom_jvp
-def _piecewise_linear_spike(x: jax.Array, width: jax.Array) -> jax.Array:
-    return _heaviside(x)
-
-
-@_piecewise_linear_spike.defjvp
-def _piecewise_linear_spike_jvp(
-    primals: tuple[jax.Array, jax.Array], tangents: tuple[Any, Any]
-) -> tuple[jax.Array, Any]:
-    x, width = primals
-    return _heaviside(x), _piecewise_linear_grad(x, width) * tangents[0]
+_piecewise_linear_spike = _spike_with_surrogate(_piecewise_linear_grad)
 
 
 def piecewise_linear(x: Any, width: float = 1.0) -> jax.Array:
@@ -178,9 +184,7 @@ def piecewise_linear(x: Any, width: float = 1.0) -> jax.Array:
     >>> float(jax.grad(etp_nn.surrogate.piecewise_linear)(0.5))
     0.5
     """
-    x = _as_dimensionless(x, "piecewise_linear")
-    _check_positive(width, "piecewise_linear", "width")
-    return _piecewise_linear_spike(x, jnp.asarray(width, dtype=x.dtype))
+    return _spike("piecewise_linear", _piecewise_linear_spike, x, "width", width)
 
 
 # --------------------------------------------------------------------------- arctan
@@ -191,15 +195,7 @@ def _arctan_grad(x: jax.Array, alpha: jax.Array) -> jax.Array:
     return 0.5 * alpha / (1.0 + z * z)
 
 
-@jax.custom_jvp
-def _arctan_spike(x: jax.Array, alpha: jax.Array) -> jax.Array:
-    return _heaviside(x)
-
-
-@_arctan_spike.defjvp
-def _arctan_spike_jvp(primals: tuple[jax.Array, jax.Array], tangents: tuple[Any, Any]) -> tuple[jax.Array, Any]:
-    x, alpha = primals
-    return _heaviside(x), _arctan_grad(x, alpha) * tangents[0]
+_arctan_spike = _spike_with_surrogate(_arctan_grad)
 
 
 def arctan(x: Any, alpha: float = 2.0) -> jax.Array:
@@ -232,9 +228,7 @@ def arctan(x: Any, alpha: float = 2.0) -> jax.Array:
     >>> float(jax.grad(etp_nn.surrogate.arctan)(0.0))
     1.0
     """
-    x = _as_dimensionless(x, "arctan")
-    _check_positive(alpha, "arctan", "alpha")
-    return _arctan_spike(x, jnp.asarray(alpha, dtype=x.dtype))
+    return _spike("arctan", _arctan_spike, x, "alpha", alpha)
 
 
 # --------------------------------------------------------------------------- gaussian
@@ -245,15 +239,7 @@ def _gaussian_grad(x: jax.Array, sigma: jax.Array) -> jax.Array:
     return jnp.exp(-0.5 * z * z) / (math.sqrt(2.0 * math.pi) * sigma)
 
 
-@jax.custom_jvp
-def _gaussian_spike(x: jax.Array, sigma: jax.Array) -> jax.Array:
-    return _heaviside(x)
-
-
-@_gaussian_spike.defjvp
-def _gaussian_spike_jvp(primals: tuple[jax.Array, jax.Array], tangents: tuple[Any, Any]) -> tuple[jax.Array, Any]:
-    x, sigma = primals
-    return _heaviside(x), _gaussian_grad(x, sigma) * tangents[0]
+_gaussian_spike = _spike_with_surrogate(_gaussian_grad)
 
 
 def gaussian(x: Any, sigma: float = 0.5) -> jax.Array:
@@ -286,9 +272,7 @@ def gaussian(x: Any, sigma: float = 0.5) -> jax.Array:
     >>> round(float(jax.grad(etp_nn.surrogate.gaussian)(0.0)), 4)
     0.7979
     """
-    x = _as_dimensionless(x, "gaussian")
-    _check_positive(sigma, "gaussian", "sigma")
-    return _gaussian_spike(x, jnp.asarray(sigma, dtype=x.dtype))
+    return _spike("gaussian", _gaussian_spike, x, "sigma", sigma)
 
 
 # --------------------------------------------------------------------------- classes
@@ -311,7 +295,28 @@ class Surrogate:
 
 
 @dataclass(frozen=True)
-class SigmoidSurrogate(Surrogate):
+class _OneParameterSurrogate(Surrogate):
+    """A surrogate given by ``_rule = (field, function, derivative)``: the field holding the shape
+    parameter ``p``, the public function ``f(x, p)`` and its surrogate derivative ``g'(x, p)``."""
+
+    _rule: ClassVar[tuple[str, Callable[[Any, Any], jax.Array], _Derivative]]
+
+    def _value(self) -> Any:
+        return getattr(self, self._rule[0])
+
+    def __post_init__(self) -> None:
+        _check_positive(self._value(), type(self).__name__, self._rule[0])
+
+    def __call__(self, x: Any) -> jax.Array:
+        return self._rule[1](x, self._value())
+
+    def grad(self, x: Any) -> jax.Array:
+        x = _as_dimensionless(x, type(self).__name__)
+        return self._rule[2](x, jnp.asarray(self._value(), dtype=x.dtype))
+
+
+@dataclass(frozen=True)
+class SigmoidSurrogate(_OneParameterSurrogate):
     r"""Callable form of :func:`sigmoid`: :math:`g'(x) = \alpha\sigma(\alpha x)(1 - \sigma(\alpha x))`.
 
     Parameters
@@ -328,20 +333,11 @@ class SigmoidSurrogate(Surrogate):
     """
 
     alpha: float = 4.0
-
-    def __post_init__(self) -> None:
-        _check_positive(self.alpha, type(self).__name__, "alpha")
-
-    def __call__(self, x: Any) -> jax.Array:
-        return sigmoid(x, self.alpha)
-
-    def grad(self, x: Any) -> jax.Array:
-        x = _as_dimensionless(x, type(self).__name__)
-        return _sigmoid_grad(x, jnp.asarray(self.alpha, dtype=x.dtype))
+    _rule: ClassVar[tuple[str, Callable[[Any, Any], jax.Array], _Derivative]] = ("alpha", sigmoid, _sigmoid_grad)
 
 
 @dataclass(frozen=True)
-class PiecewiseLinearSurrogate(Surrogate):
+class PiecewiseLinearSurrogate(_OneParameterSurrogate):
     r"""Callable form of :func:`piecewise_linear`: :math:`g'(x) = \max(0, 1 - |x|/w)/w`.
 
     Parameters
@@ -351,20 +347,15 @@ class PiecewiseLinearSurrogate(Surrogate):
     """
 
     width: float = 1.0
-
-    def __post_init__(self) -> None:
-        _check_positive(self.width, type(self).__name__, "width")
-
-    def __call__(self, x: Any) -> jax.Array:
-        return piecewise_linear(x, self.width)
-
-    def grad(self, x: Any) -> jax.Array:
-        x = _as_dimensionless(x, type(self).__name__)
-        return _piecewise_linear_grad(x, jnp.asarray(self.width, dtype=x.dtype))
+    _rule: ClassVar[tuple[str, Callable[[Any, Any], jax.Array], _Derivative]] = (
+        "width",
+        piecewise_linear,
+        _piecewise_linear_grad,
+    )
 
 
 @dataclass(frozen=True)
-class ArctanSurrogate(Surrogate):
+class ArctanSurrogate(_OneParameterSurrogate):
     r"""Callable form of :func:`arctan`: :math:`g'(x) = \alpha / (2(1 + (\pi\alpha x/2)^2))`.
 
     Parameters
@@ -374,20 +365,11 @@ class ArctanSurrogate(Surrogate):
     """
 
     alpha: float = 2.0
-
-    def __post_init__(self) -> None:
-        _check_positive(self.alpha, type(self).__name__, "alpha")
-
-    def __call__(self, x: Any) -> jax.Array:
-        return arctan(x, self.alpha)
-
-    def grad(self, x: Any) -> jax.Array:
-        x = _as_dimensionless(x, type(self).__name__)
-        return _arctan_grad(x, jnp.asarray(self.alpha, dtype=x.dtype))
+    _rule: ClassVar[tuple[str, Callable[[Any, Any], jax.Array], _Derivative]] = ("alpha", arctan, _arctan_grad)
 
 
 @dataclass(frozen=True)
-class GaussianSurrogate(Surrogate):
+class GaussianSurrogate(_OneParameterSurrogate):
     r"""Callable form of :func:`gaussian`: :math:`g'(x) = e^{-x^2/(2\sigma^2)} / (\sqrt{2\pi}\sigma)`.
 
     Parameters
@@ -397,13 +379,4 @@ class GaussianSurrogate(Surrogate):
     """
 
     sigma: float = 0.5
-
-    def __post_init__(self) -> None:
-        _check_positive(self.sigma, type(self).__name__, "sigma")
-
-    def __call__(self, x: Any) -> jax.Array:
-        return gaussian(x, self.sigma)
-
-    def grad(self, x: Any) -> jax.Array:
-        x = _as_dimensionless(x, type(self).__name__)
-        return _gaussian_grad(x, jnp.asarray(self.sigma, dtype=x.dtype))
+    _rule: ClassVar[tuple[str, Callable[[Any, Any], jax.Array], _Derivative]] = ("sigma", gaussian, _gaussian_grad)
