@@ -40,15 +40,34 @@ def _trace_bytes(learner: Any) -> int:
     return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(leaves)))
 
 
+def _traced_param_paths(learner: Any) -> list[list[Any]]:
+    """The parameters whose gradient the learner carries in eligibility traces (this project's graph API)."""
+    paths = {
+        state_path
+        for relation in learner.graph.hidden_param_op_relations
+        for leaves in relation.trainable_paths.values()
+        for state_path, _ in leaves
+    }
+    return [list(path) for path in sorted(paths, key=str)]
+
+
 def step_time(spec: dict[str, Any]) -> dict[str, Any]:
+    """ms per step of one program. ``spec["gradients"] == "traced"`` (online learners, this project only)
+    takes the gradient of the trace-carrying parameters alone."""
     model, method, batch, n_in, hidden = spec["model"], spec["method"], spec["batch"], spec["n_in"], spec["hidden"]
     steps, repeats = spec["steps"], spec["repeats"]
     net = work.build(model, batch, n_in, hidden)
-    program, args, learner = work.make_program(method, net, batch, n_in, steps, online_inputs=False)
     result: dict[str, Any] = {}
-    if learner is not None:
+    learner, param_paths = None, None
+    if method in ("d_rtrl", "es_d_rtrl"):
+        learner = work.make_learner(method, net)
         result["compile_graph_s"] = _compile_learner(learner, batch, n_in)
         result["trace_bytes"] = _trace_bytes(learner)
+        if spec.get("gradients") == "traced":
+            param_paths = result["param_paths"] = _traced_param_paths(learner)
+    program, args, _ = work.make_program(
+        method, net, batch, n_in, steps, online_inputs=False, learner=learner, param_paths=param_paths
+    )
     start = time.perf_counter()
     _block(program(*args))
     result["first_call_s"] = time.perf_counter() - start
@@ -64,6 +83,29 @@ def step_time(spec: dict[str, Any]) -> dict[str, Any]:
     cost = cost[0] if isinstance(cost, list) else cost
     result["flops_per_step"] = float(cost.get("flops", 0.0))
     return result
+
+
+def grad_support(spec: dict[str, Any]) -> dict[str, Any]:
+    """The parameters to which the learner returns a nonzero gradient, summed over a few steps of
+    random inputs (state paths; the same in both libraries for the benchmark's models)."""
+    model, method, batch, n_in, hidden = spec["model"], spec["method"], spec["batch"], spec["n_in"], spec["hidden"]
+    net = work.build(model, batch, n_in, hidden)
+    learner = work.make_learner(method, net)
+    _compile_learner(learner, batch, n_in)
+    params = net.states(brainstate.ParamState)
+    grad = brainstate.transform.jit(
+        brainstate.transform.grad(lambda x, y: jnp.mean((learner(x) - y) ** 2), params)
+    )
+    magnitude = {path: 0.0 for path in params}
+    key = jax.random.PRNGKey(1)
+    for _ in range(spec.get("steps", 5)):
+        key, kx, ky = jax.random.split(key, 3)
+        # inputs large enough that the spiking model spikes
+        grads = grad(4.0 * jax.random.normal(kx, (batch, n_in)), jax.random.normal(ky, (batch, work.N_OUT)))
+        for path, value in grads.items():
+            magnitude[path] += float(sum(jnp.sum(jnp.abs(leaf)) for leaf in jax.tree.leaves(value)))
+    nonzero = sorted((path for path, total in magnitude.items() if total > 0), key=str)
+    return {"nonzero": [list(path) for path in nonzero], "all": [list(path) for path in sorted(params, key=str)]}
 
 
 def compile_time(spec: dict[str, Any]) -> dict[str, Any]:
@@ -143,6 +185,7 @@ def dot_throughput(spec: dict[str, Any]) -> dict[str, Any]:
 KINDS = {
     "step_time": step_time,
     "compile_time": compile_time,
+    "grad_support": grad_support,
     "memory": memory,
     "copy_bandwidth": copy_bandwidth,
     "dot_throughput": dot_throughput,

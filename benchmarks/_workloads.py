@@ -92,15 +92,27 @@ def _loss(out: Any, target: Any) -> Any:
 
 
 def make_program(
-    method: str, net: brainstate.nn.Module, batch: int, n_in: int, steps: int, online_inputs: bool
+    method: str,
+    net: brainstate.nn.Module,
+    batch: int,
+    n_in: int,
+    steps: int,
+    online_inputs: bool,
+    learner: Any = None,
+    param_paths: Any = None,
 ) -> tuple[Any, tuple[Any, ...], Any]:
     """``(jitted program, its arguments, learner or None)``.
 
     Without ``online_inputs`` the arguments are ``(xs, targets)`` with a leading time axis;
-    with it, a PRNG key.
+    with it, a PRNG key. ``param_paths`` (state paths) restricts the gradient to those
+    parameters; ``learner`` reuses one already made for ``net``.
     """
     params = net.states(brainstate.ParamState)
-    learner = make_learner(method, net) if method in ("d_rtrl", "es_d_rtrl") else None
+    if param_paths is not None:
+        wanted = {tuple(path) for path in param_paths}
+        params = {path: state for path, state in params.items() if path in wanted}
+    if learner is None and method in ("d_rtrl", "es_d_rtrl"):
+        learner = make_learner(method, net)
 
     def inputs_at(data: Any, t: Any) -> tuple[Any, Any]:
         if online_inputs:

@@ -16,7 +16,10 @@ One command: ``uv run python benchmarks/performance.py`` (``--quick`` for a smok
 4. D_RTRL's memory-traffic floor: the trace read once and written once per step at the
    bandwidth measured for a copy of about the trace's size (caches make small copies faster),
    and the ratio of the measured step time to it;
-5. compile time: ``compile_graph`` and the first jitted single-step gradient.
+5. compile time: ``compile_graph`` and the first jitted single-step gradient;
+6. which parameters each library's ES_D_RTRL gives a zero gradient, and ours again with the
+   gradient of its trace-carrying weights alone (``es_d_rtrl[traced]``): the same work as a
+   learner that returns zero for the rest, for comparing like with like (not a target).
 
 The peer lives in its own virtual environment (``--peer-env``, created with ``uv`` on first
 use, ``braintrace==0.2.6``); it is never installed into the project's environment.
@@ -39,6 +42,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 PEER_REQUIREMENT = "braintrace==0.2.6"
 METHODS = ("forward", "bptt", "d_rtrl", "es_d_rtrl")
+# ES_D_RTRL differentiating only the parameters that carry eligibility traces (an equal-work comparison)
+TRACED_ONLY = "es_d_rtrl[traced]"
 
 
 def _run_worker(python: str, specs: list[dict[str, Any]], timeout: float = 1800.0) -> list[dict[str, Any]]:
@@ -145,12 +150,21 @@ def measure(quick: bool, peer: str | None) -> dict[str, Any]:
     jobs.append((ours, {"kind": "dot_throughput", "shapes": shapes, "repeats": 50}))
     labels.append(("dot_throughput", {}))
     for model in cfg["models"]:
+        for lib, python in libs.items():
+            jobs.append((python, _spec("grad_support", model, method="es_d_rtrl")))
+            labels.append(("grad_support", {"library": lib, "model": model[0], "hidden": model[3]}))
         for method in METHODS:
             for lib, python in libs.items():  # interleaved: both libraries see the same machine state
                 spec = _spec("step_time", model, method=method, steps=cfg["steps"], repeats=cfg["repeats"])
                 row = {"library": lib, "model": model[0], "batch": model[1], "n_in": model[2], "hidden": model[3]}
                 jobs.append((python, spec))
                 labels.append(("step_time", {**row, "method": method}))
+        # ours again with the gradient of the trace-carrying weights alone: the work of a learner
+        # that returns zero for every other parameter
+        spec = _spec("step_time", model, method="es_d_rtrl", steps=cfg["steps"], repeats=cfg["repeats"])
+        jobs.append((ours, {**spec, "gradients": "traced"}))
+        row = {"library": "etp", "model": model[0], "batch": model[1], "n_in": model[2], "hidden": model[3]}
+        labels.append(("step_time", {**row, "method": TRACED_ONLY}))
     for method in ("bptt", "d_rtrl", "es_d_rtrl"):
         for steps in cfg["memory_T"]:
             jobs.append((ours, _spec("memory", cfg["memory_model"], method=method, steps=steps)))
@@ -169,6 +183,9 @@ def measure(quick: bool, peer: str | None) -> dict[str, Any]:
     results["dot_throughput"] = measured[1]
     results["step_time"] = [
         {**row, **m} for (kind, row), m in zip(labels, measured, strict=True) if kind == "step_time"
+    ]
+    results["grad_support"] = [
+        {**row, **m} for (kind, row), m in zip(labels, measured, strict=True) if kind == "grad_support"
     ]
     results["memory"] = {
         "model": cfg["memory_model"],
@@ -233,7 +250,8 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
             continue
         entry: dict[str, Any] = {k: row[k] for k in ("model", "hidden", "method")}
         entry["etp_ms"] = row["ms_per_step"]
-        peer = _lookup(rows, library="peer", model=row["model"], hidden=row["hidden"], method=row["method"])
+        peer_method = "es_d_rtrl" if row["method"] == TRACED_ONLY else row["method"]
+        peer = _lookup(rows, library="peer", model=row["model"], hidden=row["hidden"], method=peer_method)
         if peer and "ms_per_step" in peer:
             entry["peer_ms"] = peer["ms_per_step"]
             entry["ratio_to_peer"] = row["ms_per_step"] / peer["ms_per_step"]
@@ -274,11 +292,25 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
     targets = {
         "d_rtrl_vs_peer<=0.5": [e.get("ratio_to_peer") for e in ratios if e["method"] == "d_rtrl"],
         "es_d_rtrl_vs_peer<=0.7": [e.get("ratio_to_peer") for e in ratios if e["method"] == "es_d_rtrl"],
+        # not a target: the same with gradients of the trace-carrying weights alone
+        "es_d_rtrl[traced]_vs_peer": [e.get("ratio_to_peer") for e in ratios if e["method"] == TRACED_ONLY],
         "d_rtrl_vs_floor<=2": [e.get("ratio_to_floor") for e in ratios if e["method"] == "d_rtrl"],
         "online_memory_growth<=1.1": {m: g["xla_ratio"] for m, g in growth.items() if m != "bptt"},
         "compile_vs_peer<=1": compile_cmp,
     }
-    return {"ratios": ratios, "memory_growth": growth, "compile_ratio_to_peer": compile_cmp, "targets": targets}
+    support = {}
+    for row in results.get("grad_support", []):
+        if "nonzero" in row:
+            label = f"{row['model']} H={row['hidden']}"
+            zero = [path for path in row["all"] if path not in row["nonzero"]]
+            support.setdefault(label, {})[row["library"]] = [".".join(map(str, path)) for path in zero]
+    return {
+        "ratios": ratios,
+        "memory_growth": growth,
+        "compile_ratio_to_peer": compile_cmp,
+        "zero_gradients_es_d_rtrl": support,
+        "targets": targets,
+    }
 
 
 def _fmt(value: Any, spec: str = ".2f") -> str:
@@ -307,6 +339,10 @@ def print_tables(results: dict[str, Any]) -> None:
     for row in results["step_time"]:
         if "error" in row:
             print(f"  error: {row['library']} {row['model']} H={row['hidden']} {row['method']}: {row['error']}")
+    print("\nES_D_RTRL: parameters given a zero gradient (random inputs, a few steps)")
+    for label, by_library in results["summary"]["zero_gradients_es_d_rtrl"].items():
+        listed = "; ".join(f"{lib}: {', '.join(paths) or 'none'}" for lib, paths in by_library.items())
+        print(f"  {label:<12} {listed}")
     print("\nmemory vs T (XLA compiled program, MB / peak RSS, MB)")
     for row in results["memory"]["rows"]:
         if "xla_total_bytes" in row:

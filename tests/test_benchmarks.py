@@ -26,7 +26,7 @@ def test_performance_benchmark_quick_run(tmp_path: Path) -> None:
     assert "ms per step (median)" in proc.stdout
     results = json.loads((tmp_path / "results.json").read_text())
     rows = results["step_time"]
-    assert {r["method"] for r in rows} == {"forward", "bptt", "d_rtrl", "es_d_rtrl"}
+    assert {r["method"] for r in rows} == {"forward", "bptt", "d_rtrl", "es_d_rtrl", "es_d_rtrl[traced]"}
     assert all(r["ms_per_step"] > 0 for r in rows), rows
     d_rtrl = next(r for r in rows if r["method"] == "d_rtrl")
     # GRU(8 -> 16): Wz and Wh carry (B, I + H, H) weight traces plus (B, H) bias traces, float32
@@ -42,6 +42,15 @@ def test_performance_benchmark_quick_run(tmp_path: Path) -> None:
     # at least the step's matrix products: the three gates (B, I + H) @ (I + H, H) and the readout (H -> 10)
     assert forward["flops_per_step"] >= 3 * 2 * 4 * (8 + 16) * 16 + 2 * 4 * 16 * 10
     assert all(r["flops_per_step"] >= forward["flops_per_step"] for r in rows)
+    # ours gives every parameter of the GRU a gradient; the equal-work row differentiates the
+    # trace-carrying weights alone (Wz and Wh: Wr reaches h through Wh, the readout through none)
+    support = results["grad_support"][0]
+    assert support["library"] == "etp" and support["nonzero"] == support["all"]
+    assert results["summary"]["zero_gradients_es_d_rtrl"] == {"gru H=16": {"etp": []}}
+    traced = next(r for r in rows if r["method"] == "es_d_rtrl[traced]")
+    assert traced["param_paths"] == [["cell", "Wh", "weight"], ["cell", "Wz", "weight"]]
+    full = next(r for r in rows if r["method"] == "es_d_rtrl")
+    assert traced["flops_per_step"] < full["flops_per_step"]
     compile_rows = {r["method"]: r for r in results["compile_time"]}
     assert set(compile_rows) == {"d_rtrl", "es_d_rtrl"}
     assert all(r["total_s"] == r["compile_graph_s"] + r["first_step_s"] > 0 for r in compile_rows.values())
