@@ -93,9 +93,7 @@ def grad_support(spec: dict[str, Any]) -> dict[str, Any]:
     learner = work.make_learner(method, net)
     _compile_learner(learner, batch, n_in)
     params = net.states(brainstate.ParamState)
-    grad = brainstate.transform.jit(
-        brainstate.transform.grad(lambda x, y: jnp.mean((learner(x) - y) ** 2), params)
-    )
+    grad = brainstate.transform.jit(brainstate.transform.grad(lambda x, y: jnp.mean((learner(x) - y) ** 2), params))
     magnitude = {path: 0.0 for path in params}
     key = jax.random.PRNGKey(1)
     for _ in range(spec.get("steps", 5)):
