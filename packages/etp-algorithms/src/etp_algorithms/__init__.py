@@ -4,6 +4,7 @@
 - :class:`ETraceAlgorithm`: the learner frame (custom_vjp gradients, traces as states).
 - :class:`ParamDimVjpAlgorithm` / :data:`D_RTRL`: parameter-dimension traces.
 - :class:`IODimVjpAlgorithm` / :data:`ES_D_RTRL` / :data:`pp_prop`: input/output-dimension traces.
+- :func:`jit_in_place`: a jitted step that updates the states it writes (traces) in place.
 """
 
 from ._base import EligibilityTrace, ETraceAlgorithm
@@ -11,6 +12,7 @@ from ._d_rtrl import D_RTRL, ParamDimVjpAlgorithm
 from ._es_d_rtrl import ES_D_RTRL, IODimVjpAlgorithm, pp_prop
 from ._executor import ETraceGraphExecutor, StepValues
 from ._inputs import MultiStepData, SingleStepData
+from ._jit_in_place import jit_in_place
 
 __version__ = "0.1.0"
 
@@ -27,4 +29,5 @@ __all__ = [
     "pp_prop",
     "SingleStepData",
     "MultiStepData",
+    "jit_in_place",
 ]

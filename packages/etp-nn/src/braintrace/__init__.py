@@ -12,6 +12,7 @@ from etp_algorithms import (
     ETraceGraphExecutor,
     IODimVjpAlgorithm,
     ParamDimVjpAlgorithm,
+    jit_in_place,
     pp_prop,
 )
 from etp_compiler import (
@@ -95,6 +96,7 @@ __all__ = [
     "ES_D_RTRL",
     "IODimVjpAlgorithm",
     "pp_prop",
+    "jit_in_place",
     "EligibilityTrace",
     "ETraceAlgorithm",
     "ETraceGraphExecutor",
