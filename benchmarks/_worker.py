@@ -85,6 +85,36 @@ def step_time(spec: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def per_step(spec: dict[str, Any]) -> dict[str, Any]:
+    """ms per step of a training step called from Python once per time step (the inputs sliced
+    beforehand): jitted with ``brainstate.transform.jit``, or (``spec["jit"] == "in_place"``, this
+    project only) with ``braintrace.jit_in_place``, which donates the written states' buffers."""
+    model, method, batch, n_in, hidden = spec["model"], spec["method"], spec["batch"], spec["n_in"], spec["hidden"]
+    steps, repeats = spec["steps"], spec["repeats"]
+    net = work.build(model, batch, n_in, hidden)
+    learner = work.make_learner(method, net)
+    _compile_learner(learner, batch, n_in)
+    params = net.states(brainstate.ParamState)
+    jit = braintrace.jit_in_place if spec.get("jit") == "in_place" else brainstate.transform.jit
+
+    @jit
+    def step(x: Any, y: Any) -> Any:
+        return brainstate.transform.grad(lambda x, y: jnp.mean((learner(x) - y) ** 2), params)(x, y)
+
+    kx, ky = jax.random.split(jax.random.PRNGKey(0))
+    xs = list(jax.random.normal(kx, (steps, batch, n_in)))
+    ys = list(jax.random.normal(ky, (steps, batch, work.N_OUT)))
+    _block(step(xs[0], ys[0]))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for x, y in zip(xs, ys, strict=True):
+            grads = step(x, y)
+        _block(grads)
+        times.append(time.perf_counter() - start)
+    return {"ms_per_step": 1e3 * statistics.median(times) / steps}
+
+
 def grad_support(spec: dict[str, Any]) -> dict[str, Any]:
     """The parameters to which the learner returns a nonzero gradient, summed over a few steps of
     random inputs (state paths; the same in both libraries for the benchmark's models)."""
@@ -184,6 +214,7 @@ KINDS = {
     "step_time": step_time,
     "compile_time": compile_time,
     "grad_support": grad_support,
+    "per_step": per_step,
     "memory": memory,
     "copy_bandwidth": copy_bandwidth,
     "dot_throughput": dot_throughput,

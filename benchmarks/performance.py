@@ -17,7 +17,10 @@ One command: ``uv run python benchmarks/performance.py`` (``--quick`` for a smok
    bandwidth measured for a copy of about the trace's size (caches make small copies faster),
    and the ratio of the measured step time to it;
 5. compile time: ``compile_graph`` and the first jitted single-step gradient;
-6. which parameters each library's ES_D_RTRL gives a zero gradient, and ours again with the
+6. a step called from Python once per time step (the usual way to drive an online learner
+   outside a compiled loop): both libraries under ``brainstate.transform.jit``, and ours under
+   ``braintrace.jit_in_place``, which donates the buffers of the states the step writes;
+7. which parameters each library's ES_D_RTRL gives a zero gradient, and ours again with the
    gradient of its trace-carrying weights alone (``es_d_rtrl[traced]``): the same work as a
    learner that returns zero for the rest, for comparing like with like (not a target).
 
@@ -115,6 +118,7 @@ def _configs(quick: bool) -> dict[str, Any]:
             "bandwidth_bytes": 1 << 22,
             "compile_models": [("gru", 4, 8, 16)],
             "compile_repeats": 1,
+            "per_step_models": [("gru", 4, 8, 16)],
         }
     return {
         "models": [("gru", 32, 64, 256), ("gru", 32, 64, 512), ("lif", 32, 128, 256), ("lif", 32, 128, 512)],
@@ -125,6 +129,7 @@ def _configs(quick: bool) -> dict[str, Any]:
         "bandwidth_bytes": 1 << 28,
         "compile_models": [("gru", 32, 64, 256), ("lif", 32, 128, 256)],
         "compile_repeats": 3,
+        "per_step_models": [("gru", 32, 64, 256), ("lif", 32, 128, 256)],
     }
 
 
@@ -165,6 +170,17 @@ def measure(quick: bool, peer: str | None) -> dict[str, Any]:
         jobs.append((ours, {**spec, "gradients": "traced"}))
         row = {"library": "etp", "model": model[0], "batch": model[1], "n_in": model[2], "hidden": model[3]}
         labels.append(("step_time", {**row, "method": TRACED_ONLY}))
+    # a step called from Python once per time step: the peer and ours under brainstate's jit, ours
+    # under jit_in_place (written states donated)
+    for model in cfg["per_step_models"]:
+        for method in ("d_rtrl", "es_d_rtrl"):
+            for lib, python, jit in [(lib, python, "brainstate") for lib, python in libs.items()] + [
+                ("etp", ours, "in_place")
+            ]:
+                spec = _spec("per_step", model, method=method, steps=cfg["steps"], repeats=cfg["repeats"], jit=jit)
+                jobs.append((python, spec))
+                row = {"library": lib, "model": model[0], "hidden": model[3], "method": method, "jit": jit}
+                labels.append(("per_step", row))
     for method in ("bptt", "d_rtrl", "es_d_rtrl"):
         for steps in cfg["memory_T"]:
             jobs.append((ours, _spec("memory", cfg["memory_model"], method=method, steps=steps)))
@@ -184,6 +200,7 @@ def measure(quick: bool, peer: str | None) -> dict[str, Any]:
     results["step_time"] = [
         {**row, **m} for (kind, row), m in zip(labels, measured, strict=True) if kind == "step_time"
     ]
+    results["per_step"] = [{**row, **m} for (kind, row), m in zip(labels, measured, strict=True) if kind == "per_step"]
     results["grad_support"] = [
         {**row, **m} for (kind, row), m in zip(labels, measured, strict=True) if kind == "grad_support"
     ]
@@ -339,6 +356,22 @@ def print_tables(results: dict[str, Any]) -> None:
     for row in results["step_time"]:
         if "error" in row:
             print(f"  error: {row['library']} {row['model']} H={row['hidden']} {row['method']}: {row['error']}")
+    print("\nstep called from Python once per time step, ms (etp/peer)")
+    for row in results.get("per_step", []):
+        peer = _lookup(
+            results["per_step"], library="peer", model=row["model"], hidden=row["hidden"], method=row["method"]
+        )
+        ratio = (
+            row["ms_per_step"] / peer["ms_per_step"]
+            if peer and "ms_per_step" in peer and "ms_per_step" in row
+            else None
+        )
+        label = f"{row['library']:<5} {row['model']} H={row['hidden']} {row['method']:<10} {row['jit']:<11}"
+        print(
+            f"  {label}{_fmt(row.get('ms_per_step')):>8}  ({_fmt(ratio)})"
+            if "error" not in row
+            else f"  {label} error: {row['error']}"
+        )
     print("\nES_D_RTRL: parameters given a zero gradient (random inputs, a few steps)")
     for label, by_library in results["summary"]["zero_gradients_es_d_rtrl"].items():
         listed = "; ".join(f"{lib}: {', '.join(paths) or 'none'}" for lib, paths in by_library.items())
@@ -431,7 +464,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {path}")
     print(f"wrote {args.out / 'results.json'}")
     errors = [
-        r for r in results["step_time"] + results["memory"]["rows"] if "error" in r and r.get("library") != "peer"
+        r
+        for r in results["step_time"] + results["per_step"] + results["memory"]["rows"]
+        if "error" in r and r.get("library") != "peer"
     ]
     return 1 if errors else 0
 

@@ -51,6 +51,10 @@ def test_performance_benchmark_quick_run(tmp_path: Path) -> None:
     assert traced["param_paths"] == [["cell", "Wh", "weight"], ["cell", "Wz", "weight"]]
     full = next(r for r in rows if r["method"] == "es_d_rtrl")
     assert traced["flops_per_step"] < full["flops_per_step"]
+    per_step = {(r["method"], r["jit"]): r for r in results["per_step"]}
+    assert set(per_step) == {(m, j) for m in ("d_rtrl", "es_d_rtrl") for j in ("brainstate", "in_place")}
+    assert all(r["library"] == "etp" and r["ms_per_step"] > 0 for r in per_step.values()), per_step
+    assert "step called from Python once per time step" in proc.stdout
     compile_rows = {r["method"]: r for r in results["compile_time"]}
     assert set(compile_rows) == {"d_rtrl", "es_d_rtrl"}
     assert all(r["total_s"] == r["compile_graph_s"] + r["first_step_s"] > 0 for r in compile_rows.values())
