@@ -12,35 +12,26 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
-from typing import Any
 
 import brainstate
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_learner_transforms import LEARNERS, _assert_tree_equal, _compiled, _data, _grad_fn, _model, _values
+from test_learner_transforms import (
+    LEARNERS,
+    _assert_tree_equal,
+    _compiled,
+    _data,
+    _grad_fn,
+    _model,
+    _train_step,
+    _values,
+)
 
-from etp_algorithms import EligibilityTrace, ETraceAlgorithm, jit_in_place
+from etp_algorithms import EligibilityTrace, jit_in_place
 
 Array = jax.Array
-
-
-def _train_step(
-    learner: ETraceAlgorithm, model: brainstate.nn.Module, target: Array, counter: list[int]
-) -> Callable[[Array], Any]:
-    grads = _grad_fn(learner, model, target)
-    params = model.states(brainstate.ParamState)
-
-    def step(x: Array) -> Any:
-        counter[0] += 1
-        g = grads(x)
-        for path, state in params.items():
-            state.value = jax.tree.map(lambda p, d: p - 0.05 * d, state.value, g[path])
-        return g
-
-    return step
 
 
 @pytest.mark.parametrize("kind", list(LEARNERS))

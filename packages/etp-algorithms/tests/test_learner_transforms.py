@@ -110,28 +110,30 @@ def _assert_tree_close(a: Any, b: Any, rtol: float = 1e-12) -> None:
 # ---------------------------------------------------------------------------------------------------- 1. jit
 
 
+def _train_step(
+    learner: ETraceAlgorithm, model: brainstate.nn.Module, target: Array, counter: list[int], lr: float = 0.05
+) -> Callable[[Array], Any]:
+    """One online SGD step; returns the gradients and counts how often it is traced (or run eagerly)."""
+    grads = _grad_fn(learner, model, target)
+    params = model.states(brainstate.ParamState)
+
+    def step(x: Array) -> Any:
+        counter[0] += 1
+        g = grads(x)
+        for path, state in params.items():
+            state.value = jax.tree.map(lambda p, d: p - lr * d, state.value, g[path])
+        return g
+
+    return step
+
+
 @pytest.mark.parametrize("kind", list(LEARNERS))
 def test_jitted_train_step_equals_eager_and_traces_once(kind: str, rng: np.random.Generator) -> None:
     xs, target = _data(rng)
-    lr = 0.05
-
-    def train_step(learner: ETraceAlgorithm, model: brainstate.nn.Module, counter: list[int]) -> Callable[[Array], Any]:
-        grads = _grad_fn(learner, model, target)
-        params = model.states(brainstate.ParamState)
-
-        def step(x: Array) -> Array:
-            counter[0] += 1
-            g = grads(x)
-            for path, state in params.items():
-                state.value = jax.tree.map(lambda p, d: p - lr * d, state.value, g[path])
-            return jnp.sum(model.h.value)
-
-        return step
-
     eager_model, jit_model = _model(), _model()
     eager_count, jit_count = [0], [0]
-    eager = train_step(_compiled(kind, eager_model, xs[0]), eager_model, eager_count)
-    jitted = brainstate.transform.jit(train_step(_compiled(kind, jit_model, xs[0]), jit_model, jit_count))
+    eager = _train_step(_compiled(kind, eager_model, xs[0]), eager_model, target, eager_count)
+    jitted = brainstate.transform.jit(_train_step(_compiled(kind, jit_model, xs[0]), jit_model, target, jit_count))
     for t in range(T):
         eager(xs[t])
         jitted(xs[t])
