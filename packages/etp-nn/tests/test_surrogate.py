@@ -150,3 +150,16 @@ def test_classes_are_frozen_hashable_values() -> None:
 def test_bad_shape_parameters(make: Callable[[], Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_surrogate_is_an_importable_module() -> None:
+    import importlib
+
+    module = importlib.import_module("etp_nn.surrogate")
+    assert module is etp_nn.surrogate
+    assert set(module.__all__) == {
+        "sigmoid", "piecewise_linear", "arctan", "gaussian", "Surrogate",
+        "SigmoidSurrogate", "PiecewiseLinearSurrogate", "ArctanSurrogate", "GaussianSurrogate",
+    }  # fmt: skip
+    for name in ("Surrogate", "SigmoidSurrogate", "PiecewiseLinearSurrogate", "ArctanSurrogate", "GaussianSurrogate"):
+        assert getattr(module, name) is getattr(etp_nn, name)

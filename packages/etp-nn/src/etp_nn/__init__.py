@@ -17,7 +17,7 @@ work; recurrent and neuronal state lives in ``brainstate.HiddenState``.
   :class:`LayerNorm`, :class:`RMSNorm`.
 """
 
-from . import _surrogate as surrogate
+from . import surrogate
 from ._conv import Conv1d, Conv2d, Conv3d
 from ._linear import Embedding, Linear, LoRA, ScaledWSLinear, SignedWLinear, SparseLinear
 from ._neurons import ALIF, IF, LIF, Expon
