@@ -12,18 +12,6 @@ import jax.numpy as jnp
 import numpy as np
 import saiunit as u
 
-__all__ = [
-    "sigmoid",
-    "piecewise_linear",
-    "arctan",
-    "gaussian",
-    "Surrogate",
-    "SigmoidSurrogate",
-    "PiecewiseLinearSurrogate",
-    "ArctanSurrogate",
-    "GaussianSurrogate",
-]
-
 
 def _as_dimensionless(x: Any, where: str) -> jax.Array:
     """``x`` as a floating JAX array; a dimensionless Quantity is unwrapped, any other unit is an error."""
