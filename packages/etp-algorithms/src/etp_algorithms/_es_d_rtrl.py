@@ -60,7 +60,7 @@ def _decay_from(decay_or_rank: float | int) -> float:
 def _contract_states(group: Any, g: dict[StatePath, Any], per_state: Any, extra: int) -> Any:
     r"""``sum_s g_s * per_state[..., s]``, also summed over the ``extra`` leading hidden axes."""
     total = etp.pairwise_sum([g[path] * per_state[..., s] for s, path in enumerate(group.hidden_paths)])
-    return jnp.sum(total, axis=tuple(range(extra))) if extra else total
+    return etp.sum_leading_axes(total, total.ndim - extra)
 
 
 class IODimVjpAlgorithm(ETraceAlgorithm):
