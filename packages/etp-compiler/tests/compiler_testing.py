@@ -64,11 +64,11 @@ def reference_blocks(group: HiddenGroup, hidden: Sequence[Any], consts: Sequence
 
 
 def y_to_hidden_fn(relation: HiddenParamOpRelation, group: HiddenGroup, consts: Sequence[Any]) -> Callable[[Any], Any]:
-    """``y -> stack of the group's new states`` (state axis last), evaluated with ``jax.core.eval_jaxpr``."""
+    """``y -> stack of the group's new states`` (state axis last), evaluated with ``OpenJaxpr.evaluate``."""
     jaxpr, _ = relation.y_to_hidden[group.index]
 
     def fn(y: Any) -> Any:
-        outs = jax.core.eval_jaxpr(jaxpr, list(consts), y)
+        outs = jaxpr.evaluate(list(consts), y)
         return jnp.stack([jnp.broadcast_to(o, group.varshape) for o in outs], axis=-1)
 
     return fn
@@ -111,5 +111,5 @@ def eval_weight_fn(graph: ETraceGraph, relation: HiddenParamOpRelation, key: str
     """Evaluate ``relation.weight_fns[key]`` on the ParamState leaves named in ``trainable_paths``."""
     jaxpr, const_vars = relation.weight_fns[key]
     leaves = [leaf_value(graph.module_info, leaf) for leaf in relation.trainable_paths[key]]
-    (out,) = jax.core.eval_jaxpr(jaxpr, [env[v] for v in const_vars], *leaves)
+    (out,) = jaxpr.evaluate([env[v] for v in const_vars], *leaves)
     return out

@@ -132,7 +132,7 @@ def test_transformed_weight_is_traced_to_its_param_state(name: str, weight_fn: A
     # the weight function is a function of the leaf: a new leaf value gives the new transformed weight
     jaxpr, consts = relation.weight_fns["weight"]
     other = jnp.arange(12.0).reshape(3, 4) - 6.0
-    (out,) = jax.core.eval_jaxpr(jaxpr, [env[v] for v in consts], other)
+    (out,) = jaxpr.evaluate([env[v] for v in consts], other)
     model.w.value = other
     np.testing.assert_allclose(out, weight_fn(model), rtol=1e-14)
 

@@ -7,6 +7,11 @@
 - :func:`jit_in_place`: a jitted step that updates the states it writes (traces) in place.
 """
 
+# Before anything imports JAX-dependent code: a clear error for an unsupported JAX/brainstate.
+from etp_primitives.versions import check_installed as _check_installed
+
+_check_installed("etp-algorithms", ("jax", "brainstate", "numpy"))
+
 from ._base import EligibilityTrace, ETraceAlgorithm
 from ._d_rtrl import D_RTRL, ParamDimVjpAlgorithm
 from ._es_d_rtrl import ES_D_RTRL, IODimVjpAlgorithm, pp_prop

@@ -11,6 +11,12 @@ Four stages, each a public function with a typed result:
 :class:`CompilationRecord` (``graph.diagnostics``, ``graph.explain()``).
 """
 
+# Before anything imports JAX-dependent code: a clear error for an unsupported JAX/brainstate.
+from etp_primitives.versions import check_installed as _check_installed
+
+_check_installed("etp-compiler", ("jax", "brainstate", "numpy"))
+
+from ._compat import OpenJaxpr
 from ._diagnostics import CompilationRecord, DiagnosticKind, DiagnosticLevel
 from ._errors import CompilationError
 from ._graph import (
@@ -39,6 +45,7 @@ __all__ = [
     "HiddenParamOpRelation",
     "HiddenPerturbation",
     "ModuleInfo",
+    "OpenJaxpr",
     "StatePath",
     "WeightLeaf",
     "eval_eqns",

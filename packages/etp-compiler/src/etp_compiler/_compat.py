@@ -1,26 +1,103 @@
-"""The one place where etp_compiler touches JAX internals (jaxpr types)."""
+"""The one place where etp_compiler touches JAX internals (jaxpr types).
+
+JAX 0.11 merged ``ClosedJaxpr`` into ``Jaxpr``: a jaxpr now carries its constants' values,
+its ``constvars`` are exactly the inputs with values attached, and a jaxpr built with
+constvars but without values treats them as leading ``invars``. The compiler cuts jaxprs
+out of a traced step whose constants are bound only when the slice is evaluated, so it keeps
+them in :class:`OpenJaxpr`, which holds constvars and invars apart on every JAX version.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from jax.extend.core import ClosedJaxpr, DebugInfo, Jaxpr, JaxprEqn, Literal, Var
+import jax
+from jax.extend.core import DebugInfo, Jaxpr, JaxprEqn, Literal, Var
 
-__all__ = ["ClosedJaxpr", "Jaxpr", "JaxprEqn", "Literal", "Var", "new_jaxpr", "aval_shape", "aval_dtype"]
+# isort: off
+# jax < 0.11: a class of its own; jax >= 0.11: an alias of Jaxpr that type checkers do not see as exported
+from jax.extend.core import ClosedJaxpr  # type: ignore[attr-defined, unused-ignore]
+
+# isort: on
+
+__all__ = [
+    "ClosedJaxpr",
+    "Jaxpr",
+    "JaxprEqn",
+    "Literal",
+    "OpenJaxpr",
+    "Var",
+    "aval_dtype",
+    "aval_shape",
+    "new_jaxpr",
+]
+
+
+@dataclass(frozen=True, eq=False)
+class OpenJaxpr:
+    """A slice of a traced step: equations, with constant inputs bound only at evaluation.
+
+    Evaluate it with :meth:`evaluate` (constants' values, then arguments); ``str()`` prints
+    it as a JAX jaxpr whose leading inputs are the constvars, and :meth:`as_jaxpr` returns
+    that jaxpr, which ``jax.core.eval_jaxpr(j, [], *consts, *args)`` evaluates on every
+    JAX version.
+
+    Attributes
+    ----------
+    constvars : tuple of Var
+        Inputs that are constants of the slice (values of the enclosing step).
+    invars : tuple of Var
+        The slice's arguments.
+    outvars : tuple
+        Its results (variables or literals).
+    eqns : tuple of JaxprEqn
+        Its equations, in evaluation order.
+    name : str
+        What the slice computes (shown in error messages and printouts).
+    """
+
+    constvars: tuple[Var, ...]
+    invars: tuple[Var, ...]
+    outvars: tuple[Any, ...]
+    eqns: tuple[JaxprEqn, ...]
+    name: str
+
+    def as_jaxpr(self) -> Jaxpr:
+        """A JAX :class:`~jax.extend.core.Jaxpr` with the constvars as its leading inputs."""
+        return Jaxpr(
+            [],
+            [*self.constvars, *self.invars],
+            list(self.outvars),
+            list(self.eqns),
+            debug_info=DebugInfo("etp_compiler", self.name, None, None),
+        )
+
+    def evaluate(self, consts: Sequence[Any], *args: Any) -> list[Any]:
+        """The slice's results for the constants' values ``consts`` and the arguments ``args``."""
+        if len(consts) != len(self.constvars) or len(args) != len(self.invars):
+            raise TypeError(
+                f"{self.name}: expected {len(self.constvars)} constant values and {len(self.invars)} arguments, "
+                f"got {len(consts)} and {len(args)}"
+            )
+        return list(jax.core.eval_jaxpr(self.as_jaxpr(), [], *consts, *args))
+
+    def __str__(self) -> str:
+        return str(self.as_jaxpr())
+
+    def __repr__(self) -> str:
+        return (
+            f"OpenJaxpr({self.name!r}: {len(self.constvars)} constvars, {len(self.invars)} invars, "
+            f"{len(self.outvars)} outvars, {len(self.eqns)} eqns)"
+        )
 
 
 def new_jaxpr(
     constvars: Sequence[Var], invars: Sequence[Var], outvars: Sequence[Any], eqns: Sequence[JaxprEqn], name: str
-) -> Jaxpr:
-    """A :class:`Jaxpr` built from pieces of another, with the debug info recent JAX versions require."""
-    return Jaxpr(
-        list(constvars),
-        list(invars),
-        list(outvars),
-        list(eqns),
-        debug_info=DebugInfo("etp_compiler", name, None, None),
-    )
+) -> OpenJaxpr:
+    """An :class:`OpenJaxpr` built from pieces of a traced step."""
+    return OpenJaxpr(tuple(constvars), tuple(invars), tuple(outvars), tuple(eqns), name)
 
 
 def aval_shape(atom: Any) -> tuple[int, ...]:

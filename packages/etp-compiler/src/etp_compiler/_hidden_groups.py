@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from ._compat import Jaxpr, JaxprEqn, Var, aval_shape, new_jaxpr
+from ._compat import JaxprEqn, OpenJaxpr, Var, aval_shape, new_jaxpr
 from ._diagnostics import CompilationRecord, DiagnosticKind, DiagnosticLevel
 from ._elementwise import is_positionwise
 from ._errors import CompilationError
@@ -84,7 +84,7 @@ class HiddenGroup:
         The common shape of the states (batch axes included).
     num_state : int
         :math:`S`, the number of states.
-    transition_jaxpr : Jaxpr
+    transition_jaxpr : OpenJaxpr
         :math:`h^{t-1} \mapsto h^t` with every trainable ETP output and every
         other input held as a constant (``constvars``).
     transition_jaxpr_constvars : tuple of Var
@@ -100,7 +100,7 @@ class HiddenGroup:
     hidden_invars: tuple[Var, ...]
     hidden_outvars: tuple[Var, ...]
     varshape: tuple[int, ...]
-    transition_jaxpr: Jaxpr
+    transition_jaxpr: OpenJaxpr
     transition_jaxpr_constvars: tuple[Var, ...]
     is_positionwise: bool
     hidden_states: tuple[Any, ...] = field(default=())

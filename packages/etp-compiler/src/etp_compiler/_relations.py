@@ -27,7 +27,7 @@ import numpy as np
 
 from etp_primitives import ETP_X_INVAR_INDICES, ETP_Y_OUTVAR_INDICES, is_etp_primitive, require_rules, trainable_invars
 
-from ._compat import Jaxpr, JaxprEqn, Literal, Var, aval_shape, new_jaxpr
+from ._compat import Jaxpr, JaxprEqn, Literal, OpenJaxpr, Var, aval_shape, new_jaxpr
 from ._diagnostics import CompilationRecord, DiagnosticKind, DiagnosticLevel
 from ._elementwise import is_positionwise
 from ._hidden_groups import HiddenGroup, slice_between
@@ -69,7 +69,7 @@ class HiddenParamOpRelation:
         ``trainable key -> tuple of (state path, leaf key path)``: the ParamState
         leaves each trainable input is computed from.
     weight_fns : dict
-        ``trainable key -> (Jaxpr, const vars)``: the computation from those
+        ``trainable key -> (OpenJaxpr, const vars)``: the computation from those
         leaves to the trainable input (invars: the leaves' vars in
         ``trainable_paths`` order).
     x_var, y_var : Var or None
@@ -77,7 +77,7 @@ class HiddenParamOpRelation:
         The groups whose states ``y`` reaches.
     connected_hidden_paths : tuple of state paths
     y_to_hidden : dict
-        ``group index -> (Jaxpr, const vars)``: :math:`y \mapsto h^t` of the group's states.
+        ``group index -> (OpenJaxpr, const vars)``: :math:`y \mapsto h^t` of the group's states.
     y_to_hidden_positionwise : dict
         ``group index -> bool``.
     path_classification : dict
@@ -90,12 +90,12 @@ class HiddenParamOpRelation:
     weight_path: StatePath
     trainable_vars: dict[str, Var]
     trainable_paths: dict[str, tuple[WeightLeaf, ...]]
-    weight_fns: dict[str, tuple[Jaxpr, tuple[Var, ...]]]
+    weight_fns: dict[str, tuple[OpenJaxpr, tuple[Var, ...]]]
     x_var: Var | Literal | None
     y_var: Var
     hidden_groups: tuple[HiddenGroup, ...]
     connected_hidden_paths: tuple[StatePath, ...]
-    y_to_hidden: dict[int, tuple[Jaxpr, tuple[Var, ...]]] = field(default_factory=dict)
+    y_to_hidden: dict[int, tuple[OpenJaxpr, tuple[Var, ...]]] = field(default_factory=dict)
     y_to_hidden_positionwise: dict[int, bool] = field(default_factory=dict)
     path_classification: dict[StatePath, str] = field(default_factory=dict)
 
@@ -208,7 +208,7 @@ def find_hidden_param_op_relations_from_minfo(
 
         # 1. trainable inputs -> ParamState leaves
         trainable_paths: dict[str, tuple[WeightLeaf, ...]] = {}
-        weight_fns: dict[str, tuple[Jaxpr, tuple[Var, ...]]] = {}
+        weight_fns: dict[str, tuple[OpenJaxpr, tuple[Var, ...]]] = {}
         problem = None
         trainable_vars: dict[str, Var] = {}
         for key, var in trainable_atoms.items():
@@ -319,7 +319,7 @@ def find_hidden_param_op_relations_from_minfo(
             )
             for p in kept
         }
-        y_to_hidden: dict[int, tuple[Jaxpr, tuple[Var, ...]]] = {}
+        y_to_hidden: dict[int, tuple[OpenJaxpr, tuple[Var, ...]]] = {}
         positionwise: dict[int, bool] = {}
         tail = jaxpr.eqns[order[id(eqn)] + 1 :]
         for group in groups:

@@ -17,6 +17,11 @@ work; recurrent and neuronal state lives in ``brainstate.HiddenState``.
   :class:`LayerNorm`, :class:`RMSNorm`.
 """
 
+# Before anything imports JAX-dependent code: a clear error for an unsupported JAX/brainstate.
+from etp_primitives.versions import check_installed as _check_installed
+
+_check_installed("etp-nn", ("jax", "brainstate", "saiunit", "numpy"))
+
 from . import surrogate
 from ._conv import Conv1d, Conv2d, Conv3d
 from ._linear import Embedding, Linear, LoRA, ScaledWSLinear, SignedWLinear, SparseLinear

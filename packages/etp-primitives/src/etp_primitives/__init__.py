@@ -6,6 +6,11 @@ under every transformation, and carries the ETP rules that the compiler and
 the learning algorithms use to build and contract eligibility traces.
 """
 
+# Before anything imports JAX-dependent code: a clear error for an unsupported JAX/brainstate.
+from .versions import check_installed as _check_installed
+
+_check_installed("etp-primitives", ("jax", "saiunit", "numpy"))
+
 from ._primitive import (
     ETPPrimitive,
     default_trainable_invars,
