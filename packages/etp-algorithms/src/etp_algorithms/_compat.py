@@ -1,7 +1,42 @@
-"""The one place where etp_algorithms touches JAX internals."""
+"""The one place where etp_algorithms touches JAX and brainstate internals."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import brainstate
 from jax.extend.core import jaxpr_as_fun
 
-__all__ = ["jaxpr_as_fun"]
+__all__ = [
+    "assign_state_values",
+    "jaxpr_as_fun",
+    "read_state_values",
+    "stateful_function",
+    "traced_states",
+]
+
+
+# brainstate's state tracing, as jit_in_place uses it (the same API on brainstate 0.5.4 and 0.6).
+
+
+def stateful_function(fun: Callable[..., Any], name: str) -> Any:
+    """A ``brainstate.transform.StatefulFunction`` returning only the states it writes."""
+    return brainstate.transform.StatefulFunction(fun, name=name, return_only_write=True)
+
+
+def traced_states(stateful: Any, *args: Any, **kwargs: Any) -> tuple[Any, tuple[bool, ...], list[Any]]:
+    """``(state_trace, written flag per state, current values per state)`` for these arguments (traced once)."""
+    state_trace = stateful.get_state_trace(*args, compile_if_miss=True, **kwargs)
+    written = tuple(bool(flag) for flag in state_trace.been_writen)
+    return state_trace, written, list(state_trace.get_state_values())
+
+
+def read_state_values(state_trace: Any) -> Any:
+    """The values of the states the traced call only reads (to restore them after the call)."""
+    return state_trace.get_read_state_values(True)
+
+
+def assign_state_values(state_trace: Any, read_values: Any, written_values: Sequence[Any]) -> None:
+    """Restore the read states and write ``written_values`` (``None`` for a read state) into the others."""
+    state_trace.assign_state_vals_v2(read_values, list(written_values))

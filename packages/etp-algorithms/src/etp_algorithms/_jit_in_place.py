@@ -6,9 +6,10 @@ import functools
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-import brainstate
 import jax
 import jax.numpy as jnp
+
+from ._compat import assign_state_values, read_state_values, stateful_function, traced_states
 
 __all__ = ["jit_in_place"]
 
@@ -78,7 +79,7 @@ def jit_in_place(fun: Callable[..., Out]) -> Callable[..., Out]:
     >>> float(step(jnp.ones(3))), float(step(jnp.ones(3)))
     (3.0, 6.0)
     """
-    stateful = brainstate.transform.StatefulFunction(fun, name="jit_in_place", return_only_write=True)
+    stateful = stateful_function(fun, "jit_in_place")
 
     def run(written_values: Any, read_values: Any, written: tuple[bool, ...], *args: Any, **kwargs: Any) -> Any:
         written_iter, read_iter = iter(written_values), iter(read_values)
@@ -90,17 +91,15 @@ def jit_in_place(fun: Callable[..., Out]) -> Callable[..., Out]:
 
     @functools.wraps(fun)
     def call(*args: Any, **kwargs: Any) -> Any:
-        state_trace = stateful.get_state_trace(*args, compile_if_miss=True, **kwargs)
-        written = tuple(bool(flag) for flag in state_trace.been_writen)
-        values = state_trace.get_state_values()
+        state_trace, written, values = traced_states(stateful, *args, **kwargs)
         read_values = tuple(value for value, flag in zip(values, written, strict=True) if not flag)
         written_values = _undonated_copies(
             [value for value, flag in zip(values, written, strict=True) if flag], [read_values, args, kwargs]
         )
-        restore_read = state_trace.get_read_state_values(True)
+        restore_read = read_state_values(state_trace)
         new_written, out = compiled(written_values, read_values, written, *args, **kwargs)
         new_iter = iter(new_written)
-        state_trace.assign_state_vals_v2(restore_read, [next(new_iter) if flag else None for flag in written])
+        assign_state_values(state_trace, restore_read, [next(new_iter) if flag else None for flag in written])
         return out
 
     return call

@@ -1,4 +1,4 @@
-"""The one place where etp_compiler touches JAX internals (jaxpr types).
+"""The one place where etp_compiler touches JAX and brainstate internals (jaxpr types, state tracing).
 
 JAX 0.11 merged ``ClosedJaxpr`` into ``Jaxpr``: a jaxpr now carries its constants' values,
 its ``constvars`` are exactly the inputs with values attached, and a jaxpr built with
@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import brainstate
 import jax
 from jax.extend.core import DebugInfo, Jaxpr, JaxprEqn, Literal, Var
 
@@ -32,6 +33,7 @@ __all__ = [
     "aval_dtype",
     "aval_shape",
     "new_jaxpr",
+    "trace_stateful",
 ]
 
 
@@ -108,3 +110,18 @@ def aval_shape(atom: Any) -> tuple[int, ...]:
 def aval_dtype(atom: Any) -> Any:
     """The dtype of a jaxpr variable or literal."""
     return atom.aval.dtype
+
+
+def trace_stateful(model: Any, *args: Any, **kwargs: Any) -> tuple[Any, ClosedJaxpr, tuple[Any, ...], set[int], Any]:
+    """Trace one call of ``model`` with brainstate's state tracing.
+
+    Returns ``(the StatefulFunction, closed jaxpr, states in input order, ids of the states written,
+    output treedef)``;
+    the jaxpr's inputs are the arguments' leaves then every state's leaves, its outputs the
+    call's outputs then the written states' new leaves.
+    """
+    stateful_fn = brainstate.transform.StatefulFunction(model)
+    traced = stateful_fn.get_jaxpr(*args, **kwargs)
+    states = tuple(stateful_fn.get_states(*args, **kwargs))
+    write_ids = {id(s) for s in stateful_fn.get_write_states(*args, **kwargs)}
+    return stateful_fn, traced, states, write_ids, stateful_fn.get_out_treedef(*args, **kwargs)

@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 import brainstate
 import jax
 
-from ._compat import ClosedJaxpr, Jaxpr, Var, aval_dtype, aval_shape
+from ._compat import ClosedJaxpr, Jaxpr, Var, aval_dtype, aval_shape, trace_stateful
 from ._errors import CompilationError
 from ._jaxpr_walk import inline_calls
 
@@ -156,11 +156,7 @@ def extract_module_info(model: brainstate.nn.Module, *args: Any, **kwargs: Any) 
     """
     if not isinstance(model, brainstate.nn.Module):
         raise TypeError(f"extract_module_info expects a brainstate.nn.Module, got {type(model).__name__}.")
-    stateful_fn = brainstate.transform.StatefulFunction(model)
-    traced = stateful_fn.get_jaxpr(*args, **kwargs)
-    states = tuple(stateful_fn.get_states(*args, **kwargs))
-    write_ids = {id(s) for s in stateful_fn.get_write_states(*args, **kwargs)}
-    out_treedef = stateful_fn.get_out_treedef(*args, **kwargs)
+    stateful_fn, traced, states, write_ids, out_treedef = trace_stateful(model, *args, **kwargs)
     closed_jaxpr, inlined_custom_calls = inline_calls(
         traced, _hidden_positions(traced, states, write_ids, args, kwargs)
     )
