@@ -252,3 +252,31 @@ def test_isolation_script_adds_the_same_test_only_siblings() -> None:
     siblings = {name: deps & set(PACKAGES) for name, deps in TEST_ONLY_DEPENDENCIES.items()}
     assert in_script == {name: next(iter(deps)) for name, deps in siblings.items() if deps}
     assert all(len(deps) <= 1 for deps in siblings.values())
+
+
+_INTERNAL_MODULES = ("jax.extend", "jax._src", "jax.interpreters", "jax.core", "brainstate._")
+
+
+def test_jax_and_brainstate_internals_only_through_compat() -> None:
+    """Outside each package's ``_compat.py``: no import of JAX/brainstate internals, no StatefulFunction."""
+    import ast
+
+    offenders = []
+    for path in sorted(ROOT.glob("packages/*/src/**/*.py")):
+        if path.name == "_compat.py":
+            continue
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module]
+            elif isinstance(node, ast.Attribute) and node.attr == "StatefulFunction":
+                names = ["brainstate.transform.StatefulFunction"]
+            offenders += [
+                f"{path.relative_to(ROOT)}:{node.lineno} {name}"
+                for name in names
+                if name.startswith(_INTERNAL_MODULES) or name.endswith("StatefulFunction")
+            ]
+    assert not offenders, offenders
