@@ -25,7 +25,11 @@ One command: ``uv run python benchmarks/performance.py`` (``--quick`` for a smok
    learner that returns zero for the rest, for comparing like with like (not a target).
 
 The peer lives in its own virtual environment (``--peer-env``, created with ``uv`` on first
-use, ``braintrace==0.2.6``); it is never installed into the project's environment.
+use); it is never installed into the project's environment. It follows the interpreter this
+script runs on: ``braintrace==0.2.8`` on Python >= 3.12 (jax 0.12 / brainstate 0.6),
+``braintrace==0.2.6`` on Python 3.11 (jax 0.10 / brainstate 0.5), installed with the same
+Python version and the same jax, jaxlib and brainstate versions as the running environment,
+so that both libraries run on one stack. ``results.json`` records the stack (``"stack"``).
 Output: a table on stdout, ``results.json`` and ``step_time.png``/``memory.png`` under ``--out``.
 """
 
@@ -43,7 +47,11 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-PEER_REQUIREMENT = "braintrace==0.2.6"
+# the released braintrace measured as the peer, by the Python version this script runs on
+PEER_VERSION_PY311 = "0.2.6"  # jax 0.10 / brainstate 0.5
+PEER_VERSION_PY312 = "0.2.8"  # jax 0.12 / brainstate 0.6
+# packages whose versions the peer environment takes from ours
+SHARED_PACKAGES = ("jax", "jaxlib", "brainstate")
 METHODS = ("forward", "bptt", "d_rtrl", "es_d_rtrl")
 # ES_D_RTRL differentiating only the parameters that carry eligibility traces (an equal-work comparison)
 TRACED_ONLY = "es_d_rtrl[traced]"
@@ -86,23 +94,60 @@ def _run_jobs(jobs: list[tuple[str, dict[str, Any]]], batch: bool) -> list[dict[
     return out
 
 
+def peer_version(python_version: tuple[int, ...] = tuple(sys.version_info[:2])) -> str:
+    """The released braintrace measured on this Python: 0.2.8 from 3.12 on, 0.2.6 on 3.11."""
+    return PEER_VERSION_PY312 if tuple(python_version[:2]) >= (3, 12) else PEER_VERSION_PY311
+
+
+def our_stack() -> dict[str, str]:
+    """The running environment's Python and the versions of the packages the peer shares with it."""
+    from importlib.metadata import version
+
+    return {"python": platform.python_version(), **{name: version(name) for name in SHARED_PACKAGES}}
+
+
+def _env_stack(python: Path) -> dict[str, str] | None:
+    """The Python, shared packages' and braintrace versions installed in the environment of ``python``."""
+    script = (
+        "import json, platform; from importlib.metadata import version; "
+        f"print(json.dumps({{'python': platform.python_version(), "
+        f"**{{n: version(n) for n in {(*SHARED_PACKAGES, 'braintrace')!r}}}}}))"
+    )
+    if not python.exists():
+        return None
+    proc = subprocess.run([str(python), "-c", script], capture_output=True, text=True, cwd=HERE)
+    return json.loads(proc.stdout) if proc.returncode == 0 else None
+
+
 def _peer_python(env_dir: Path) -> str | None:
-    """The peer environment's interpreter, created on first use; ``None`` when it cannot be made."""
+    """The peer environment's interpreter, created on first use (and again when its Python, jax,
+    jaxlib, brainstate or braintrace version differ from what this run needs); ``None`` when it
+    cannot be made."""
     python = env_dir / "bin" / "python"
-    check = [str(python), "-c", "import braintrace, sys; sys.exit(braintrace.__version__ != '0.2.6')"]
-    if python.exists() and subprocess.run(check, capture_output=True, cwd=HERE).returncode == 0:
+    wanted = {**our_stack(), "braintrace": peer_version()}
+    found = _env_stack(python)
+    if found == wanted:
         return str(python)
     uv = shutil.which("uv")
     if uv is None:
         print("peer: uv not found; skipping the peer", file=sys.stderr)
         return None
-    print(f"peer: creating {env_dir} with {PEER_REQUIREMENT} (once)", file=sys.stderr)
-    made = subprocess.run([uv, "venv", "--quiet", "--python", sys.executable, str(env_dir)], capture_output=True)
-    installed = subprocess.run(
-        [uv, "pip", "install", "--quiet", "--python", str(python), PEER_REQUIREMENT], capture_output=True, text=True
+    requirements = [f"{name}=={wanted[name]}" for name in ("braintrace", *SHARED_PACKAGES)]
+    print(f"peer: creating {env_dir} with Python {wanted['python']}, {' '.join(requirements)}", file=sys.stderr)
+    # the same Python version as the running interpreter (a fresh environment when it differs)
+    made = subprocess.run(
+        [uv, "venv", "--quiet", "--clear", "--python", sys.executable, str(env_dir)], capture_output=True, text=True
     )
-    if made.returncode or installed.returncode:
-        print(f"peer: could not install {PEER_REQUIREMENT}: {installed.stderr.strip()[-300:]}", file=sys.stderr)
+    if made.returncode:
+        print(f"peer: could not create {env_dir}: {made.stderr.strip()[-300:]}", file=sys.stderr)
+        return None
+    installed = subprocess.run(
+        [uv, "pip", "install", "--quiet", "--python", str(python), *requirements], capture_output=True, text=True
+    )
+    found = _env_stack(python)
+    if installed.returncode or found != wanted:
+        detail = installed.stderr.strip()[-300:] or f"installed {found}, wanted {wanted}"
+        print(f"peer: could not install {' '.join(requirements)}: {detail}", file=sys.stderr)
         return None
     return str(python)
 
@@ -144,6 +189,8 @@ def measure(quick: bool, peer: str | None) -> dict[str, Any]:
     libs = {"etp": ours, **({"peer": peer} if peer else {})}
     results: dict[str, Any] = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        # the stack measured: ours, and the peer's (the same Python, jax, jaxlib and brainstate)
+        "stack": {**our_stack(), "peer": f"braintrace=={peer_version()}" if peer else None},
         "quick": quick,
     }
     jobs: list[tuple[str, dict[str, Any]]] = []
@@ -315,7 +362,7 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
         "online_memory_growth<=1.1": {m: g["xla_ratio"] for m, g in growth.items() if m != "bptt"},
         "compile_vs_peer<=1": compile_cmp,
     }
-    support = {}
+    support: dict[str, dict[str, list[str]]] = {}
     for row in results.get("grad_support", []):
         if "nonzero" in row:
             label = f"{row['model']} H={row['hidden']}"
@@ -452,7 +499,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of the whole pipeline")
     parser.add_argument("--no-peer", action="store_true", help="do not measure the released braintrace")
-    parser.add_argument("--peer-env", type=Path, default=ROOT / "results" / "peer-venv")
+    parser.add_argument(
+        "--peer-env",
+        type=Path,
+        default=ROOT / "results" / f"peer-venv-{peer_version()}",
+        help="the peer's virtual environment (default: one per peer version)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "performance")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)

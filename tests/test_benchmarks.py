@@ -6,12 +6,41 @@ the results, the memory analysis and the plots are.
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import platform
 import subprocess
 import sys
+from importlib.metadata import version
 from pathlib import Path
+from types import ModuleType
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _performance_module() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("performance", ROOT / "benchmarks" / "performance.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_peer_follows_the_interpreter() -> None:
+    performance = _performance_module()
+    assert performance.peer_version((3, 11)) == "0.2.6"
+    assert performance.peer_version((3, 12)) == "0.2.8"
+    assert performance.peer_version((3, 13)) == "0.2.8"
+    expected = "0.2.8" if sys.version_info >= (3, 12) else "0.2.6"
+    assert performance.peer_version() == expected
+    # the peer environment takes our Python, jax, jaxlib and brainstate versions
+    stack = performance.our_stack()
+    assert stack == {
+        "python": platform.python_version(),
+        "jax": version("jax"),
+        "jaxlib": version("jaxlib"),
+        "brainstate": version("brainstate"),
+    }
 
 
 def test_performance_benchmark_quick_run(tmp_path: Path) -> None:
@@ -25,6 +54,11 @@ def test_performance_benchmark_quick_run(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "ms per step (median)" in proc.stdout
     results = json.loads((tmp_path / "results.json").read_text())
+    # the stack measured is recorded; no peer with --no-peer
+    assert results["stack"]["python"] == platform.python_version()
+    assert results["stack"]["jax"] == version("jax")
+    assert results["stack"]["brainstate"] == version("brainstate")
+    assert results["stack"]["peer"] is None
     rows = results["step_time"]
     assert {r["method"] for r in rows} == {"forward", "bptt", "d_rtrl", "es_d_rtrl", "es_d_rtrl[traced]"}
     assert all(r["ms_per_step"] > 0 for r in rows), rows
