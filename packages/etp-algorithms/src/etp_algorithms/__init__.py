@@ -12,6 +12,8 @@ from etp_primitives.versions import check_installed as _check_installed
 
 _check_installed("etp-algorithms", ("jax", "brainstate", "numpy"))
 
+from importlib.metadata import version as _distribution_version
+
 from ._base import EligibilityTrace, ETraceAlgorithm
 from ._d_rtrl import D_RTRL, ParamDimVjpAlgorithm
 from ._es_d_rtrl import ES_D_RTRL, IODimVjpAlgorithm, pp_prop
@@ -19,7 +21,7 @@ from ._executor import ETraceGraphExecutor, StepValues
 from ._inputs import MultiStepData, SingleStepData
 from ._jit_in_place import jit_in_place
 
-__version__ = "0.1.0"
+__version__ = _distribution_version("etp-algorithms")  # one source: the distribution's pyproject
 
 __all__ = [
     "__version__",

@@ -16,6 +16,8 @@ from etp_primitives.versions import check_installed as _check_installed
 
 _check_installed("etp-compiler", ("jax", "brainstate", "numpy"))
 
+from importlib.metadata import version as _distribution_version
+
 from ._compat import OpenJaxpr
 from ._diagnostics import CompilationRecord, DiagnosticKind, DiagnosticLevel
 from ._errors import CompilationError
@@ -32,7 +34,7 @@ from ._module_info import ModuleInfo, StatePath, WeightLeaf, extract_module_info
 from ._perturbation import HiddenPerturbation, add_hidden_perturbation_from_minfo, run_step
 from ._relations import HiddenParamOpRelation, find_hidden_param_op_relations_from_minfo, trace_var_to_params
 
-__version__ = "0.1.0"
+__version__ = _distribution_version("etp-compiler")  # one source: the distribution's pyproject
 
 __all__ = [
     "__version__",

@@ -4,6 +4,8 @@ A thin re-export, no logic: the primitives of :mod:`etp_primitives` now, and
 the compiler, algorithms and layers as those packages grow.
 """
 
+from importlib.metadata import version as _distribution_version
+
 from etp_algorithms import (
     D_RTRL,
     ES_D_RTRL,
@@ -64,7 +66,7 @@ from . import _etrace_compiler as _etrace_compiler
 from . import _etrace_op as _etrace_op
 from . import nn as nn
 
-__version__ = "0.1.0"
+__version__ = _distribution_version("etp-nn")  # one source: the distribution's pyproject
 
 __all__ = [
     "__version__",

@@ -22,6 +22,8 @@ from etp_primitives.versions import check_installed as _check_installed
 
 _check_installed("etp-nn", ("jax", "brainstate", "saiunit", "numpy"))
 
+from importlib.metadata import version as _distribution_version
+
 from . import surrogate
 from ._conv import Conv1d, Conv2d, Conv3d
 from ._linear import Embedding, Linear, LoRA, ScaledWSLinear, SignedWLinear, SparseLinear
@@ -48,7 +50,7 @@ from ._surrogate import (
     Surrogate,
 )
 
-__version__ = "0.1.0"
+__version__ = _distribution_version("etp-nn")  # one source: the distribution's pyproject
 
 __all__ = [
     "__version__",

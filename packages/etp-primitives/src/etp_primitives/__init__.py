@@ -11,6 +11,8 @@ from .versions import check_installed as _check_installed
 
 _check_installed("etp-primitives", ("jax", "saiunit", "numpy"))
 
+from importlib.metadata import version as _distribution_version
+
 from ._primitive import (
     ETPPrimitive,
     default_trainable_invars,
@@ -66,7 +68,7 @@ from .ops import (
     sparse_matmul,
 )
 
-__version__ = "0.1.0"
+__version__ = _distribution_version("etp-primitives")  # one source: the distribution's pyproject
 
 __all__ = [
     "__version__",
