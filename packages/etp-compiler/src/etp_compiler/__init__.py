@@ -20,7 +20,7 @@ from importlib.metadata import version as _distribution_version
 
 from ._compat import OpenJaxpr
 from ._diagnostics import CompilationRecord, DiagnosticKind, DiagnosticLevel
-from ._errors import CompilationError
+from ._errors import CompilationError, NotSupportedError
 from ._graph import (
     ETraceGraph,
     add_hidden_perturbation_from_module,
@@ -39,6 +39,7 @@ __version__ = _distribution_version("etp-compiler")  # one source: the distribut
 __all__ = [
     "__version__",
     "CompilationError",
+    "NotSupportedError",
     "CompilationRecord",
     "DiagnosticKind",
     "DiagnosticLevel",

@@ -1,8 +1,8 @@
-"""The compiler's exception type."""
+"""The compiler's exception types."""
 
 from __future__ import annotations
 
-__all__ = ["CompilationError"]
+__all__ = ["CompilationError", "NotSupportedError"]
 
 
 class CompilationError(ValueError):
@@ -10,4 +10,13 @@ class CompilationError(ValueError):
 
     The message names the state or weight path and the construct at fault.
     Subclasses ``ValueError`` so callers that catch bad arguments catch it too.
+    """
+
+
+class NotSupportedError(NotImplementedError):
+    """A construct or mode that the compiler or a learner does not support (yet).
+
+    Raised, for example, when a learning rule without a window-start
+    contraction is asked to run multi-step windows. The message names the
+    learner or rule and what to use instead. Subclasses ``NotImplementedError``.
     """
