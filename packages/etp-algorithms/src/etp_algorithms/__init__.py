@@ -1,9 +1,10 @@
 """etp_algorithms: online learning by eligibility trace propagation.
 
 - :class:`ETraceGraphExecutor`: one step with the trace quantities (D, D_f, x).
-- :class:`ETraceAlgorithm`: the learner frame (custom_vjp gradients, traces as states).
-- :class:`ParamDimVjpAlgorithm` / :data:`D_RTRL`: parameter-dimension traces.
-- :class:`IODimVjpAlgorithm` / :data:`ES_D_RTRL` / :data:`pp_prop`: input/output-dimension traces.
+- :class:`ETraceAlgorithm`: an online learner (a model, a learning rule, the traces as a state).
+- :class:`D_RTRL` (``ParamDimVjpAlgorithm``): parameter-dimension traces.
+- :class:`ES_D_RTRL` (``IODimVjpAlgorithm``, ``pp_prop``): input/output-dimension traces.
+- :mod:`etp_algorithms.extend`: the learning-rule record and what rule authors build on.
 - :func:`jit_in_place`: a jitted step that updates the states it writes (traces) in place.
 """
 
@@ -14,12 +15,14 @@ _check_installed("etp-algorithms", ("jax", "brainstate", "numpy"))
 
 from importlib.metadata import version as _distribution_version
 
-from ._base import EligibilityTrace, ETraceAlgorithm
+from . import extend
 from ._d_rtrl import D_RTRL, ParamDimVjpAlgorithm
 from ._es_d_rtrl import ES_D_RTRL, IODimVjpAlgorithm, pp_prop
 from ._executor import ETraceGraphExecutor, StepValues
 from ._inputs import MultiStepData, SingleStepData
 from ._jit_in_place import jit_in_place
+from ._learner import EligibilityTrace, ETraceAlgorithm
+from ._rule import LearningRule
 
 __version__ = _distribution_version("etp-algorithms")  # one source: the distribution's pyproject
 
@@ -28,6 +31,8 @@ __all__ = [
     "ETraceGraphExecutor",
     "StepValues",
     "ETraceAlgorithm",
+    "LearningRule",
+    "extend",
     "EligibilityTrace",
     "ParamDimVjpAlgorithm",
     "D_RTRL",

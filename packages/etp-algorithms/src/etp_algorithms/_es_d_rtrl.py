@@ -1,4 +1,4 @@
-r"""ES-D-RTRL / pp-prop (``IODimVjpAlgorithm``): input- and output-dimension traces.
+r"""ES-D-RTRL (pp-prop): input- and output-dimension traces.
 
 For a relation :math:`y = \mathrm{op}(x, W)` driving a group with :math:`S`
 states, with decay :math:`a \in [0, 1)`:
@@ -22,6 +22,7 @@ the decay :math:`a = (r-1)/(r+1)`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import jax
@@ -29,13 +30,56 @@ import jax.numpy as jnp
 import numpy as np
 
 import etp_primitives as etp
-from etp_compiler import StatePath
 
-from ._base import ETraceAlgorithm, host_zeros, rule_shapes
-from ._d_rtrl import _extra_axes
 from ._executor import StepValues
+from ._learner import ETraceAlgorithm
+from ._rule import HiddenCotangents, LearningRule, RelationGradients, RuleContext
+from ._rule_helpers import (
+    contract_states,
+    extra_axes,
+    host_zeros,
+    instantaneous_gradient,
+    relation_weights,
+    rule_shapes,
+)
 
-__all__ = ["IODimVjpAlgorithm", "ES_D_RTRL", "pp_prop"]
+__all__ = ["ES_D_RTRL", "ES_D_RTRLTrace", "ES_D_RTRLTraces", "IODimVjpAlgorithm", "es_d_rtrl", "pp_prop"]
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class ES_D_RTRLTrace:
+    """The ES-D-RTRL traces of one relation.
+
+    Attributes
+    ----------
+    relation : int
+        The relation's index in the graph (static).
+    x : jax.Array or None
+        :math:`\\epsilon_x`, shaped like the op's input (``None`` for input-free primitives).
+    f : tuple of jax.Array
+        :math:`\\epsilon_f` per connected group (the relation's ``hidden_groups`` order), each
+        shaped like the primitive's ``init_pp`` trace with the group's broadcast axes in front.
+    """
+
+    relation: int = field(metadata={"static": True})
+    x: jax.Array | None
+    f: tuple[jax.Array, ...]
+
+    def __getitem__(self, name: str) -> Any:  # the field names as keys, like the earlier dict traces
+        return getattr(self, name)
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class ES_D_RTRLTraces:
+    """All ES-D-RTRL traces: the step counter (for the bias correction) and one record per relation."""
+
+    steps: jax.Array
+    relations: tuple[ES_D_RTRLTrace, ...]
+
+    def __getitem__(self, name: str) -> Any:  # the field names as keys, like the earlier dict traces
+        return getattr(self, name)
 
 
 def _decay_from(decay_or_rank: float | int) -> float:
@@ -52,19 +96,91 @@ def _decay_from(decay_or_rank: float | int) -> float:
     return float(decay_or_rank)
 
 
-# Sums over a group's S states are written as element-wise adds (etp.pairwise_sum), never as a
-# ``jnp.sum`` over a minor S axis: XLA's CPU backend (jax 0.10) hands that reduction to a YNNPACK
-# fusion costing several times the whole step, while adds of slices fuse with the element-wise work.
+def _init_traces(ctx: RuleContext) -> ES_D_RTRLTraces:
+    relations = []
+    for index, relation in enumerate(ctx.graph.hidden_param_op_relations):
+        init_pp = etp.require_rules(relation.primitive, "init_pp")["init_pp"]
+        x_aval: Any = None if relation.x_var is None else relation.x_var.aval
+        f = []
+        for group in relation.hidden_groups:
+            base = rule_shapes(init_pp, relation.x_var, relation.y_var, relation.trainable_vars, group.num_state)
+            f.append(host_zeros((*group.varshape[: extra_axes(relation, group)], *base.shape), base.dtype))
+        x = None if x_aval is None else host_zeros(x_aval.shape, x_aval.dtype)
+        relations.append(ES_D_RTRLTrace(index, x, tuple(f)))
+    return ES_D_RTRLTraces(host_zeros((), np.int32), tuple(relations))
 
 
-def _contract_states(group: Any, g: dict[StatePath, Any], per_state: Any, extra: int) -> Any:
-    r"""``sum_s g_s * per_state[..., s]``, also summed over the ``extra`` leading hidden axes."""
-    total = etp.pairwise_sum([g[path] * per_state[..., s] for s, path in enumerate(group.hidden_paths)])
-    return etp.sum_leading_axes(total, total.ndim - extra)
+def _correction(a: float, steps: jax.Array) -> jax.Array:
+    """:math:`1 - a^{k}` after ``k`` steps (1 for zero traces, ``k = 0``)."""
+    return jnp.where(steps > 0, 1.0 - jnp.power(a, steps), 1.0)
 
 
-class IODimVjpAlgorithm(ETraceAlgorithm):
-    r"""Online learning with ES-D-RTRL (pp-prop) traces (aliases :data:`ES_D_RTRL`, :data:`pp_prop`).
+def es_d_rtrl(decay_or_rank: float | int) -> LearningRule:
+    r"""The ES-D-RTRL rule with decay :math:`a` (or rank :math:`r`, :math:`a = (r-1)/(r+1)`)."""
+    a = _decay_from(decay_or_rank)
+
+    def update_traces(ctx: RuleContext, traces: ES_D_RTRLTraces, values: StepValues) -> tuple[Any, Any]:
+        relations = []
+        for old, relation in zip(traces.relations, ctx.graph.hidden_param_op_relations, strict=True):
+            x = values.x_values[old.relation]
+            f = []
+            for eps_f, group in zip(old.f, relation.hidden_groups, strict=True):
+                D = values.jacobians[group.index]
+                Df = values.hidden_dims[(old.relation, group.index)]
+                propagated = jnp.stack(
+                    [
+                        etp.pairwise_sum([D[..., s, s2] * eps_f[..., s2] for s2 in range(group.num_state)])
+                        for s in range(group.num_state)
+                    ],
+                    axis=-1,
+                )
+                f.append(a * propagated + (1 - a) * Df.astype(eps_f.dtype))
+            eps_x = None if x is None or old.x is None else a * old.x + x
+            relations.append(ES_D_RTRLTrace(old.relation, eps_x, tuple(f)))
+        new = ES_D_RTRLTraces(traces.steps + 1, tuple(relations))
+        return new, new
+
+    def contract(ctx: RuleContext, traces: ES_D_RTRLTraces, dL_dh: HiddenCotangents, values: StepValues) -> Any:
+        """``xy_to_dw(eps_x, sum_s g_s eps_f,s) / (1 - a^k)`` per relation."""
+        correction = _correction(a, traces.steps)
+        grads: RelationGradients = {}
+        for trace, relation in zip(traces.relations, ctx.graph.hidden_param_op_relations, strict=True):
+            xy_to_dw = etp.require_rules(relation.primitive, "xy_to_dw")["xy_to_dw"]
+            cot: Any = 0.0
+            for eps_f, group in zip(trace.f, relation.hidden_groups, strict=True):
+                cot = cot + contract_states(group, dL_dh, eps_f, extra_axes(relation, group))
+            approx = xy_to_dw(trace.x, cot, relation_weights(relation, values), **relation.eqn_params)
+            grads[trace.relation] = {k: v / correction.astype(v.dtype) for k, v in approx.items()}
+        return grads
+
+    def trace_gradients(ctx: RuleContext, residual: Any, values: StepValues, dL_dh: HiddenCotangents) -> Any:
+        grads = contract(ctx, residual, dL_dh, values)
+        for index in grads:
+            replaced = [k for k in grads[index] if not ctx.keeps_instantaneous(index, k)]
+            if replaced:
+                # the step's VJP already holds this step's hidden-path term: the trace replaces it
+                current = instantaneous_gradient(ctx, index, values, dL_dh)
+                grads[index] = {k: v - current[k] if k in replaced else v for k, v in grads[index].items()}
+        return grads
+
+    def window_start_gradients(ctx: RuleContext, traces: Any, values: StepValues, dL_dh: HiddenCotangents) -> Any:
+        return contract(ctx, traces, dL_dh, values)
+
+    def trace_of(ctx: RuleContext, traces: ES_D_RTRLTraces, index: int) -> ES_D_RTRLTrace:
+        return traces.relations[index]
+
+    return LearningRule(
+        name="ES_D_RTRL",
+        init_traces=_init_traces,
+        update_traces=update_traces,
+        trace_gradients=trace_gradients,
+        window_start_gradients=window_start_gradients,
+        trace_of=trace_of,
+    )
+
+
+class ES_D_RTRL(ETraceAlgorithm):
+    r"""Online learning with ES-D-RTRL (pp-prop) traces (aliases ``IODimVjpAlgorithm``, ``pp_prop``).
 
     Parameters
     ----------
@@ -75,109 +191,28 @@ class IODimVjpAlgorithm(ETraceAlgorithm):
     name : str, optional
     vjp_method : {'single-step', 'multi-step'}
         ``'multi-step'``: each call takes a window of steps (:class:`MultiStepData`).
+
+    Examples
+    --------
+    >>> import brainstate, jax.numpy as jnp, etp_nn
+    >>> from etp_algorithms import ES_D_RTRL
+    >>> cell = etp_nn.GRUCell(3, 4)
+    >>> _ = brainstate.nn.init_all_states(cell)
+    >>> learner = ES_D_RTRL(cell, decay_or_rank=3)
+    >>> learner.decay
+    0.5
+    >>> _ = learner.compile_graph(jnp.zeros(3))
+    >>> learner.get_etrace_of(cell.Wz.weight).x.shape  # the op's input: inputs + hidden
+    (7,)
     """
 
     def __init__(
         self, model: Any, decay_or_rank: float | int, name: str | None = None, vjp_method: str = "single-step"
     ) -> None:
         self.decay = _decay_from(decay_or_rank)
-        if vjp_method not in ("single-step", "multi-step"):
-            raise ValueError(
-                f"ES_D_RTRL: unknown vjp_method {vjp_method!r}; expected one of ['single-step', 'multi-step']."
-            )
-        super().__init__(model, name=name)
-        self.vjp_method = vjp_method
-
-    def _initial_traces(self) -> dict[Any, Any]:
-        relations: dict[int, Any] = {}
-        for index, relation in enumerate(self.graph.hidden_param_op_relations):
-            init_pp = etp.require_rules(relation.primitive, "init_pp")["init_pp"]
-            x_aval: Any = None if relation.x_var is None else relation.x_var.aval
-            per_group: dict[int, Any] = {}
-            for group in relation.hidden_groups:
-                base = rule_shapes(init_pp, relation.x_var, relation.y_var, relation.trainable_vars, group.num_state)
-                extra = _extra_axes(relation, group)
-                per_group[group.index] = host_zeros((*group.varshape[:extra], *base.shape), base.dtype)
-            relations[index] = {
-                "x": None if x_aval is None else host_zeros(x_aval.shape, x_aval.dtype),
-                "f": per_group,
-            }
-        return {"steps": host_zeros((), np.int32), "relations": relations}
-
-    def _relation_traces(self, value: Any) -> Any:
-        return value["relations"]
-
-    def _update_traces(self, traces: Any, values: StepValues, weights: dict[Any, Any]) -> tuple[Any, Any]:
-        a = self.decay
-        relations: dict[int, Any] = {}
-        for index, relation in enumerate(self.graph.hidden_param_op_relations):
-            x = values.x_values[index]
-            old_relation = traces["relations"][index]
-            eps_x = None if x is None else a * old_relation["x"] + x
-            eps_f: dict[int, Any] = {}
-            for group in relation.hidden_groups:
-                D = values.jacobians[group.index]
-                Df = values.hidden_dims[(index, group.index)]
-                old = old_relation["f"][group.index]
-                propagated = jnp.stack(
-                    [
-                        etp.pairwise_sum([D[..., s, s2] * old[..., s2] for s2 in range(group.num_state)])
-                        for s in range(group.num_state)
-                    ],
-                    axis=-1,
-                )
-                eps_f[group.index] = a * propagated + (1 - a) * Df.astype(old.dtype)
-            relations[index] = {"x": eps_x, "f": eps_f}
-        new = {"steps": traces["steps"] + 1, "relations": relations}
-        return new, (traces["steps"], relations)
-
-    def _window_start_gradients(
-        self, traces: Any, first: StepValues, lam: dict[StatePath, Any], weights: dict[Any, Any]
-    ) -> dict[int, dict[str, jax.Array]]:
-        steps = traces["steps"]
-        # after k steps the traces carry the bias correction 1 - a^k (zero traces when k == 0)
-        correction = jnp.where(steps > 0, 1.0 - jnp.power(self.decay, steps), 1.0)
-        grads: dict[int, dict[str, jax.Array]] = {}
-        for index, relation in enumerate(self.graph.hidden_param_op_relations):
-            xy_to_dw = etp.require_rules(relation.primitive, "xy_to_dw")["xy_to_dw"]
-            w = {key: first.env[var] for key, var in relation.trainable_vars.items()}
-            trace = traces["relations"][index]
-            cot: Any = 0.0
-            for group in relation.hidden_groups:
-                extra = _extra_axes(relation, group)
-                cot = cot + _contract_states(group, lam, trace["f"][group.index], extra)
-            approx = xy_to_dw(trace["x"], cot, w, **relation.eqn_params)
-            grads[index] = {k: v / correction.astype(v.dtype) for k, v in approx.items()}
-        return grads
-
-    def _trace_gradients(
-        self, residual: Any, values: StepValues, g_hidden: dict[StatePath, Any], weights: dict[Any, Any]
-    ) -> dict[int, dict[str, jax.Array]]:
-        steps, traces = residual
-        correction = 1.0 - jnp.power(self.decay, steps + 1)
-        grads: dict[int, dict[str, jax.Array]] = {}
-        for index, relation in enumerate(self.graph.hidden_param_op_relations):
-            xy_to_dw = etp.require_rules(relation.primitive, "xy_to_dw")["xy_to_dw"]
-            w = {key: values.env[var] for key, var in relation.trainable_vars.items()}
-            approx_cot: Any = 0.0
-            exact_cot: Any = 0.0
-            for group in relation.hidden_groups:
-                extra = _extra_axes(relation, group)
-                f = traces[index]["f"][group.index]
-                Df = values.hidden_dims[(index, group.index)]
-                approx_cot = approx_cot + _contract_states(group, g_hidden, f, extra)
-                exact_cot = exact_cot + _contract_states(group, g_hidden, Df, extra)
-            approx = xy_to_dw(traces[index]["x"], approx_cot, w, **relation.eqn_params)
-            grads[index] = {k: v / correction.astype(v.dtype) for k, v in approx.items()}
-            replaced = [k for k in approx if (index, k) not in self._hidden_only]
-            if replaced:
-                # the instantaneous VJP already holds the current step's hidden-path term: replace it by the trace
-                current = xy_to_dw(values.x_values[index], exact_cot, w, **relation.eqn_params)
-                grads[index] = {k: v - current[k] if k in replaced else v for k, v in grads[index].items()}
-        return grads
+        super().__init__(model, es_d_rtrl(self.decay), name=name, vjp_method=vjp_method)
 
 
-#: ES-D-RTRL, the documented name of :class:`IODimVjpAlgorithm`.
-ES_D_RTRL = IODimVjpAlgorithm
-#: pp-prop, another name of :class:`IODimVjpAlgorithm`.
-pp_prop = IODimVjpAlgorithm
+#: ES-D-RTRL's historical names.
+IODimVjpAlgorithm = ES_D_RTRL
+pp_prop = ES_D_RTRL

@@ -24,7 +24,7 @@ import jax
 
 from etp_compiler import ETraceGraph, compile_etrace_graph, run_step
 
-__all__ = ["ETraceGraphExecutor", "StepValues", "KeyedValues"]
+__all__ = ["ETraceGraphExecutor", "StepValues", "KeyedValues", "execute_step"]
 
 
 @jax.tree_util.register_pytree_node_class
@@ -151,32 +151,38 @@ class ETraceGraphExecutor:
 
     def step(self, invals: Sequence[Any], deltas: Sequence[Any] | None = None) -> StepValues:
         """Evaluate one step on ``invals`` (see :meth:`current_invals`); optionally perturb the new hidden states."""
-        graph = self.graph
-        minfo = graph.module_info
-        env = run_step(minfo, invals, deltas)
+        return execute_step(self.graph, invals, deltas)
 
-        def value(var: Any) -> Any:
-            return env[var] if hasattr(var, "aval") and var in env else getattr(var, "val", var)
 
-        outputs = [value(v) for v in minfo.out_vars]
-        state_values = KeyedValues.of(
-            {path: [value(v) for v in outvars] for path, outvars in minfo.state_outvars.items()}
+def execute_step(graph: ETraceGraph, invals: Sequence[Any], deltas: Sequence[Any] | None = None) -> StepValues:
+    r"""One step of ``graph`` on the step jaxpr's invar values, with the trace quantities (a pure function).
+
+    ``deltas`` (one array per hidden state, in ``module_info.hidden_path_to_outvar`` order) are added to the
+    new hidden states, so a VJP with respect to them gives :math:`\partial L/\partial h^t`.
+    """
+    minfo = graph.module_info
+    env = run_step(minfo, invals, deltas)
+
+    def value(var: Any) -> Any:
+        return env[var] if hasattr(var, "aval") and var in env else getattr(var, "val", var)
+
+    outputs = [value(v) for v in minfo.out_vars]
+    state_values = KeyedValues.of({path: [value(v) for v in outvars] for path, outvars in minfo.state_outvars.items()})
+    jacobians = {
+        group.index: group.jacobian_blocks(
+            [env[v] for v in group.hidden_invars], [value(v) for v in group.transition_jaxpr_constvars]
         )
-        jacobians = {
-            group.index: group.jacobian_blocks(
-                [env[v] for v in group.hidden_invars], [value(v) for v in group.transition_jaxpr_constvars]
+        for group in graph.hidden_groups
+    }
+    hidden_dims: dict[tuple[int, int], jax.Array] = {}
+    x_values: dict[int, Any] = {}
+    y_values: dict[int, Any] = {}
+    for index, relation in enumerate(graph.hidden_param_op_relations):
+        x_values[index] = None if relation.x_var is None else value(relation.x_var)
+        y_values[index] = env[relation.y_var]
+        for group in relation.hidden_groups:
+            _, consts = relation.y_to_hidden[group.index]
+            hidden_dims[(index, group.index)] = relation.hidden_dim(
+                group, env[relation.y_var], [value(v) for v in consts]
             )
-            for group in graph.hidden_groups
-        }
-        hidden_dims: dict[tuple[int, int], jax.Array] = {}
-        x_values: dict[int, Any] = {}
-        y_values: dict[int, Any] = {}
-        for index, relation in enumerate(graph.hidden_param_op_relations):
-            x_values[index] = None if relation.x_var is None else value(relation.x_var)
-            y_values[index] = env[relation.y_var]
-            for group in relation.hidden_groups:
-                _, consts = relation.y_to_hidden[group.index]
-                hidden_dims[(index, group.index)] = relation.hidden_dim(
-                    group, env[relation.y_var], [value(v) for v in consts]
-                )
-        return StepValues(outputs, state_values, jacobians, hidden_dims, x_values, y_values, KeyedValues.of(env))
+    return StepValues(outputs, state_values, jacobians, hidden_dims, x_values, y_values, KeyedValues.of(env))

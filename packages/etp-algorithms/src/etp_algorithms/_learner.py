@@ -1,0 +1,312 @@
+r"""``ETraceAlgorithm``: the brainstate module an online learner is.
+
+A learner wraps a model and a :class:`~etp_algorithms.extend.LearningRule`.
+:meth:`~ETraceAlgorithm.compile_graph` compiles the model's step
+(:mod:`etp_compiler`) and creates the eligibility traces; each call
+:meth:`~ETraceAlgorithm.update` runs one step of the model, updates the
+traces and returns the model's output. The output comes from the
+``custom_vjp`` step built by :func:`etp_algorithms.extend.build_step`, whose
+backward pass returns, for a loss :math:`L^t` of that output,
+
+* for every weight with a relation: the rule's trace gradient plus the
+  instantaneous term of step :math:`t`;
+* for every other parameter (plain JAX ops, readouts, weights excluded by the
+  tail rule): the instantaneous gradient :math:`\partial L^t/\partial\theta`
+  with :math:`h^{t-1}` held fixed (exact for a readout).
+
+So an ordinary ``brainstate.transform.grad(loss, params)`` gives the online
+gradient of the step, in memory independent of the sequence length. The
+module itself only compiles, holds the states, commits a call's results and
+resets; the rule is a value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import brainstate
+import jax
+import jax.numpy as jnp
+
+from etp_compiler import ETraceGraph, NotSupportedError, StatePath
+
+from ._executor import ETraceGraphExecutor
+from ._hidden_only import hidden_only_keys
+from ._inputs import MultiStepData, SingleStepData
+from ._rule import LearningRule, RuleContext
+from ._step import build_step, build_window
+
+__all__ = ["ETraceAlgorithm", "EligibilityTrace"]
+
+_VJP_METHODS = ("single-step", "multi-step")
+
+
+class EligibilityTrace(brainstate.ShortTermState):
+    """The state holding a learner's eligibility traces (filter states by this type to find them)."""
+
+
+def _text(path: Sequence[Hashable]) -> str:
+    return ".".join(map(str, path))
+
+
+class _BuiltSteps:
+    """The built step functions of a learner (a plain holder: not part of the module's state graph)."""
+
+    def __init__(self) -> None:
+        self.functions: dict[Any, Any] = {}
+
+
+class ETraceAlgorithm(brainstate.nn.Module):
+    """An online learner: a model, a learning rule, and the eligibility traces as a state.
+
+    Parameters
+    ----------
+    model : brainstate.nn.Module
+        The model, with states initialised.
+    rule : LearningRule
+        The learning rule (e.g. :func:`etp_algorithms.extend.d_rtrl`); :class:`D_RTRL` and
+        :class:`ES_D_RTRL` are this class with their rule.
+    name : str, optional
+    vjp_method : {'single-step', 'multi-step'}
+        ``'multi-step'``: each call takes a window of steps (inputs with a leading time axis,
+        see :class:`MultiStepData`); exact reverse mode inside the window, traces across windows.
+
+    Examples
+    --------
+    >>> import brainstate, jax.numpy as jnp, etp_nn
+    >>> from etp_algorithms import ETraceAlgorithm
+    >>> from etp_algorithms.extend import d_rtrl
+    >>> cell = etp_nn.GRUCell(3, 4)
+    >>> _ = brainstate.nn.init_all_states(cell)
+    >>> learner = ETraceAlgorithm(cell, d_rtrl())
+    >>> _ = learner.compile_graph(jnp.zeros(3))
+    >>> learner(jnp.ones(3)).shape
+    (4,)
+    """
+
+    def __init__(
+        self, model: brainstate.nn.Module, rule: LearningRule, name: str | None = None, vjp_method: str = "single-step"
+    ) -> None:
+        super().__init__(name=name)  # type: ignore[call-arg]
+        label = type(self).__name__
+        if not isinstance(model, brainstate.nn.Module):
+            raise TypeError(f"{label} expects a brainstate.nn.Module, got {type(model).__name__}.")
+        if not isinstance(rule, LearningRule):
+            raise TypeError(f"{label} expects a LearningRule as its rule, got {type(rule).__name__}.")
+        if vjp_method not in _VJP_METHODS:
+            raise ValueError(f"{label}: unknown vjp_method {vjp_method!r}; expected one of {list(_VJP_METHODS)}.")
+        if vjp_method == "multi-step" and not rule.supports_windows:
+            raise NotSupportedError(
+                f"{label}: the rule {rule.name!r} has no window_start_gradients, so vjp_method='multi-step' "
+                "is not supported; use vjp_method='single-step'."
+            )
+        self.model = model
+        self.rule = rule
+        self.vjp_method = vjp_method
+        self._executor = ETraceGraphExecutor(model)
+        self._arg_shapes: list[tuple[tuple[int, ...], Any]] | None = None
+        self._recompile_on_next_call = False
+        self._hidden_only: frozenset[tuple[int, str]] = frozenset()
+        self._built = _BuiltSteps()
+        self.etrace = EligibilityTrace({})
+
+    # ---------------------------------------------------------------- compiled structure
+    @property
+    def is_compiled(self) -> bool:
+        """Whether :meth:`compile_graph` has run (and no batch-size reset is pending)."""
+        return self._executor.is_compiled
+
+    @property
+    def graph(self) -> ETraceGraph:
+        """The compiled :class:`etp_compiler.ETraceGraph` (``RuntimeError`` before :meth:`compile_graph`)."""
+        if not self._executor.is_compiled:
+            raise RuntimeError(
+                f"{type(self).__name__}: call compile_graph(*example_args) before using the learner "
+                "(it compiles the model's step and creates the eligibility traces)."
+            )
+        return self._executor.graph
+
+    @property
+    def executor(self) -> ETraceGraphExecutor:
+        """The graph executor (one step with the trace quantities)."""
+        return self._executor
+
+    @property
+    def context(self) -> RuleContext:
+        """What the rule's functions see statically: the graph and the VJP's shortcuts."""
+        return RuleContext(self.graph, self._hidden_only)
+
+    @property
+    def param_states(self) -> dict[StatePath, brainstate.State[Any]]:
+        """``path -> ParamState`` of every parameter the model's step reads."""
+        return dict(self.graph.module_info.weight_states)
+
+    @property
+    def hidden_states(self) -> dict[StatePath, brainstate.State[Any]]:
+        """``path -> HiddenState`` of the model's hidden states."""
+        return dict(self.graph.module_info.hidden_states)
+
+    @property
+    def other_states(self) -> dict[StatePath, brainstate.State[Any]]:
+        """``path -> State`` of the remaining states (neither parameters nor hidden)."""
+        return dict(self.graph.module_info.other_states)
+
+    def compile_graph(self, *args: Any) -> ETraceGraph:
+        """Compile the model's step for inputs shaped like ``args`` and initialise the traces."""
+        graph = self._executor.compile_graph(*args)
+        self._hidden_only = hidden_only_keys(graph)
+        self._built = _BuiltSteps()
+        self._recompile_on_next_call = False
+        self._arg_shapes = [(tuple(jnp.shape(a)), jnp.result_type(a)) for a in jax.tree.leaves(args)]
+        self.init_etrace_state()
+        return graph
+
+    def init_etrace_state(self) -> None:
+        """(Re)create zero traces for the compiled graph."""
+        self.etrace.value = self.rule.init_traces(self.context)
+
+    def reset_state(self, batch_size: int | None = None, **kwargs: Any) -> None:
+        """Reset the traces; with ``batch_size``, also re-initialise the model's states for that batch size
+        (the step is recompiled at the next call)."""
+        if batch_size is not None:
+            brainstate.nn.init_all_states(self.model, batch_size=batch_size)
+            self._executor._graph = None
+            self._arg_shapes = None
+            self._built = _BuiltSteps()
+            self.etrace.value = {}
+            self._recompile_on_next_call = True
+            return
+        if self.is_compiled:
+            self.init_etrace_state()
+
+    def trace_bytes(self) -> int:
+        """Bytes held by the eligibility traces (independent of the sequence length)."""
+        return int(sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(self.etrace.value)))
+
+    def get_etrace_of(self, weight: brainstate.State[Any] | Sequence[Hashable]) -> Any:
+        """The traces of the relation(s) whose weight is ``weight`` (a ParamState or its path).
+
+        One relation: its traces (the rule's ``trace_of``); several: ``relation index -> traces``.
+        """
+        path = self._path_of(weight)
+        ctx = self.context
+        found = {
+            index: self.rule.trace_of(ctx, self.etrace.value, index)
+            for index, relation in enumerate(self.graph.hidden_param_op_relations)
+            if relation.weight_path == path
+        }
+        if not found:
+            raise ValueError(
+                f"{type(self).__name__}: weight {_text(path)} has no eligibility trace; weights with traces: "
+                + ", ".join(sorted({_text(r.weight_path) for r in self.graph.hidden_param_op_relations}))
+                + "."
+            )
+        return found[next(iter(found))] if len(found) == 1 else found
+
+    def _path_of(self, weight: brainstate.State[Any] | Sequence[Hashable]) -> StatePath:
+        if isinstance(weight, brainstate.State):
+            for path, state in self.graph.module_info.weight_states.items():
+                if state is weight:
+                    return path
+            raise ValueError(f"{type(self).__name__}: the given state is not a ParamState used by the model's step.")
+        return tuple(weight)
+
+    # ---------------------------------------------------------------- the step
+    def _built_fn(self, steps: int | None) -> Any:
+        """The step (``steps=None``) or a window of ``steps``, built once per graph and VJP shortcuts."""
+        key = (id(self.graph), self._hidden_only, steps)
+        built = self._built.functions
+        if key not in built:
+            ctx = self.context
+            built[key] = build_step(ctx, self.rule) if steps is None else build_window(ctx, self.rule, steps)
+        return built[key]
+
+    def _check_args(self, args: tuple[Any, ...]) -> None:
+        assert self._arg_shapes is not None
+        given = [(tuple(jnp.shape(a)), jnp.result_type(a)) for a in jax.tree.leaves(args)]
+        if [s for s, _ in given] != [s for s, _ in self._arg_shapes]:
+            raise ValueError(
+                f"{type(self).__name__}: input shapes {[s for s, _ in given]} differ from the compiled "
+                f"{[s for s, _ in self._arg_shapes]}; to change the batch size call reset_state(batch_size=...) "
+                "first, or compile_graph(...) with the new inputs."
+            )
+
+    def update(self, *args: Any) -> Any:
+        """Run one step (or a window, with :class:`MultiStepData` inputs); return the model's output.
+
+        The model's states and the traces are updated only after the whole
+        call succeeded.
+        """
+        if self._is_window(args):
+            return self._update_window(args)
+        if not self._executor.is_compiled:
+            if self._recompile_on_next_call:
+                self.compile_graph(*args)
+            else:
+                _ = self.graph  # raises the clear error
+        self._check_args(args)
+        weight_vals, other_vals = self._current_values()
+        outputs, new_states, new_traces = self._built_fn(None)(
+            weight_vals, other_vals, list(jax.tree.leaves(args)), self.etrace.value
+        )
+        self._commit(new_states, new_traces)
+        out_tree: Any = self.graph.module_info.out_treedef.children()[0]
+        return jax.tree.unflatten(out_tree, outputs)
+
+    def _current_values(self) -> tuple[list[list[Any]], list[list[Any]]]:
+        """Leaves of the ParamStates (``weight_states`` order) and of every other state (compiled order)."""
+        minfo = self.graph.module_info
+        weight_vals = [jax.tree.leaves(state.value) for state in minfo.weight_states.values()]
+        other_vals = [
+            jax.tree.leaves(state.value)
+            for state in minfo.compiled_model_states
+            if minfo.state_paths[id(state)] not in minfo.weight_states
+        ]
+        return weight_vals, other_vals
+
+    def _commit(self, new_states: Mapping[StatePath, list[Any]], new_traces: Any) -> None:
+        """Write a successful call's results back (nothing is written before everything succeeded)."""
+        minfo = self.graph.module_info
+        states = {minfo.state_paths[id(state)]: state for state in minfo.compiled_model_states}
+        for path, leaves in new_states.items():
+            state = states[path]
+            state.value = jax.tree.unflatten(jax.tree.structure(state.value), leaves)
+        self.etrace.value = new_traces
+
+    def _is_window(self, args: tuple[Any, ...]) -> bool:
+        if any(isinstance(a, MultiStepData) for a in args):
+            return True
+        return self.vjp_method == "multi-step" and not all(isinstance(a, SingleStepData) for a in args)
+
+    def _update_window(self, args: tuple[Any, ...]) -> Any:
+        if not self.rule.supports_windows:
+            raise NotSupportedError(
+                f"{type(self).__name__}: the rule {self.rule.name!r} cannot run multi-step windows "
+                "(MultiStepData inputs); pass one step at a time."
+            )
+        wrapped = [a if isinstance(a, (MultiStepData, SingleStepData)) else MultiStepData(a) for a in args]
+        lengths = {
+            int(jnp.shape(leaf)[0]) for a in wrapped if isinstance(a, MultiStepData) for leaf in jax.tree.leaves(a.data)
+        }
+        if len(lengths) != 1:
+            raise ValueError(
+                f"{type(self).__name__}: the MultiStepData inputs of one call must share their leading (time) axis; "
+                f"got lengths {sorted(lengths)}."
+            )
+        (steps,) = lengths
+        per_step = [
+            tuple(
+                jax.tree.map(lambda v, t=t: v[t], a.data) if isinstance(a, MultiStepData) else a.data for a in wrapped
+            )
+            for t in range(steps)
+        ]
+        _ = self.graph
+        self._check_args(per_step[0])
+        weight_vals, other_vals = self._current_values()
+        arg_leaves = [list(jax.tree.leaves(a)) for a in per_step]
+        outputs, new_states, new_traces = self._built_fn(steps)(weight_vals, other_vals, arg_leaves, self.etrace.value)
+        self._commit(new_states, new_traces)
+        out_tree: Any = self.graph.module_info.out_treedef.children()[0]
+        per_step_out = [jax.tree.unflatten(out_tree, o) for o in outputs]
+        return jax.tree.map(lambda *xs: jnp.stack(xs), *per_step_out)

@@ -1,0 +1,244 @@
+r"""Build a learner's step from a compiled graph and a :class:`LearningRule`, once.
+
+:func:`build_step` returns a ``jax.custom_vjp`` function
+
+.. code-block:: text
+
+    step(weight_vals, other_vals, arg_leaves, traces) -> (outputs, new_states, new_traces)
+
+whose forward pass runs the model's step and the rule's trace update, and
+whose backward pass returns, for the cotangents of the outputs and of the new
+states,
+
+* the instantaneous VJP of the step (:math:`h^{t-1}` held fixed) for every
+  parameter, plus
+* for every weight with a relation, the rule's trace gradient, pulled back
+  through the relation's weight transform to the ParamState leaves.
+
+:func:`build_window` does the same over a window of steps: exact reverse mode
+inside the window, the rule's window-start contraction for what came before.
+
+``weight_vals`` holds the leaves of each ParamState (``module_info.weight_states``
+order), ``other_vals`` those of every other compiled state (compiled order).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from etp_compiler import HiddenParamOpRelation, StatePath, eval_eqns, is_var, run_step
+
+from ._executor import KeyedValues, execute_step
+from ._rule import LearningRule, RelationGradients, RuleContext
+
+__all__ = ["build_step", "build_window"]
+
+
+def build_step(ctx: RuleContext, rule: LearningRule) -> Any:
+    """The ``custom_vjp`` step of ``ctx.graph`` learning by ``rule`` (see the module docstring)."""
+    graph = ctx.graph
+    minfo = graph.module_info
+    weight_paths = list(minfo.weight_states)
+    hidden_paths = list(minfo.hidden_path_to_outvar)
+    written = list(minfo.state_outvars)
+    # weights whose only route to the loss is their relation's hidden states are left out of the
+    # VJP: the rule's trace contraction supplies their instantaneous term (see _hidden_only)
+    skipped = {
+        v for index, key in ctx.hidden_only for v in graph.hidden_param_op_relations[index].weight_fns[key][0].invars
+    }
+    keep = [[var not in skipped for var in minfo.weight_path_to_invars[p]] for p in weight_paths]
+
+    def assemble(weight_vals: Any, other_vals: Any, arg_leaves: Any) -> list[Any]:
+        return _assemble(minfo, weight_paths, weight_vals, other_vals, arg_leaves)
+
+    def forward(weight_vals: Any, other_vals: Any, arg_leaves: Any, traces: Any) -> tuple[Any, Any]:
+        values = execute_step(graph, assemble(weight_vals, other_vals, arg_leaves))
+        new_traces, residual = rule.update_traces(ctx, traces, values)
+        return (values.outputs, values.state_values, new_traces), (values, residual)
+
+    @jax.custom_vjp
+    def step(weight_vals: Any, other_vals: Any, arg_leaves: Any, traces: Any) -> Any:
+        return forward(weight_vals, other_vals, arg_leaves, traces)[0]
+
+    def step_fwd(weight_vals: Any, other_vals: Any, arg_leaves: Any, traces: Any) -> Any:
+        out, (values, residual) = forward(weight_vals, other_vals, arg_leaves, traces)
+        return out, (weight_vals, other_vals, arg_leaves, traces, values, residual)
+
+    def step_bwd(res: Any, cotangents: Any) -> Any:
+        weight_vals, other_vals, arg_leaves, traces, values, residual = res
+        ct_outputs, ct_states, _ = cotangents
+        w_diff = [[v for v, k in zip(vals, row, strict=True) if k] for vals, row in zip(weight_vals, keep, strict=True)]
+
+        def merge(w_sub: Any) -> list[list[Any]]:
+            out = []
+            for vals, row, sub in zip(weight_vals, keep, w_sub, strict=True):
+                it = iter(sub)
+                out.append([next(it) if k else v for v, k in zip(vals, row, strict=True)])
+            return out
+
+        def perturbed(w_sub: Any, a: Any, deltas: Any) -> Any:
+            env = run_step(minfo, assemble(merge(w_sub), other_vals, a), deltas)
+            outs = [env[v] if is_var(v) else v.val for v in minfo.out_vars]
+            states = KeyedValues.of(
+                {p: [env[v] if is_var(v) else v.val for v in minfo.state_outvars[p]] for p in written}
+            )
+            return outs, states
+
+        avals: list[Any] = [minfo.hidden_path_to_outvar[p].aval for p in hidden_paths]
+        zeros = [jnp.zeros(a.shape, a.dtype) for a in avals]
+        _, pullback = jax.vjp(perturbed, w_diff, arg_leaves, zeros)
+        g_sub, g_args, g_deltas = pullback((ct_outputs, ct_states))
+        g_weights = []
+        for vals, row, sub in zip(weight_vals, keep, g_sub, strict=True):
+            it = iter(sub)
+            g_weights.append([next(it) if k else jnp.zeros_like(v) for v, k in zip(vals, row, strict=True)])
+        dL_dh = dict(zip(hidden_paths, g_deltas, strict=True))
+        trace_grads = rule.trace_gradients(ctx, residual, values, dL_dh)
+        w_env = _weight_env(minfo, weight_paths, weight_vals)
+        leaf_grads = _pull_back_to_leaves(graph.hidden_param_op_relations, trace_grads, values.env, w_env)
+        g_weights = _add_leaf_grads(minfo, weight_paths, g_weights, leaf_grads)
+        zero = jax.tree.map(jnp.zeros_like, (other_vals, traces))
+        return g_weights, zero[0], g_args, zero[1]
+
+    step.defvjp(step_fwd, step_bwd)
+    return step
+
+
+def build_window(ctx: RuleContext, rule: LearningRule, steps: int) -> Any:
+    """A ``custom_vjp`` over ``steps`` steps: exact reverse mode inside, the rule's traces at the window start.
+
+    ``arg_leaves`` is a list of ``steps`` lists of argument leaves; the outputs a list of ``steps`` output lists.
+    """
+    window_start = rule.window_start_gradients
+    if window_start is None:
+        raise ValueError(f"{rule.name}: the rule has no window_start_gradients; it cannot run multi-step windows.")
+    graph = ctx.graph
+    minfo = graph.module_info
+    weight_paths = list(minfo.weight_states)
+    order = [minfo.state_paths[id(s)] for s in minfo.compiled_model_states]
+    other_paths = [p for p in order if p not in minfo.weight_states]
+    hidden_paths = list(minfo.hidden_path_to_outvar)
+    single = build_step(ctx, rule)
+
+    def final_states(others: Any) -> KeyedValues:
+        return KeyedValues.of({p: v for p, v in zip(other_paths, others, strict=True) if p in minfo.state_outvars})
+
+    def advance(others: Any, new_states: Mapping[StatePath, Any]) -> list[Any]:
+        return [new_states[p] if p in new_states else v for p, v in zip(other_paths, others, strict=True)]
+
+    def unrolled(weight_vals: Any, other_vals: Any, arg_leaves: Any, traces: Any) -> Any:
+        outputs = []
+        for t in range(steps):
+            out, new_states, traces = single.fun(weight_vals, other_vals, arg_leaves[t], traces)
+            other_vals = advance(other_vals, new_states)
+            outputs.append(out)
+        return outputs, final_states(other_vals), traces
+
+    @jax.custom_vjp
+    def window(weight_vals: Any, other_vals: Any, arg_leaves: Any, traces: Any) -> Any:
+        return unrolled(weight_vals, other_vals, arg_leaves, traces)
+
+    def window_fwd(weight_vals: Any, other_vals: Any, arg_leaves: Any, traces: Any) -> Any:
+        return unrolled(weight_vals, other_vals, arg_leaves, traces), (weight_vals, other_vals, arg_leaves, traces)
+
+    def window_bwd(res: Any, cotangents: Any) -> Any:
+        weight_vals, other_vals, arg_leaves, traces = res
+        ct_outputs, ct_states, _ = cotangents
+
+        def plain(w: Any, others: Any, a: Any) -> Any:
+            outputs = []
+            for t in range(steps):
+                values = execute_step(graph, _assemble(minfo, weight_paths, w, others, a[t]))
+                others = advance(others, values.state_values)
+                outputs.append(values.outputs)
+            return outputs, final_states(others)
+
+        _, pullback = jax.vjp(plain, weight_vals, other_vals, arg_leaves)
+        g_weights, g_others, g_args = pullback((ct_outputs, ct_states))
+        # the window's start state depends on the weights through the traces: contract them
+        by_path = dict(zip(other_paths, g_others, strict=True))
+        dL_dh = {p: by_path[p][0] for p in hidden_paths}
+        first = execute_step(graph, _assemble(minfo, weight_paths, weight_vals, other_vals, arg_leaves[0]))
+        trace_grads = window_start(ctx, traces, first, dL_dh)
+        w_env = _weight_env(minfo, weight_paths, weight_vals)
+        leaf_grads = _pull_back_to_leaves(graph.hidden_param_op_relations, trace_grads, first.env, w_env)
+        g_weights = _add_leaf_grads(minfo, weight_paths, g_weights, leaf_grads)
+        zero_others = jax.tree.map(jnp.zeros_like, other_vals)
+        return g_weights, zero_others, g_args, jax.tree.map(jnp.zeros_like, traces)
+
+    window.defvjp(window_fwd, window_bwd)
+    return window
+
+
+def _assemble(
+    minfo: Any, weight_paths: list[StatePath], weight_vals: Any, other_vals: Any, arg_leaves: Any
+) -> list[Any]:
+    """The step's invar values from weights, the other states' leaves (compiled order) and argument leaves."""
+    by_path = dict(zip(weight_paths, weight_vals, strict=True))
+    others = iter(other_vals)
+    leaves = list(arg_leaves)
+    for state in minfo.compiled_model_states:
+        path = minfo.state_paths[id(state)]
+        leaves.extend(by_path[path] if path in by_path else next(others))
+    return leaves
+
+
+def _weight_env(minfo: Any, weight_paths: list[StatePath], weight_vals: Any) -> dict[Any, Any]:
+    """``ParamState leaf var -> value``."""
+    return {
+        var: value
+        for path, vals in zip(weight_paths, weight_vals, strict=True)
+        for var, value in zip(minfo.weight_path_to_invars[path], vals, strict=True)
+    }
+
+
+def _add_leaf_grads(
+    minfo: Any, weight_paths: list[StatePath], g_weights: Any, leaf_grads: dict[Any, jax.Array]
+) -> list[list[Any]]:
+    """Add trace gradients (keyed by leaf var) to the VJP's gradients, in each leaf's dtype."""
+    index = {
+        var: (i, j) for i, path in enumerate(weight_paths) for j, var in enumerate(minfo.weight_path_to_invars[path])
+    }
+    out = [list(g) for g in g_weights]
+    for var, grad in leaf_grads.items():
+        i, j = index[var]
+        out[i][j] = out[i][j] + jnp.asarray(grad, dtype=jnp.result_type(out[i][j]))
+    return out
+
+
+def _atom_value(env: Mapping[Any, Any], atom: Any) -> Any:
+    """A jaxpr atom's value: a variable's from ``env``, a literal's own."""
+    return env[atom] if is_var(atom) else atom.val
+
+
+def _pull_back_to_leaves(
+    relations: Sequence[HiddenParamOpRelation],
+    trace_grads: RelationGradients,
+    env: Mapping[Any, Any],
+    weight_env: dict[Any, Any],
+) -> dict[Any, jax.Array]:
+    """Map gradients w.r.t. each relation's trainable inputs back to the ParamState leaves (VJP of ``weight_fns``)."""
+    out: dict[Any, jax.Array] = {}
+    for index, grads in trace_grads.items():
+        relation = relations[index]
+        for key, grad in grads.items():
+            jaxpr, consts = relation.weight_fns[key]
+            leaf_vars = list(jaxpr.invars)
+            const_vals = [_atom_value(env, v) for v in consts]
+
+            def weight_fn(*leaves: Any, jaxpr: Any = jaxpr, const_vals: Any = const_vals) -> Any:
+                local: dict[Any, Any] = dict(zip(jaxpr.constvars, const_vals, strict=True))
+                local.update(zip(jaxpr.invars, leaves, strict=True))
+                eval_eqns(jaxpr.eqns, local)
+                (result,) = [local[v] if is_var(v) else v.val for v in jaxpr.outvars]
+                return result
+
+            primal, pullback = jax.vjp(weight_fn, *[weight_env[v] for v in leaf_vars])
+            # traces may be kept in a wider dtype than the weight (float64 inputs, float32 weights)
+            for var, g in zip(leaf_vars, pullback(jnp.asarray(grad, dtype=primal.dtype)), strict=True):
+                out[var] = out[var] + g if var in out else g
+    return out
