@@ -98,3 +98,14 @@ def test_custom_primitive_quick() -> None:
     for name in ("gain_mm under jit", "gain_mm grad (W, g) under jit", "gain_mm under vmap", "scaled_mm under vmap"):
         assert float(_table_row(stdout, name)[1]) < 1e-9
     assert stdout.rstrip().endswith("the online gradients equal BPTT.")
+
+
+def test_forgetting_d_rtrl_quick() -> None:
+    """The rule of "Writing a learning rule" trains; truncating to one step (lambda = 0) learns the delayed
+    target worse than D-RTRL, which carries the whole past."""
+    stdout = _run("forgetting_d_rtrl.py")
+    rows = {name: _table_row(stdout, name) for name in ("D_RTRL", "forgetting 0.9", "forgetting 0.0")}
+    first = {name: float(row[1]) for name, row in rows.items()}
+    last = {name: float(row[2]) for name, row in rows.items()}
+    assert all(last[name] < first[name] for name in rows), rows
+    assert last["D_RTRL"] < last["forgetting 0.0"], rows
