@@ -9,6 +9,8 @@ Four stages, each a public function with a typed result:
 
 :func:`compile_etrace_graph` runs all four and records every decision as a
 :class:`CompilationRecord` (``graph.diagnostics``, ``graph.explain()``).
+Every re-evaluation of a jaxpr goes through :func:`eval_jaxpr` (atoms read
+with :func:`read_atom`).
 """
 
 # Before anything imports JAX-dependent code: a clear error for an unsupported JAX/brainstate.
@@ -21,6 +23,7 @@ from importlib.metadata import version as _distribution_version
 from ._compat import OpenJaxpr
 from ._diagnostics import CompilationRecord, DiagnosticKind, DiagnosticLevel
 from ._errors import CompilationError, NotSupportedError
+from ._eval import eval_eqns, eval_jaxpr, is_var, read_atom
 from ._graph import (
     ETraceGraph,
     add_hidden_perturbation_from_module,
@@ -29,10 +32,14 @@ from ._graph import (
     find_hidden_param_op_relations_from_module,
 )
 from ._hidden_groups import HiddenGroup, find_hidden_groups_from_minfo
-from ._jaxpr_walk import eval_eqns, is_var
 from ._module_info import ModuleInfo, StatePath, WeightLeaf, extract_module_info
 from ._perturbation import HiddenPerturbation, add_hidden_perturbation_from_minfo, run_step
-from ._relations import HiddenParamOpRelation, find_hidden_param_op_relations_from_minfo, trace_var_to_params
+from ._relations import (
+    HiddenParamOpRelation,
+    build_producers,
+    find_hidden_param_op_relations_from_minfo,
+    trace_var_to_params,
+)
 
 __version__ = _distribution_version("etp-compiler")  # one source: the distribution's pyproject
 
@@ -51,8 +58,11 @@ __all__ = [
     "OpenJaxpr",
     "StatePath",
     "WeightLeaf",
+    "build_producers",
     "eval_eqns",
+    "eval_jaxpr",
     "is_var",
+    "read_atom",
     "add_hidden_perturbation_from_minfo",
     "add_hidden_perturbation_from_module",
     "compile_etrace_graph",

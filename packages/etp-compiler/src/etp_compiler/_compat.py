@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import brainstate
-import jax
 from jax.extend.core import DebugInfo, Jaxpr, JaxprEqn, Literal, Var
 
 # isort: off
@@ -77,13 +76,18 @@ class OpenJaxpr:
         )
 
     def evaluate(self, consts: Sequence[Any], *args: Any) -> list[Any]:
-        """The slice's results for the constants' values ``consts`` and the arguments ``args``."""
-        if len(consts) != len(self.constvars) or len(args) != len(self.invars):
-            raise TypeError(
-                f"{self.name}: expected {len(self.constvars)} constant values and {len(self.invars)} arguments, "
-                f"got {len(consts)} and {len(args)}"
-            )
-        return list(jax.core.eval_jaxpr(self.as_jaxpr(), [], *consts, *args))
+        """The slice's results for the constants' values ``consts`` and the arguments ``args``.
+
+        The same as :func:`etp_compiler.eval_jaxpr` ``(self, consts, *args)``.
+
+        Raises
+        ------
+        TypeError
+            If the numbers of constants or arguments differ from the slice's (the message names it).
+        """
+        from ._eval import eval_jaxpr  # the evaluator imports this module
+
+        return eval_jaxpr(self, consts, *args)
 
     def __str__(self) -> str:
         return str(self.as_jaxpr())

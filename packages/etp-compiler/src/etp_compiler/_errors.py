@@ -18,5 +18,15 @@ class NotSupportedError(NotImplementedError):
 
     Raised, for example, when a learning rule without a window-start
     contraction is asked to run multi-step windows. The message names the
-    learner or rule and what to use instead. Subclasses ``NotImplementedError``.
+    learner or rule and what to use instead. Subclasses ``NotImplementedError``;
+    the name follows braintrace's ``NotSupportedError``.
+
+    Examples
+    --------
+    >>> from etp_compiler import NotSupportedError
+    >>> try:
+    ...     raise NotSupportedError("D_RTRL: the rule 'd-rtrl' cannot run multi-step windows")
+    ... except NotImplementedError as error:
+    ...     print(type(error).__name__, error)
+    NotSupportedError D_RTRL: the rule 'd-rtrl' cannot run multi-step windows
     """

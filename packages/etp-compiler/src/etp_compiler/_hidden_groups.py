@@ -21,7 +21,8 @@ from ._compat import JaxprEqn, OpenJaxpr, Var, aval_shape, new_jaxpr
 from ._diagnostics import CompilationRecord, DiagnosticKind, DiagnosticLevel
 from ._elementwise import is_positionwise
 from ._errors import CompilationError
-from ._jaxpr_walk import CONTROL_FLOW_PRIMITIVES, eval_eqns, forward_labels, is_trainable_etp, is_var, read_atom
+from ._eval import eval_jaxpr
+from ._jaxpr_walk import CONTROL_FLOW_PRIMITIVES, forward_labels, is_trainable_etp, is_var
 from ._module_info import ModuleInfo, StatePath
 
 __all__ = ["HiddenGroup", "find_hidden_groups_from_minfo", "slice_between"]
@@ -111,11 +112,12 @@ class HiddenGroup:
         return len(self.hidden_paths)
 
     def transition(self, hidden_values: Sequence[jax.Array], const_values: Sequence[jax.Array]) -> list[jax.Array]:
-        """Evaluate :math:`h^t` from :math:`h^{t-1}` (``hidden_values``, mantissas) and the constants."""
-        env: dict[Var, Any] = dict(zip(self.transition_jaxpr.constvars, const_values, strict=True))
-        env.update(zip(self.transition_jaxpr.invars, hidden_values, strict=True))
-        eval_eqns(self.transition_jaxpr.eqns, env)
-        return [read_atom(env, v) for v in self.transition_jaxpr.outvars]
+        """Evaluate :math:`h^t` from :math:`h^{t-1}` (``hidden_values``, mantissas) and the constants.
+
+        ``const_values`` are the values of :attr:`transition_jaxpr_constvars`; the same as
+        :func:`etp_compiler.eval_jaxpr` ``(transition_jaxpr, const_values, *hidden_values)``.
+        """
+        return eval_jaxpr(self.transition_jaxpr, const_values, *hidden_values)
 
     def jacobian_blocks(self, hidden_values: Sequence[jax.Array], const_values: Sequence[jax.Array]) -> jax.Array:
         r"""Per-position blocks :math:`D_{p,ij} = \partial h_i^t[p] / \partial h_j^{t-1}[p]`, shape ``(*varshape, S, S)``."""

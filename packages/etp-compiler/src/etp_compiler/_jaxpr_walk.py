@@ -10,14 +10,15 @@ ETP primitive, in which case they are inlined and a diagnostic says so.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, TypeGuard
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 
 from etp_primitives import is_etp_primitive, is_gradient_enabled_primitive
 
-from ._compat import ClosedJaxpr, Jaxpr, JaxprEqn, Literal, Var, aval_dtype, aval_shape
+from ._compat import ClosedJaxpr, Jaxpr, JaxprEqn, Var, aval_dtype, aval_shape
+from ._eval import bind_eqn, eval_eqns, eval_jaxpr_env, is_var, read_atom
 
 __all__ = [
     "CALL_PRIMITIVES",
@@ -41,16 +42,6 @@ CALL_PRIMITIVES = frozenset({"jit", "pjit", "closed_call", "core_call", "remat",
 CUSTOM_DERIVATIVE_PRIMITIVES = frozenset({"custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr"})
 #: Structured control flow: the compiler does not look inside for hidden-state updates.
 CONTROL_FLOW_PRIMITIVES = frozenset({"scan", "while", "cond"})
-
-
-def is_var(atom: Any) -> TypeGuard[Var]:
-    """Whether ``atom`` is a jaxpr variable (not a literal)."""
-    return isinstance(atom, Var) and not isinstance(atom, Literal)
-
-
-def read_atom(env: Mapping[Var, Any], atom: Any) -> Any:
-    """The value of a jaxpr atom: a literal's own value, else the variable's value in ``env``."""
-    return atom.val if isinstance(atom, Literal) else env[atom]
 
 
 def is_trainable_etp(eqn: JaxprEqn) -> bool:
@@ -81,14 +72,6 @@ def contains_etp(jaxpr: Jaxpr) -> bool:
     return False
 
 
-def bind_eqn(eqn: JaxprEqn, invals: Sequence[Any]) -> list[Any]:
-    """Re-bind one equation on new inputs, as ``jax.core.eval_jaxpr`` does."""
-    params = eqn.primitive.get_bind_params(eqn.params)
-    with eqn.ctx.manager:
-        result = eqn.primitive.bind(*invals, **params)
-    return list(result) if eqn.primitive.multiple_results else [result]
-
-
 def custom_call_name(eqn: JaxprEqn) -> str:
     """The user's name of a ``custom_jvp``/``custom_vjp`` function (from its body's debug info)."""
     for body, _ in sub_jaxprs(eqn):
@@ -112,26 +95,14 @@ def _inline_target(eqn: JaxprEqn, notes: list[str]) -> tuple[Jaxpr, Sequence[Any
 
 
 def _evaluate(jaxpr: Jaxpr, consts: Sequence[Any], args: Sequence[Any], notes: list[str]) -> list[Any]:
-    env: dict[Var, Any] = {}
+    """:func:`eval_jaxpr` with nested calls inlined (their bodies evaluated equation by equation)."""
 
-    def read(atom: Any) -> Any:
-        return atom.val if isinstance(atom, Literal) else env[atom]
-
-    for var, value in zip(jaxpr.constvars, consts, strict=True):
-        env[var] = value
-    for var, value in zip(jaxpr.invars, args, strict=True):
-        env[var] = value
-    for eqn in jaxpr.eqns:
-        invals = [read(v) for v in eqn.invars]
+    def bind(eqn: JaxprEqn, invals: Sequence[Any]) -> Sequence[Any]:
         target = _inline_target(eqn, notes)
-        if target is not None:
-            outs = _evaluate(target[0], target[1], invals, notes)
-        else:
-            outs = bind_eqn(eqn, invals)
-        for var, value in zip(eqn.outvars, outs, strict=True):
-            if is_var(var):
-                env[var] = value
-    return [read(v) for v in jaxpr.outvars]
+        return bind_eqn(eqn, invals) if target is None else _evaluate(target[0], target[1], invals, notes)
+
+    env = eval_jaxpr_env(jaxpr, consts, *args, bind=bind)
+    return [read_atom(env, v) for v in jaxpr.outvars]
 
 
 def inline_calls(closed: ClosedJaxpr, own_outputs: Mapping[int, int] | None = None) -> tuple[ClosedJaxpr, list[str]]:
@@ -170,29 +141,6 @@ def inline_calls(closed: ClosedJaxpr, own_outputs: Mapping[int, int] | None = No
 
     flat = jax.make_jaxpr(flat_fn)(*avals)
     return flat, notes
-
-
-def eval_eqns(
-    eqns: Iterable[JaxprEqn],
-    env: dict[Var, Any],
-    override: Callable[[Var, Any], Any] | None = None,
-) -> dict[Var, Any]:
-    """Evaluate ``eqns`` in order on ``env`` (var -> value), writing their outputs into it.
-
-    ``override(var, value)`` may replace each produced value (used to add the
-    hidden-state perturbation right where a hidden state is produced).
-    """
-
-    def read(atom: Any) -> Any:
-        return atom.val if isinstance(atom, Literal) else env[atom]
-
-    for eqn in eqns:
-        invals = [read(v) for v in eqn.invars]
-        outs = bind_eqn(eqn, invals)
-        for var, value in zip(eqn.outvars, outs, strict=True):
-            if is_var(var):
-                env[var] = override(var, value) if override is not None else value
-    return env
 
 
 def forward_labels(

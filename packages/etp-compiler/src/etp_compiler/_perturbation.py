@@ -31,7 +31,8 @@ import brainstate
 import jax
 
 from ._compat import ClosedJaxpr, Var, aval_dtype, aval_shape
-from ._jaxpr_walk import bind_eqn, eval_eqns, is_trainable_etp, is_var, read_atom
+from ._eval import bind_eqn, bind_inputs, eval_jaxpr_env, is_var, read_atom
+from ._jaxpr_walk import is_trainable_etp
 from ._module_info import ModuleInfo, StatePath
 
 __all__ = ["HiddenPerturbation", "add_hidden_perturbation_from_minfo", "run_step"]
@@ -47,10 +48,9 @@ def run_step(minfo: ModuleInfo, invals: Sequence[Any], deltas: Sequence[Any] | N
     :math:`\hat h^t` computed as described in the module docstring.
     """
     jaxpr = minfo.jaxpr
-    env: dict[Var, Any] = dict(zip(jaxpr.constvars, minfo.closed_jaxpr.consts, strict=True))
-    env.update(zip(jaxpr.invars, invals, strict=True))
     if deltas is None:
-        return eval_eqns(jaxpr.eqns, env)
+        return eval_jaxpr_env(jaxpr, minfo.closed_jaxpr.consts, *invals)
+    env = bind_inputs(jaxpr, minfo.closed_jaxpr.consts, invals)
     add = dict(zip(minfo.hidden_path_to_outvar.values(), deltas, strict=True))
     # `hidden` holds, where it differs from `env`, the value that the hidden states' computation sees
     # (downstream of a new hidden state along ETP-free paths: without the perturbation).

@@ -30,20 +30,17 @@ from etp_primitives import ETP_X_INVAR_INDICES, ETP_Y_OUTVAR_INDICES, is_etp_pri
 from ._compat import Jaxpr, JaxprEqn, Literal, OpenJaxpr, Var, aval_shape, new_jaxpr
 from ._diagnostics import CompilationRecord, DiagnosticKind, DiagnosticLevel
 from ._elementwise import is_positionwise
+from ._eval import eval_jaxpr, is_var
 from ._hidden_groups import HiddenGroup, slice_between
-from ._jaxpr_walk import (
-    CONTROL_FLOW_PRIMITIVES,
-    contains_etp,
-    eval_eqns,
-    forward_labels,
-    is_trainable_etp,
-    is_var,
-    read_atom,
-    sub_jaxprs,
-)
+from ._jaxpr_walk import CONTROL_FLOW_PRIMITIVES, contains_etp, forward_labels, is_trainable_etp, sub_jaxprs
 from ._module_info import ModuleInfo, StatePath, WeightLeaf
 
-__all__ = ["HiddenParamOpRelation", "find_hidden_param_op_relations_from_minfo", "trace_var_to_params"]
+__all__ = [
+    "HiddenParamOpRelation",
+    "build_producers",
+    "find_hidden_param_op_relations_from_minfo",
+    "trace_var_to_params",
+]
 
 
 def _text(path: Sequence[Hashable]) -> str:
@@ -119,16 +116,30 @@ class HiddenParamOpRelation:
         jaxpr, _ = self.y_to_hidden[group.index]
 
         def y_to_h(y: jax.Array) -> list[jax.Array]:
-            env: dict[Var, Any] = dict(zip(jaxpr.constvars, const_values, strict=True))
-            env[jaxpr.invars[0]] = y
-            eval_eqns(jaxpr.eqns, env)
-            return [jnp.broadcast_to(read_atom(env, v), group.varshape) for v in jaxpr.outvars]
+            return [jnp.broadcast_to(h, group.varshape) for h in eval_jaxpr(jaxpr, const_values, y)]
 
         _, tangents = jax.jvp(y_to_h, (y_value,), (jnp.ones_like(y_value),))
         return jnp.stack([jnp.broadcast_to(t, group.varshape) for t in tangents], axis=-1)
 
 
-def _build_producers(jaxpr: Jaxpr) -> dict[Var, JaxprEqn]:
+def build_producers(jaxpr: Jaxpr | OpenJaxpr) -> dict[Var, JaxprEqn]:
+    """``var -> the equation producing it``, for every variable an equation of ``jaxpr`` produces.
+
+    The inputs of the jaxpr (and its constvars) have no producer; with
+    :func:`trace_var_to_params` it tells which ParamState leaves a variable is
+    computed from.
+
+    Examples
+    --------
+    >>> import jax, jax.numpy as jnp
+    >>> from etp_compiler import build_producers
+    >>> jaxpr = jax.make_jaxpr(lambda x: jnp.sin(x) * 2.0)(1.0).jaxpr
+    >>> producers = build_producers(jaxpr)
+    >>> [producers[v].primitive.name for v in (jaxpr.eqns[0].outvars[0], jaxpr.outvars[0])]
+    ['sin', 'mul']
+    >>> jaxpr.invars[0] in producers
+    False
+    """
     return {v: eqn for eqn in jaxpr.eqns for v in eqn.outvars if is_var(v)}
 
 
@@ -155,7 +166,11 @@ def _backward_cone(var: Var, producers: dict[Var, JaxprEqn]) -> tuple[set[Var], 
 def trace_var_to_params(
     var: Var, producers: dict[Var, JaxprEqn], invar_to_weight_path: dict[Var, WeightLeaf]
 ) -> tuple[WeightLeaf, ...]:
-    """The ParamState leaves that ``var`` is computed from (empty when none)."""
+    """The ParamState leaves that ``var`` is computed from (empty when none).
+
+    ``producers`` is :func:`build_producers` of the step jaxpr,
+    ``invar_to_weight_path`` is :attr:`ModuleInfo.invar_to_weight_path`.
+    """
     roots, _ = _backward_cone(var, producers)
     return tuple(sorted((invar_to_weight_path[r] for r in roots if r in invar_to_weight_path), key=repr))
 
@@ -175,7 +190,7 @@ def find_hidden_param_op_relations_from_minfo(
     """
     records = records if records is not None else []
     jaxpr = minfo.jaxpr
-    producers = _build_producers(jaxpr)
+    producers = build_producers(jaxpr)
     order = {id(e): i for i, e in enumerate(jaxpr.eqns)}
     hidden_inputs = set(minfo.hidden_path_to_invar.values())
     arg_inputs = set(minfo.arg_invars)

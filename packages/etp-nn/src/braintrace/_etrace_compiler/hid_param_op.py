@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from etp_compiler import HiddenParamOpRelation, find_hidden_param_op_relations_from_minfo, trace_var_to_params
-from etp_compiler._relations import _build_producers
+from etp_compiler import (
+    HiddenParamOpRelation,
+    build_producers,
+    find_hidden_param_op_relations_from_minfo,
+    trace_var_to_params,
+)
 
 __all__ = [
     "HiddenParamOpRelation",
@@ -16,8 +20,8 @@ __all__ = [
 
 
 def _build_producer_map(jaxpr: Any) -> dict[Any, Any]:
-    """``var -> the equation producing it`` for a jaxpr."""
-    return _build_producers(jaxpr)
+    """``var -> the equation producing it`` for a jaxpr (:func:`etp_compiler.build_producers`)."""
+    return build_producers(jaxpr)
 
 
 def _trace_var_to_param(var: Any, producers: dict[Any, Any], invar_to_weight_path: dict[Any, Any]) -> Any:
