@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+import builtins
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import brainstate
@@ -10,6 +11,7 @@ import jax
 
 from ._compat import ClosedJaxpr, Jaxpr, Var, aval_dtype, aval_shape, trace_stateful
 from ._errors import CompilationError
+from ._eval import read_atom
 from ._jaxpr_walk import inline_calls
 
 __all__ = ["ModuleInfo", "extract_module_info", "StatePath", "WeightLeaf"]
@@ -61,6 +63,26 @@ class ModuleInfo(NamedTuple):
     Notes
     -----
     Nested ``jit`` calls are inlined, so every ETP primitive is an equation of :attr:`jaxpr`.
+
+    The invar order is owned here: :meth:`flatten_inputs` (and :meth:`current_inputs`)
+    give the values of :attr:`jaxpr`'s invars, :meth:`read_outputs` and
+    :meth:`unflatten_outputs` read the outputs and new states back, and
+    :meth:`write_states` stores new states.
+
+    Examples
+    --------
+    >>> import brainstate, jax.numpy as jnp
+    >>> import etp_compiler, etp_nn
+    >>> cell = etp_nn.ValinaRNNCell(3, 4)
+    >>> _ = brainstate.nn.init_all_states(cell)
+    >>> minfo = etp_compiler.extract_module_info(cell, jnp.ones(3))
+    >>> invals = minfo.current_inputs(jnp.ones(3))
+    >>> len(invals) == len(minfo.jaxpr.invars)
+    True
+    >>> env = etp_compiler.run_step(minfo, invals)
+    >>> outputs, new_states = minfo.read_outputs(env)
+    >>> minfo.unflatten_outputs(outputs).shape, list(new_states)
+    ((4,), [('h',)])
     """
 
     model: brainstate.nn.Module
@@ -84,6 +106,183 @@ class ModuleInfo(NamedTuple):
     state_invars: dict[StatePath, tuple[Var, ...]]
     state_outvars: dict[StatePath, tuple[Any, ...]]
     inlined_custom_calls: tuple[str, ...] = ()
+
+    # ------------------------------------------------------------------ the invar order
+    @property
+    def compiled_state_paths(self) -> tuple[StatePath, ...]:
+        """The paths of :attr:`compiled_model_states`, in invar order."""
+        return tuple(self.state_paths[id(s)] for s in self.compiled_model_states)
+
+    @property
+    def other_state_paths(self) -> tuple[StatePath, ...]:
+        """The paths of the compiled states that are not ParamStates, in invar order."""
+        return tuple(p for p in self.compiled_state_paths if p not in self.weight_states)
+
+    def state_at(self, path: Sequence[Hashable]) -> brainstate.State[Any]:
+        """The compiled state at ``path``.
+
+        Raises
+        ------
+        KeyError
+            If the step touches no state at ``path`` (the message lists those it touches).
+        """
+        key = tuple(path)
+        for state in self.compiled_model_states:
+            if self.state_paths[id(state)] == key:
+                return state
+        raise KeyError(
+            f"the step of {type(self.model).__name__} touches no state at {_path_text(key)}; its states: "
+            + ", ".join(_path_text(p) for p in self.compiled_state_paths)
+        )
+
+    def flatten_args(self, *args: Any, **kwargs: Any) -> list[Any]:
+        """The leaves of one call's arguments (the first invars of :attr:`jaxpr`).
+
+        Raises
+        ------
+        ValueError
+            If their number differs from the compiled call's.
+        """
+        leaves = list(jax.tree.leaves((args, kwargs)))
+        if len(leaves) != len(self.arg_invars):
+            raise ValueError(
+                f"the step of {type(self.model).__name__} was compiled for {len(self.arg_invars)} argument leaves, "
+                f"got {len(leaves)}; call it with arguments structured like the compiled ones."
+            )
+        return leaves
+
+    def current_state_leaves(self) -> tuple[list[list[Any]], list[list[Any]]]:
+        """The leaves of the states as stored now: ``(weights, others)``.
+
+        ``weights`` has one list per ParamState (:attr:`weight_states` order),
+        ``others`` one per other compiled state (:attr:`other_state_paths` order):
+        the arguments :meth:`flatten_inputs` takes.
+        """
+        weights = [list(jax.tree.leaves(state.value)) for state in self.weight_states.values()]
+        others = [list(jax.tree.leaves(self.state_at(p).value)) for p in self.other_state_paths]
+        return weights, others
+
+    def flatten_inputs(
+        self,
+        weight_leaves: Mapping[StatePath, Sequence[Any]] | Sequence[Sequence[Any]],
+        other_state_leaves: Sequence[Sequence[Any]],
+        arg_leaves: Sequence[Any],
+    ) -> list[Any]:
+        """The values of :attr:`jaxpr`'s invars: the argument leaves, then every compiled state's leaves.
+
+        Parameters
+        ----------
+        weight_leaves : mapping or sequence
+            ``ParamState path -> its leaves``, or one list of leaves per ParamState in
+            :attr:`weight_states` order.
+        other_state_leaves : sequence
+            One list of leaves per other compiled state, in :attr:`other_state_paths` order.
+        arg_leaves : sequence
+            The leaves of the call's arguments (:meth:`flatten_args`).
+
+        Returns
+        -------
+        list
+            ``[*arg_leaves, *leaves of each state in compiled_model_states order]``.
+
+        Raises
+        ------
+        ValueError
+            If a state is missing, unknown, or given the wrong number of leaves (named by path).
+        """
+        by_path = self._weight_leaves_by_path(weight_leaves)
+        others = list(other_state_leaves)
+        other_paths = self.other_state_paths
+        if len(others) != len(other_paths):
+            raise ValueError(
+                f"expected the leaves of {len(other_paths)} non-parameter states "
+                f"({', '.join(_path_text(p) for p in other_paths) or 'none'}), got {len(others)}."
+            )
+        if len(arg_leaves) != len(self.arg_invars):
+            raise ValueError(f"expected {len(self.arg_invars)} argument leaves, got {len(arg_leaves)}.")
+        by_path.update(zip(other_paths, others, strict=True))
+        values = list(arg_leaves)
+        for path in self.compiled_state_paths:
+            leaves = list(by_path[path])
+            if len(leaves) != len(self.state_invars[path]):
+                raise ValueError(
+                    f"state {_path_text(path)} has {len(self.state_invars[path])} leaves in the step, "
+                    f"got {len(leaves)}."
+                )
+            values.extend(leaves)
+        return values
+
+    def current_inputs(self, *args: Any, **kwargs: Any) -> list[Any]:
+        """The values of :attr:`jaxpr`'s invars for the call ``model(*args, **kwargs)`` at the states stored now."""
+        weights, others = self.current_state_leaves()
+        return self.flatten_inputs(weights, others, self.flatten_args(*args, **kwargs))
+
+    def weight_env(
+        self, weight_leaves: Mapping[StatePath, Sequence[Any]] | Sequence[Sequence[Any]]
+    ) -> builtins.dict[Var, Any]:
+        """``ParamState leaf invar -> value`` for the leaves of every ParamState (as :meth:`flatten_inputs` takes them)."""
+        by_path = self._weight_leaves_by_path(weight_leaves)
+        return {
+            var: value
+            for path, invars in self.weight_path_to_invars.items()
+            for var, value in zip(invars, by_path[path], strict=True)
+        }
+
+    def read_outputs(self, env: Mapping[Var, Any]) -> tuple[list[Any], builtins.dict[StatePath, list[Any]]]:
+        """From the environment of an evaluated step (:func:`run_step`): ``(output leaves, {path: new state leaves})``.
+
+        The new state leaves are given for every written state (:attr:`state_outvars`).
+        """
+        outputs = [read_atom(env, v) for v in self.out_vars]
+        states = {path: [read_atom(env, v) for v in outvars] for path, outvars in self.state_outvars.items()}
+        return outputs, states
+
+    def unflatten_outputs(self, env_or_values: Mapping[Var, Any] | Sequence[Any]) -> Any:
+        """The model's output pytree, from a step's environment or from its output leaves."""
+        if isinstance(env_or_values, Mapping):
+            leaves = [read_atom(env_or_values, v) for v in self.out_vars]
+        else:
+            leaves = list(env_or_values)
+        if len(leaves) != len(self.out_vars):
+            raise ValueError(f"the step has {len(self.out_vars)} output leaves, got {len(leaves)}.")
+        return jax.tree.unflatten(self.out_treedef.children()[0], leaves)
+
+    def unflatten_state(self, path: Sequence[Hashable], leaves: Sequence[Any]) -> Any:
+        """A value for the state at ``path`` with the structure of its current value and the given leaves."""
+        state = self.state_at(path)
+        return jax.tree.unflatten(jax.tree.structure(state.value), list(leaves))
+
+    def write_states(self, new_states: Mapping[StatePath, Sequence[Any]]) -> None:
+        """Store new leaves (``path -> leaves``, as :meth:`read_outputs` gives them) into the model's states."""
+        values = {path: self.unflatten_state(path, leaves) for path, leaves in new_states.items()}
+        for path, value in values.items():  # every state is checked before any is written
+            self.state_at(path).value = value
+
+    def _weight_leaves_by_path(
+        self, weight_leaves: Mapping[StatePath, Sequence[Any]] | Sequence[Sequence[Any]]
+    ) -> builtins.dict[StatePath, Sequence[Any]]:
+        if isinstance(weight_leaves, Mapping):
+            by_path = {tuple(p): v for p, v in weight_leaves.items()}
+            unknown = [p for p in by_path if p not in self.weight_states]
+            if unknown:
+                raise ValueError(
+                    f"{', '.join(_path_text(p) for p in unknown)}: not a ParamState of the step; its ParamStates: "
+                    + (", ".join(_path_text(p) for p in self.weight_states) or "none")
+                )
+        else:
+            if len(weight_leaves) != len(self.weight_states):
+                raise ValueError(
+                    f"expected the leaves of {len(self.weight_states)} ParamStates, got {len(weight_leaves)}."
+                )
+            by_path = dict(zip(self.weight_states, weight_leaves, strict=True))
+        missing = [p for p in self.weight_states if p not in by_path]
+        if missing:
+            raise ValueError(f"no leaves given for the ParamState(s) {', '.join(_path_text(p) for p in missing)}.")
+        return by_path
+
+    def dict(self) -> builtins.dict[str, Any]:
+        """The fields as a plain ``dict`` (name -> value), e.g. for printing."""
+        return {**self._asdict()}
 
 
 def _key_name(key: Any) -> Hashable:
