@@ -8,9 +8,12 @@ Four stages, each a public function with a typed result:
 4. :func:`add_hidden_perturbation_from_minfo` -> :class:`HiddenPerturbation`.
 
 :func:`compile_etrace_graph` runs all four and records every decision as a
-:class:`CompilationRecord` (``graph.diagnostics``, ``graph.explain()``).
-Every re-evaluation of a jaxpr goes through :func:`eval_jaxpr` (atoms read
-with :func:`read_atom`).
+:class:`CompilationRecord` (``graph.diagnostics``, ``graph.explain()``);
+:func:`hidden_group_stage` and :func:`relation_stage` return stages 2 and 3's
+results together with their records. Every re-evaluation of a jaxpr goes
+through :func:`eval_jaxpr` (atoms read with :func:`read_atom`), and
+:class:`ModuleInfo` owns the order of the step jaxpr's inputs and outputs
+(:meth:`ModuleInfo.flatten_inputs`, :meth:`ModuleInfo.read_outputs`).
 """
 
 # Before anything imports JAX-dependent code: a clear error for an unsupported JAX/brainstate.
@@ -27,17 +30,20 @@ from ._eval import eval_eqns, eval_jaxpr, is_var, read_atom
 from ._graph import (
     ETraceGraph,
     add_hidden_perturbation_from_module,
+    add_hidden_perturbation_in_module,
     compile_etrace_graph,
     find_hidden_groups_from_module,
     find_hidden_param_op_relations_from_module,
 )
-from ._hidden_groups import HiddenGroup, find_hidden_groups_from_minfo
+from ._hidden_groups import HiddenGroup, find_hidden_groups_from_minfo, hidden_group_stage
 from ._module_info import ModuleInfo, StatePath, WeightLeaf, extract_module_info
 from ._perturbation import HiddenPerturbation, add_hidden_perturbation_from_minfo, run_step
 from ._relations import (
     HiddenParamOpRelation,
+    RelationItem,
     build_producers,
     find_hidden_param_op_relations_from_minfo,
+    relation_stage,
     trace_var_to_params,
 )
 
@@ -56,6 +62,7 @@ __all__ = [
     "HiddenPerturbation",
     "ModuleInfo",
     "OpenJaxpr",
+    "RelationItem",
     "StatePath",
     "WeightLeaf",
     "build_producers",
@@ -65,12 +72,15 @@ __all__ = [
     "read_atom",
     "add_hidden_perturbation_from_minfo",
     "add_hidden_perturbation_from_module",
+    "add_hidden_perturbation_in_module",
     "compile_etrace_graph",
     "extract_module_info",
     "find_hidden_groups_from_minfo",
     "find_hidden_groups_from_module",
     "find_hidden_param_op_relations_from_minfo",
     "find_hidden_param_op_relations_from_module",
+    "hidden_group_stage",
+    "relation_stage",
     "run_step",
     "trace_var_to_params",
 ]

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Hashable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 import brainstate
 
 from ._diagnostics import CompilationRecord, DiagnosticKind, DiagnosticLevel, emit_warnings, explain_records
-from ._hidden_groups import HiddenGroup, find_hidden_groups_from_minfo
+from ._hidden_groups import HiddenGroup, find_hidden_groups_from_minfo, hidden_group_stage
 from ._module_info import ModuleInfo, StatePath, extract_module_info
 from ._perturbation import HiddenPerturbation, add_hidden_perturbation_from_minfo
-from ._relations import HiddenParamOpRelation, find_hidden_param_op_relations_from_minfo
+from ._relations import HiddenParamOpRelation, find_hidden_param_op_relations_from_minfo, relation_stage
 
 __all__ = [
     "ETraceGraph",
@@ -19,6 +20,8 @@ __all__ = [
     "find_hidden_groups_from_module",
     "find_hidden_param_op_relations_from_module",
     "add_hidden_perturbation_from_module",
+    "add_hidden_perturbation_in_module",
+    "inlined_call_records",
 ]
 
 
@@ -56,6 +59,26 @@ class ETraceGraph(NamedTuple):
         """Print the diagnostics grouped by kind (filtered by weight path, hidden path or kind); return them."""
         return explain_records(self.diagnostics, weight_path=weight_path, hidden_path=hidden_path, kind=kind, file=file)
 
+    def dict(self) -> builtins.dict[str, Any]:
+        """The fields as a plain ``dict`` (name -> value), e.g. for printing; as braintrace's ``ETraceGraph.dict``."""
+        return {**self._asdict()}
+
+
+def inlined_call_records(minfo: ModuleInfo) -> list[CompilationRecord]:
+    """Stage 1's diagnostics: one warning per ``custom_jvp``/``custom_vjp`` call inlined because it holds an ETP op."""
+    return [
+        CompilationRecord(
+            kind=DiagnosticKind.PRIMITIVE_INSIDE_CONTROL_FLOW,
+            level=DiagnosticLevel.WARNING,
+            message=(
+                f"the custom-derivative function {name!r} contains an ETP primitive; it was inlined, so its "
+                "custom derivative rule is not used for the eligibility-trace Jacobians."
+            ),
+            context={"construct": name},
+        )
+        for name in minfo.inlined_custom_calls
+    ]
+
 
 def compile_etrace_graph(model: brainstate.nn.Module, *args: Any, emit: bool = True, **kwargs: Any) -> ETraceGraph:
     """Compile one step of ``model`` into an :class:`ETraceGraph`.
@@ -75,22 +98,15 @@ def compile_etrace_graph(model: brainstate.nn.Module, *args: Any, emit: bool = T
         For model structures ETP cannot handle (no hidden state, a hidden
         state updated inside lax control flow, ...), naming the state.
     """
-    records: list[CompilationRecord] = []
     minfo = extract_module_info(model, *args, **kwargs)
-    for name in minfo.inlined_custom_calls:
-        records.append(
-            CompilationRecord(
-                kind=DiagnosticKind.PRIMITIVE_INSIDE_CONTROL_FLOW,
-                level=DiagnosticLevel.WARNING,
-                message=(
-                    f"the custom-derivative function {name!r} contains an ETP primitive; it was inlined, so its "
-                    "custom derivative rule is not used for the eligibility-trace Jacobians."
-                ),
-                context={"construct": name},
-            )
-        )
-    groups, hid_path_to_group = find_hidden_groups_from_minfo(minfo, records)
-    relations = find_hidden_param_op_relations_from_minfo(minfo, hid_path_to_group, records)
+    records: list[CompilationRecord] = inlined_call_records(minfo)
+    group_items = hidden_group_stage(minfo)
+    groups = [item for item in group_items if isinstance(item, HiddenGroup)]
+    records.extend(item for item in group_items if isinstance(item, CompilationRecord))
+    hid_path_to_group = {p: g for g in groups for p in g.hidden_paths}
+    relation_items = relation_stage(minfo, hid_path_to_group)
+    relations = [item for item in relation_items if isinstance(item, HiddenParamOpRelation)]
+    records.extend(item for item in relation_items if isinstance(item, CompilationRecord))
     perturb = add_hidden_perturbation_from_minfo(minfo)
     if emit:
         emit_warnings(records)
@@ -99,21 +115,29 @@ def compile_etrace_graph(model: brainstate.nn.Module, *args: Any, emit: bool = T
 
 def find_hidden_groups_from_module(
     model: brainstate.nn.Module, *args: Any, **kwargs: Any
-) -> tuple[ModuleInfo, list[HiddenGroup], dict[StatePath, HiddenGroup]]:
-    """Stages 1-2 from a model: ``(module_info, hidden_groups, hid_path_to_group)``."""
-    minfo = extract_module_info(model, *args, **kwargs)
-    groups, mapping = find_hidden_groups_from_minfo(minfo)
-    return minfo, groups, mapping
+) -> tuple[list[HiddenGroup], dict[StatePath, HiddenGroup]]:
+    """Stages 1-2 from a model: ``(hidden_groups, hid_path_to_group)``, as braintrace returns them.
+
+    For the :class:`ModuleInfo` too, call :func:`extract_module_info` and
+    :func:`find_hidden_groups_from_minfo`.
+    """
+    return find_hidden_groups_from_minfo(extract_module_info(model, *args, **kwargs))
 
 
 def find_hidden_param_op_relations_from_module(
     model: brainstate.nn.Module, *args: Any, **kwargs: Any
 ) -> list[HiddenParamOpRelation]:
     """Stages 1-3 from a model: the relations."""
-    minfo, _, mapping = find_hidden_groups_from_module(model, *args, **kwargs)
+    minfo = extract_module_info(model, *args, **kwargs)
+    _, mapping = find_hidden_groups_from_minfo(minfo)
     return find_hidden_param_op_relations_from_minfo(minfo, mapping)
 
 
 def add_hidden_perturbation_from_module(model: brainstate.nn.Module, *args: Any, **kwargs: Any) -> HiddenPerturbation:
     """Stages 1 and 4 from a model: the perturbation."""
     return add_hidden_perturbation_from_minfo(extract_module_info(model, *args, **kwargs))
+
+
+def add_hidden_perturbation_in_module(model: brainstate.nn.Module, *args: Any, **kwargs: Any) -> HiddenPerturbation:
+    """Stages 1 and 4 from a model: the perturbation (braintrace's name for :func:`add_hidden_perturbation_from_module`)."""
+    return add_hidden_perturbation_from_module(model, *args, **kwargs)

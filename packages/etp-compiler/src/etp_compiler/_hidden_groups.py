@@ -10,8 +10,9 @@ Jacobian blocks are then :math:`S \times S` with :math:`S` the number of states)
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import jax
@@ -25,7 +26,7 @@ from ._eval import eval_jaxpr
 from ._jaxpr_walk import CONTROL_FLOW_PRIMITIVES, forward_labels, is_trainable_etp, is_var
 from ._module_info import ModuleInfo, StatePath
 
-__all__ = ["HiddenGroup", "find_hidden_groups_from_minfo", "slice_between"]
+__all__ = ["HiddenGroup", "find_hidden_groups_from_minfo", "hidden_group_stage", "slice_between"]
 
 
 def slice_between(
@@ -106,6 +107,10 @@ class HiddenGroup:
     is_positionwise: bool
     hidden_states: tuple[Any, ...] = field(default=())
 
+    def dict(self) -> builtins.dict[str, Any]:
+        """The fields as a plain ``dict`` (name -> value), e.g. for printing."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
     @property
     def num_state(self) -> int:
         """:math:`S`, the number of hidden states in the group."""
@@ -181,17 +186,8 @@ def _check_control_flow(minfo: ModuleInfo) -> None:
                 )
 
 
-def find_hidden_groups_from_minfo(
-    minfo: ModuleInfo, records: list[CompilationRecord] | None = None
-) -> tuple[list[HiddenGroup], dict[StatePath, HiddenGroup]]:
-    """Group the hidden states of ``minfo`` and build each group's transition.
-
-    Returns the groups and the map ``hidden path -> group``. Decisions worth
-    knowing (merged groups, states split for shape, transitions that are not
-    position-wise) are appended to ``records`` when given.
-    """
-    records = records if records is not None else []
-    _check_control_flow(minfo)
+def _connected_components(minfo: ModuleInfo) -> list[list[StatePath]]:
+    """The hidden paths, grouped by "one's old value reaches the other's new value avoiding trainable ETP ops"."""
     paths = list(minfo.hidden_path_to_invar)
     seeds = {minfo.hidden_path_to_invar[p]: frozenset({p}) for p in paths}
     labels = forward_labels(minfo.jaxpr.eqns, seeds, cut=is_trainable_etp)
@@ -199,85 +195,130 @@ def find_hidden_groups_from_minfo(
     for path in paths:
         for source in labels.get(minfo.hidden_path_to_outvar[path], frozenset()):
             union.union(path, source)
-
     components: dict[StatePath, list[StatePath]] = {}
     for path in paths:
         components.setdefault(union.find(path), []).append(path)
+    return list(components.values())
 
-    groups: list[HiddenGroup] = []
-    for members in components.values():
-        by_shape: dict[tuple[int, ...], list[StatePath]] = {}
-        for path in members:
-            by_shape.setdefault(aval_shape(minfo.hidden_path_to_invar[path]), []).append(path)
+
+def _split_by_shape(minfo: ModuleInfo, members: Sequence[StatePath]) -> dict[tuple[int, ...], list[StatePath]]:
+    """The members of one component by shape (one group per shape), in first-seen order."""
+    by_shape: dict[tuple[int, ...], list[StatePath]] = {}
+    for path in members:
+        by_shape.setdefault(aval_shape(minfo.hidden_path_to_invar[path]), []).append(path)
+    return by_shape
+
+
+def _shape_mismatch_record(
+    members: Sequence[StatePath], by_shape: dict[tuple[int, ...], list[StatePath]]
+) -> CompilationRecord:
+    """The warning for a component whose states have different shapes (split into one group per shape)."""
+    return CompilationRecord(
+        kind=DiagnosticKind.STATE_MISMATCH,
+        level=DiagnosticLevel.WARNING,
+        message=(
+            "hidden states "
+            + ", ".join(f"{'.'.join(map(str, p))} {s}" for s, ps in by_shape.items() for p in ps)
+            + " depend on each other but have different shapes; they are put in separate groups and the "
+            "cross-dependence is left out of the hidden-to-hidden Jacobian (an approximation)."
+        ),
+        hidden_paths=tuple(members),
+        context={"shapes": {p: s for s, ps in by_shape.items() for p in ps}},
+    )
+
+
+def hidden_group_stage(minfo: ModuleInfo) -> list[HiddenGroup | CompilationRecord]:
+    """Stage 2 with its diagnostics: the hidden groups of ``minfo`` and the records of the decisions taken.
+
+    Returns, in the order they were made, the groups (numbered in order) and
+    the records of decisions worth knowing (merged groups, states split for
+    shape, transitions that are not position-wise), each record just before
+    the group it concerns. :func:`find_hidden_groups_from_minfo` keeps the
+    groups; :func:`etp_compiler.compile_etrace_graph` keeps both.
+
+    Raises
+    ------
+    CompilationError
+        If a hidden state is updated inside lax control flow.
+    """
+    _check_control_flow(minfo)
+    items: list[HiddenGroup | CompilationRecord] = []
+    n_groups = 0
+    for members in _connected_components(minfo):
+        by_shape = _split_by_shape(minfo, members)
         if len(by_shape) > 1:
-            records.append(
-                CompilationRecord(
-                    kind=DiagnosticKind.STATE_MISMATCH,
-                    level=DiagnosticLevel.WARNING,
-                    message=(
-                        "hidden states "
-                        + ", ".join(f"{'.'.join(map(str, p))} {s}" for s, ps in by_shape.items() for p in ps)
-                        + " depend on each other but have different shapes; they are put in separate groups and the "
-                        "cross-dependence is left out of the hidden-to-hidden Jacobian (an approximation)."
-                    ),
-                    hidden_paths=tuple(members),
-                    context={"shapes": {p: s for s, ps in by_shape.items() for p in ps}},
-                )
-            )
+            items.append(_shape_mismatch_record(members, by_shape))
         for shape, group_paths in by_shape.items():
-            groups.append(_build_group(minfo, len(groups), tuple(group_paths), shape, records))
+            items.extend(_build_group(minfo, n_groups, tuple(group_paths), shape))
+            n_groups += 1
+    return items
 
-    hid_path_to_group = {p: g for g in groups for p in g.hidden_paths}
-    return groups, hid_path_to_group
+
+def find_hidden_groups_from_minfo(minfo: ModuleInfo) -> tuple[list[HiddenGroup], dict[StatePath, HiddenGroup]]:
+    """Group the hidden states of ``minfo`` and build each group's transition.
+
+    Returns the groups and the map ``hidden path -> group``, as braintrace's
+    function of the same name. The diagnostics of this stage are returned by
+    :func:`hidden_group_stage`.
+    """
+    groups = [item for item in hidden_group_stage(minfo) if isinstance(item, HiddenGroup)]
+    return groups, {p: g for g in groups for p in g.hidden_paths}
+
+
+def _merged_record(index: int, paths: tuple[StatePath, ...]) -> CompilationRecord:
+    """The note that several states form one group."""
+    return CompilationRecord(
+        kind=DiagnosticKind.HIDDEN_GROUP_MERGED,
+        level=DiagnosticLevel.INFO,
+        message=(
+            f"hidden states {', '.join('.'.join(map(str, p)) for p in paths)} feed each other within a step "
+            f"and form group {index} with {len(paths)} states per position."
+        ),
+        hidden_paths=paths,
+        context={"hidden_group_index": index},
+    )
+
+
+def _not_positionwise_record(index: int, paths: tuple[StatePath, ...]) -> CompilationRecord:
+    """The warning that a group's transition mixes positions."""
+    return CompilationRecord(
+        kind=DiagnosticKind.TRANSITION_NOT_POSITIONWISE,
+        level=DiagnosticLevel.WARNING,
+        message=(
+            f"the transition of hidden group {index} ({', '.join('.'.join(map(str, p)) for p in paths)}) "
+            "mixes positions (e.g. a plain matmul of the hidden state); D-RTRL keeps only the diagonal "
+            "blocks of its Jacobian (an approximation), computed at O(N^2) cost."
+        ),
+        hidden_paths=paths,
+        context={"hidden_group_index": index},
+    )
 
 
 def _build_group(
-    minfo: ModuleInfo,
-    index: int,
-    paths: tuple[StatePath, ...],
-    shape: tuple[int, ...],
-    records: list[CompilationRecord],
-) -> HiddenGroup:
+    minfo: ModuleInfo, index: int, paths: tuple[StatePath, ...], shape: tuple[int, ...]
+) -> list[HiddenGroup | CompilationRecord]:
+    """One group, its transition slice, and the records about it (before it)."""
     invars = tuple(minfo.hidden_path_to_invar[p] for p in paths)
     outvars = tuple(minfo.hidden_path_to_outvar[p] for p in paths)
     eqns, consts = slice_between(minfo.jaxpr.eqns, invars, outvars)
     transition = new_jaxpr(consts, invars, outvars, eqns, f"transition of hidden group {index}")
     positionwise = is_positionwise(eqns, set(invars))
+    items: list[HiddenGroup | CompilationRecord] = []
     if len(paths) > 1:
-        records.append(
-            CompilationRecord(
-                kind=DiagnosticKind.HIDDEN_GROUP_MERGED,
-                level=DiagnosticLevel.INFO,
-                message=(
-                    f"hidden states {', '.join('.'.join(map(str, p)) for p in paths)} feed each other within a step "
-                    f"and form group {index} with {len(paths)} states per position."
-                ),
-                hidden_paths=paths,
-                context={"hidden_group_index": index},
-            )
-        )
+        items.append(_merged_record(index, paths))
     if not positionwise:
-        records.append(
-            CompilationRecord(
-                kind=DiagnosticKind.TRANSITION_NOT_POSITIONWISE,
-                level=DiagnosticLevel.WARNING,
-                message=(
-                    f"the transition of hidden group {index} ({', '.join('.'.join(map(str, p)) for p in paths)}) "
-                    "mixes positions (e.g. a plain matmul of the hidden state); D-RTRL keeps only the diagonal "
-                    "blocks of its Jacobian (an approximation), computed at O(N^2) cost."
-                ),
-                hidden_paths=paths,
-                context={"hidden_group_index": index},
-            )
+        items.append(_not_positionwise_record(index, paths))
+    items.append(
+        HiddenGroup(
+            index=index,
+            hidden_paths=paths,
+            hidden_invars=invars,
+            hidden_outvars=outvars,
+            varshape=shape,
+            transition_jaxpr=transition,
+            transition_jaxpr_constvars=tuple(consts),
+            is_positionwise=positionwise,
+            hidden_states=tuple(minfo.hidden_states[p] for p in paths),
         )
-    return HiddenGroup(
-        index=index,
-        hidden_paths=paths,
-        hidden_invars=invars,
-        hidden_outvars=outvars,
-        varshape=shape,
-        transition_jaxpr=transition,
-        transition_jaxpr_constvars=tuple(consts),
-        is_positionwise=positionwise,
-        hidden_states=tuple(minfo.hidden_states[p] for p in paths),
     )
+    return items

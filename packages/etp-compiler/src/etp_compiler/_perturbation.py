@@ -24,6 +24,7 @@ but not the other hidden states' new values along ETP-free paths, which see
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -91,6 +92,10 @@ class HiddenPerturbation(NamedTuple):
     perturb_hidden_paths: tuple[StatePath, ...]
     perturb_hidden_states: tuple[brainstate.State[Any], ...]
     perturb_jaxpr: ClosedJaxpr
+
+    def dict(self) -> builtins.dict[str, Any]:
+        """The fields as a plain ``dict`` (name -> value), e.g. for printing."""
+        return {**self._asdict()}
 
 
 def add_hidden_perturbation_from_minfo(minfo: ModuleInfo) -> HiddenPerturbation:

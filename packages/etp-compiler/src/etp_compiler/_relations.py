@@ -13,13 +13,20 @@ For each ETP equation :math:`y = \mathrm{op}(x, W)` the compiler
 3. keeps the hidden states whose shape :math:`y` broadcasts to, and builds,
    per connected group, the jaxpr :math:`y \mapsto h` whose forward-mode
    product gives :math:`D_f = \partial h / \partial y`.
+
+Each step is a small function that returns what it found or the
+:class:`CompilationRecord` of why the op is left out (``_resolve_weights``,
+``_reached_hidden``, ``_shape_checked``, ``_y_to_hidden_maps``, then the
+records of an included relation); :func:`relation_stage` runs them over every
+equation and returns relations and records in one list, in order.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+import builtins
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,8 +44,10 @@ from ._module_info import ModuleInfo, StatePath, WeightLeaf
 
 __all__ = [
     "HiddenParamOpRelation",
+    "RelationItem",
     "build_producers",
     "find_hidden_param_op_relations_from_minfo",
+    "relation_stage",
     "trace_var_to_params",
 ]
 
@@ -121,6 +130,10 @@ class HiddenParamOpRelation:
         _, tangents = jax.jvp(y_to_h, (y_value,), (jnp.ones_like(y_value),))
         return jnp.stack([jnp.broadcast_to(t, group.varshape) for t in tangents], axis=-1)
 
+    def dict(self) -> builtins.dict[str, Any]:
+        """The fields as a plain ``dict`` (name -> value), e.g. for printing."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
 
 def build_producers(jaxpr: Jaxpr | OpenJaxpr) -> dict[Var, JaxprEqn]:
     """``var -> the equation producing it``, for every variable an equation of ``jaxpr`` produces.
@@ -175,12 +188,336 @@ def trace_var_to_params(
     return tuple(sorted((invar_to_weight_path[r] for r in roots if r in invar_to_weight_path), key=repr))
 
 
-def find_hidden_param_op_relations_from_minfo(
-    minfo: ModuleInfo,
-    hid_path_to_group: dict[StatePath, HiddenGroup],
-    records: list[CompilationRecord] | None = None,
-) -> list[HiddenParamOpRelation]:
-    """Find every ETP relation of ``minfo``; record why each weight op is in or out.
+# ------------------------------------------------------------------------------------------ the stages
+
+#: What one stage of the relation finder returns: relations and the records of its decisions.
+RelationItem = HiddenParamOpRelation | CompilationRecord
+
+
+class _StepFacts(NamedTuple):
+    """What every ETP equation of one step is checked against (computed once per step)."""
+
+    minfo: ModuleInfo
+    hid_path_to_group: Mapping[StatePath, HiddenGroup]
+    producers: dict[Var, JaxprEqn]
+    data_inputs: frozenset[Var]
+
+
+class _OpSite(NamedTuple):
+    """One ETP equation of the step: where it is and how its inputs are laid out."""
+
+    eqn: JaxprEqn
+    primitive: Any
+    tail: tuple[JaxprEqn, ...]
+    order: dict[int, int]
+    trainable_atoms: dict[str, Any]
+    primary: str
+    x_var: Var | Literal | None
+    y_var: Var
+
+
+class _Weights(NamedTuple):
+    """The trainable inputs of an op resolved to ParamState leaves."""
+
+    weight_path: StatePath
+    trainable_vars: dict[str, Var]
+    trainable_paths: dict[str, tuple[WeightLeaf, ...]]
+    weight_fns: dict[str, tuple[OpenJaxpr, tuple[Var, ...]]]
+
+
+def _step_facts(minfo: ModuleInfo, hid_path_to_group: Mapping[StatePath, HiddenGroup]) -> _StepFacts:
+    """The producer map and the data inputs (arguments and old hidden values) of the step."""
+    data = frozenset(minfo.hidden_path_to_invar.values()) | frozenset(minfo.arg_invars)
+    return _StepFacts(minfo, hid_path_to_group, build_producers(minfo.jaxpr), data)
+
+
+def _control_flow_record(eqn: JaxprEqn) -> CompilationRecord | None:
+    """The warning for lax control flow that hides an ETP primitive (the compiler does not look inside)."""
+    if eqn.primitive.name not in CONTROL_FLOW_PRIMITIVES or not any(contains_etp(s) for s, _ in sub_jaxprs(eqn)):
+        return None
+    return CompilationRecord(
+        kind=DiagnosticKind.PRIMITIVE_INSIDE_CONTROL_FLOW,
+        level=DiagnosticLevel.WARNING,
+        message=(
+            f"an ETP primitive sits inside `{eqn.primitive.name}` (jax.lax control flow); the compiler "
+            "does not look inside, so its weight gets no eligibility trace (instantaneous gradient only)."
+        ),
+        context={"construct": eqn.primitive.name},
+    )
+
+
+def _op_site(jaxpr: Jaxpr, index: int, order: dict[int, int]) -> _OpSite:
+    """The layout of the ETP equation ``jaxpr.eqns[index]`` (after checking that its primitive has all rules)."""
+    eqn = jaxpr.eqns[index]
+    primitive = eqn.primitive
+    require_rules(primitive)
+    layout = trainable_invars(primitive, eqn.params)
+    x_index = ETP_X_INVAR_INDICES.get(primitive)
+    return _OpSite(
+        eqn=eqn,
+        primitive=primitive,
+        tail=tuple(jaxpr.eqns[index + 1 :]),
+        order=order,
+        trainable_atoms={k: eqn.invars[i] for k, i in layout.items()},
+        primary="weight" if "weight" in layout else next(iter(layout)),
+        x_var=eqn.invars[x_index] if x_index is not None else None,
+        y_var=eqn.outvars[ETP_Y_OUTVAR_INDICES.get(primitive, 0)],
+    )
+
+
+def _resolve_input(facts: _StepFacts, site: _OpSite, key: str, atom: Any) -> str | tuple[list[Var], list[JaxprEqn]]:
+    """The ParamState leaf vars and the equations that compute one trainable input, or why there are none."""
+    if not is_var(atom):
+        return f"its trainable input {key!r} is a literal constant"
+    roots, cone = _backward_cone(atom, facts.producers)
+    leaves = [r for r in roots if r in facts.minfo.invar_to_weight_path]
+    if not leaves:
+        return (
+            f"its trainable input {key!r} does not come from any brainstate.ParamState (it is a constant or "
+            "a non-parameter state); store the weight in a ParamState to learn it"
+        )
+    if any(r in facts.data_inputs for r in roots):
+        return (
+            f"its trainable input {key!r} depends on the model input or a hidden state, not on ParamStates "
+            "alone, so it is not a parameter the trace rules can handle"
+        )
+    leaves.sort(key=lambda v: repr(facts.minfo.invar_to_weight_path[v]))
+    cone.sort(key=lambda e: site.order[id(e)])
+    return leaves, cone
+
+
+def _resolve_weights(facts: _StepFacts, site: _OpSite) -> _Weights | CompilationRecord:
+    """Step 1: every trainable input back to its ParamState leaves and the weight transform, or the exclusion."""
+    weights = _Weights((), {}, {}, {})
+    for key, atom in site.trainable_atoms.items():
+        resolved = _resolve_input(facts, site, key, atom)
+        if isinstance(resolved, str):
+            return CompilationRecord(
+                kind=DiagnosticKind.RELATION_EXCLUDED_NO_PARAMSTATE,
+                level=DiagnosticLevel.WARNING,
+                message=f"ETP primitive {site.primitive.name} is excluded from ETP: {resolved}.",
+                primitive=site.primitive,
+                weight_path=_primary_path(site, weights) or None,
+            )
+        leaves, cone = resolved
+        weights.trainable_vars[key] = atom
+        weights.trainable_paths[key] = tuple(facts.minfo.invar_to_weight_path[v] for v in leaves)
+        # the whole computation from the leaves (not cut at ETP primitives: it is a weight transformation)
+        fn_eqns, fn_consts = slice_between(cone, leaves, [atom], cut=None)
+        weights.weight_fns[key] = (new_jaxpr(fn_consts, leaves, [atom], fn_eqns, f"weight {key!r}"), tuple(fn_consts))
+    return weights._replace(weight_path=_primary_path(site, weights))
+
+
+def _primary_path(site: _OpSite, weights: _Weights) -> StatePath:
+    """The ParamState of the primary trainable input (``()`` while it is not resolved)."""
+    leaves = weights.trainable_paths.get(site.primary)
+    return leaves[0][0] if leaves else ()
+
+
+def _reached_hidden(facts: _StepFacts, site: _OpSite) -> tuple[list[StatePath], list[StatePath]]:
+    """Step 2: the hidden states ``y`` reaches avoiding trainable ETP ops, and those it reaches at all."""
+    seeds = {site.y_var: frozenset({0})}
+    direct = forward_labels(site.tail, seeds, cut=is_trainable_etp)
+    anyway = forward_labels(site.tail, seeds)
+    outvar_to_path = facts.minfo.outvar_to_hidden_path
+    return [p for v, p in outvar_to_path.items() if v in direct], [p for v, p in outvar_to_path.items() if v in anyway]
+
+
+def _unreached_record(site: _OpSite, weights: _Weights, reached_any: Sequence[StatePath]) -> CompilationRecord:
+    """The exclusion of an op that reaches no hidden state directly (weight-to-weight or non-temporal)."""
+    name, weight_path = site.primitive.name, weights.weight_path
+    if reached_any:
+        kind = DiagnosticKind.RELATION_EXCLUDED_WEIGHT_TO_WEIGHT
+        message = (
+            f"ETP primitive {name} (weight={weight_path}) reaches a hidden state only through another "
+            "trainable ETP primitive. Per the non-parametric-tail invariant this weight is excluded from ETP and "
+            "gets its instantaneous gradient; rewire the model so its output flows directly into a hidden state "
+            "to give it an eligibility trace."
+        )
+    else:
+        kind = DiagnosticKind.RELATION_EXCLUDED_NON_TEMPORAL
+        message = (
+            f"ETP primitive {name} (weight={weight_path}) has no connected hidden states. It will "
+            "be treated as a non-temporal parameter (exact instantaneous gradient, e.g. a readout)."
+        )
+    return CompilationRecord(
+        kind=kind,
+        level=DiagnosticLevel.WARNING,
+        message=message,
+        primitive=site.primitive,
+        weight_path=weight_path,
+        hidden_paths=tuple(reached_any) or None,
+    )
+
+
+def _shape_checked(
+    facts: _StepFacts, site: _OpSite, weights: _Weights, reached: Sequence[StatePath]
+) -> list[StatePath | CompilationRecord]:
+    """Step 3: the reached hidden states ``y`` broadcasts to, and a record for each one it does not."""
+    y_shape = aval_shape(site.y_var)
+    items: list[StatePath | CompilationRecord] = []
+    for path in reached:
+        h_shape = aval_shape(facts.minfo.hidden_path_to_outvar[path])
+        try:
+            compatible = np.broadcast_shapes(y_shape, h_shape) == h_shape
+        except ValueError:
+            compatible = False
+        if compatible:
+            items.append(path)
+            continue
+        items.append(
+            CompilationRecord(
+                kind=DiagnosticKind.RELATION_EXCLUDED_SHAPE_MISMATCH,
+                level=DiagnosticLevel.WARNING,
+                message=(
+                    f"ETP primitive {site.primitive.name} (weight={weights.weight_path}) output of shape {y_shape} "
+                    f"does not broadcast to hidden state {_text(path)} of shape {h_shape}; that connection is "
+                    "dropped (give each unit of the hidden state its own op output, e.g. one layer per gate)."
+                ),
+                primitive=site.primitive,
+                weight_path=weights.weight_path,
+                hidden_paths=(path,),
+            )
+        )
+    return items
+
+
+def _classify_paths(facts: _StepFacts, site: _OpSite, kept: Sequence[StatePath]) -> dict[StatePath, str]:
+    """``hidden path -> 'all_direct' | 'partly_through_weight'`` (whether some path crosses another trainable op)."""
+    labels = forward_labels(site.tail, {site.y_var: frozenset({"y"})})
+    # mark outputs of trainable ETP ops fed by y, then see which hidden outvars they reach
+    seeds = {
+        v: frozenset({"w"})
+        for e in site.tail
+        if is_trainable_etp(e) and any(is_var(i) and i in labels for i in e.invars)
+        for v in e.outvars
+    }
+    via = forward_labels(site.tail, seeds)
+    through = {p for v, p in facts.minfo.outvar_to_hidden_path.items() if v in via}
+    return {p: "partly_through_weight" if p in through else "all_direct" for p in kept}
+
+
+def _y_to_hidden_maps(
+    site: _OpSite, weights: _Weights, groups: Sequence[HiddenGroup]
+) -> tuple[dict[int, tuple[OpenJaxpr, tuple[Var, ...]]], dict[int, bool], list[CompilationRecord]]:
+    """Step 4: per reached group, the slice :math:`y \\mapsto h`, whether it is position-wise, and the warnings."""
+    y_to_hidden: dict[int, tuple[OpenJaxpr, tuple[Var, ...]]] = {}
+    positionwise: dict[int, bool] = {}
+    records: list[CompilationRecord] = []
+    for group in groups:
+        fn_eqns, fn_consts = slice_between(site.tail, [site.y_var], list(group.hidden_outvars))
+        name = f"y -> hidden group {group.index}"
+        y_to_hidden[group.index] = (
+            new_jaxpr(fn_consts, [site.y_var], group.hidden_outvars, fn_eqns, name),
+            tuple(fn_consts),
+        )
+        positionwise[group.index] = is_positionwise(fn_eqns, {site.y_var})
+        if not positionwise[group.index]:
+            records.append(
+                CompilationRecord(
+                    kind=DiagnosticKind.TRANSITION_NOT_POSITIONWISE,
+                    level=DiagnosticLevel.WARNING,
+                    message=(
+                        f"the path from ETP primitive {site.primitive.name} (weight={weights.weight_path}) to hidden "
+                        f"group {group.index} mixes positions; its D_f is approximated by a forward-mode product."
+                    ),
+                    primitive=site.primitive,
+                    weight_path=weights.weight_path,
+                    hidden_paths=group.hidden_paths,
+                )
+            )
+    return y_to_hidden, positionwise, records
+
+
+def _tail_bounded_record(
+    site: _OpSite, weights: _Weights, classification: Mapping[StatePath, str]
+) -> CompilationRecord | None:
+    """The note that some of the op's paths are cut at another trainable op (``None`` when none is)."""
+    bounded = [p for p, c in classification.items() if c != "all_direct"]
+    if not bounded:
+        return None
+    return CompilationRecord(
+        kind=DiagnosticKind.TRANSITION_TAIL_BOUNDED,
+        level=DiagnosticLevel.INFO,
+        message=(
+            f"ETP primitive {site.primitive.name} (weight={weights.weight_path}) also reaches "
+            f"{', '.join(_text(p) for p in bounded)} through another trainable ETP primitive; those paths "
+            "are cut at that primitive (its own trace carries them)."
+        ),
+        primitive=site.primitive,
+        weight_path=weights.weight_path,
+        hidden_paths=tuple(bounded),
+    )
+
+
+def _included_record(
+    site: _OpSite,
+    weights: _Weights,
+    groups: Sequence[HiddenGroup],
+    kept: Sequence[StatePath],
+    classification: dict[StatePath, str],
+) -> CompilationRecord:
+    """The record of an included relation: which groups it drives and how each path is classified."""
+    return CompilationRecord(
+        kind=DiagnosticKind.RELATION_INCLUDED,
+        level=DiagnosticLevel.INFO,
+        message=f"{site.primitive.name}({weights.weight_path}) -> {[g.index for g in groups]}",
+        primitive=site.primitive,
+        weight_path=weights.weight_path,
+        hidden_paths=tuple(kept),
+        context={"hidden_group_indices": tuple(g.index for g in groups), "path_classification": classification},
+    )
+
+
+def _relation_items(facts: _StepFacts, site: _OpSite) -> list[RelationItem]:
+    """One ETP equation through the stages: its relation and records, or the records of its exclusion."""
+    weights = _resolve_weights(facts, site)
+    if isinstance(weights, CompilationRecord):
+        return [weights]
+    reached_direct, reached_any = _reached_hidden(facts, site)
+    if not reached_direct:
+        return [_unreached_record(site, weights, reached_any)]
+    checked = _shape_checked(facts, site, weights, reached_direct)
+    items: list[RelationItem] = [r for r in checked if isinstance(r, CompilationRecord)]
+    kept = [p for p in checked if not isinstance(p, CompilationRecord)]
+    if not kept:
+        return items
+    groups = tuple(dict.fromkeys(facts.hid_path_to_group[p] for p in kept))
+    classification = _classify_paths(facts, site, kept)
+    y_to_hidden, positionwise, map_records = _y_to_hidden_maps(site, weights, groups)
+    items.extend(map_records)
+    bounded = _tail_bounded_record(site, weights, classification)
+    if bounded is not None:
+        items.append(bounded)
+    items.append(_included_record(site, weights, groups, kept, classification))
+    items.append(
+        HiddenParamOpRelation(
+            primitive=site.primitive,
+            eqn=site.eqn,
+            eqn_params=dict(site.eqn.params),
+            weight_path=weights.weight_path,
+            trainable_vars=weights.trainable_vars,
+            trainable_paths=weights.trainable_paths,
+            weight_fns=weights.weight_fns,
+            x_var=site.x_var,
+            y_var=site.y_var,
+            hidden_groups=groups,
+            connected_hidden_paths=tuple(kept),
+            y_to_hidden=y_to_hidden,
+            y_to_hidden_positionwise=positionwise,
+            path_classification=classification,
+        )
+    )
+    return items
+
+
+def relation_stage(minfo: ModuleInfo, hid_path_to_group: Mapping[StatePath, HiddenGroup]) -> list[RelationItem]:
+    """Stage 3 with its diagnostics: every ETP relation of ``minfo`` and the records of why each op is in or out.
+
+    Returns, in equation order, the :class:`HiddenParamOpRelation` of each
+    included op (after the records about it) and the records of the excluded
+    ones. :func:`find_hidden_param_op_relations_from_minfo` keeps the relations;
+    :func:`etp_compiler.compile_etrace_graph` keeps both.
 
     Raises
     ------
@@ -188,239 +525,28 @@ def find_hidden_param_op_relations_from_minfo(
         If an ETP primitive of the model lacks one of the four ETP rules
         (named by :func:`etp_primitives.require_rules`).
     """
-    records = records if records is not None else []
+    facts = _step_facts(minfo, hid_path_to_group)
     jaxpr = minfo.jaxpr
-    producers = build_producers(jaxpr)
     order = {id(e): i for i, e in enumerate(jaxpr.eqns)}
-    hidden_inputs = set(minfo.hidden_path_to_invar.values())
-    arg_inputs = set(minfo.arg_invars)
-    outvar_to_path = minfo.outvar_to_hidden_path
-    relations: list[HiddenParamOpRelation] = []
-
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name in CONTROL_FLOW_PRIMITIVES and any(contains_etp(s) for s, _ in sub_jaxprs(eqn)):
-            records.append(
-                CompilationRecord(
-                    kind=DiagnosticKind.PRIMITIVE_INSIDE_CONTROL_FLOW,
-                    level=DiagnosticLevel.WARNING,
-                    message=(
-                        f"an ETP primitive sits inside `{eqn.primitive.name}` (jax.lax control flow); the compiler "
-                        "does not look inside, so its weight gets no eligibility trace (instantaneous gradient only)."
-                    ),
-                    context={"construct": eqn.primitive.name},
-                )
-            )
-        if not is_etp_primitive(eqn.primitive):
-            continue
-        primitive = eqn.primitive
-        require_rules(primitive)
-        layout = trainable_invars(primitive, eqn.params)
-        trainable_atoms = {k: eqn.invars[i] for k, i in layout.items()}
-        primary = "weight" if "weight" in layout else next(iter(layout))
-        x_index = ETP_X_INVAR_INDICES.get(primitive)
-        x_var = eqn.invars[x_index] if x_index is not None else None
-        y_var = eqn.outvars[ETP_Y_OUTVAR_INDICES.get(primitive, 0)]
-
-        # 1. trainable inputs -> ParamState leaves
-        trainable_paths: dict[str, tuple[WeightLeaf, ...]] = {}
-        weight_fns: dict[str, tuple[OpenJaxpr, tuple[Var, ...]]] = {}
-        problem = None
-        trainable_vars: dict[str, Var] = {}
-        for key, var in trainable_atoms.items():
-            if not is_var(var):
-                problem = f"its trainable input {key!r} is a literal constant"
-                break
-            trainable_vars[key] = var
-            roots, cone = _backward_cone(var, producers)
-            leaves = [r for r in roots if r in minfo.invar_to_weight_path]
-            data = [r for r in roots if r in hidden_inputs or r in arg_inputs]
-            if not leaves:
-                problem = (
-                    f"its trainable input {key!r} does not come from any brainstate.ParamState (it is a constant or "
-                    "a non-parameter state); store the weight in a ParamState to learn it"
-                )
-                break
-            if data:
-                problem = (
-                    f"its trainable input {key!r} depends on the model input or a hidden state, not on ParamStates "
-                    "alone, so it is not a parameter the trace rules can handle"
-                )
-                break
-            leaves.sort(key=lambda v: repr(minfo.invar_to_weight_path[v]))
-            trainable_paths[key] = tuple(minfo.invar_to_weight_path[v] for v in leaves)
-            cone.sort(key=lambda e: order[id(e)])
-            # the whole computation from the leaves (not cut at ETP primitives: it is a weight transformation)
-            fn_eqns, fn_consts = slice_between(cone, leaves, [var], cut=None)
-            weight_fns[key] = (new_jaxpr(fn_consts, leaves, [var], fn_eqns, f"weight {key!r}"), tuple(fn_consts))
-        weight_path: StatePath = trainable_paths[primary][0][0] if primary in trainable_paths else ()
-        if problem is not None:
-            records.append(
-                CompilationRecord(
-                    kind=DiagnosticKind.RELATION_EXCLUDED_NO_PARAMSTATE,
-                    level=DiagnosticLevel.WARNING,
-                    message=f"ETP primitive {primitive.name} is excluded from ETP: {problem}.",
-                    primitive=primitive,
-                    weight_path=weight_path or None,
-                )
-            )
-            continue
-
-        # 2. forward walk from y: direct reach (cut at trainable ETP ops) and reach through other weights
-        direct = forward_labels(jaxpr.eqns[order[id(eqn)] + 1 :], {y_var: frozenset({0})}, cut=is_trainable_etp)
-        anyway = forward_labels(jaxpr.eqns[order[id(eqn)] + 1 :], {y_var: frozenset({0})})
-        reached_direct = [outvar_to_path[v] for v in outvar_to_path if v in direct]
-        reached_any = [outvar_to_path[v] for v in outvar_to_path if v in anyway]
-        if not reached_direct:
-            kind = (
-                DiagnosticKind.RELATION_EXCLUDED_WEIGHT_TO_WEIGHT
-                if reached_any
-                else DiagnosticKind.RELATION_EXCLUDED_NON_TEMPORAL
-            )
-            message = (
-                f"ETP primitive {primitive.name} (weight={weight_path}) reaches a hidden state only through another "
-                "trainable ETP primitive. Per the non-parametric-tail invariant this weight is excluded from ETP and "
-                "gets its instantaneous gradient; rewire the model so its output flows directly into a hidden state "
-                "to give it an eligibility trace."
-                if reached_any
-                else f"ETP primitive {primitive.name} (weight={weight_path}) has no connected hidden states. It will "
-                "be treated as a non-temporal parameter (exact instantaneous gradient, e.g. a readout)."
-            )
-            records.append(
-                CompilationRecord(
-                    kind=kind,
-                    level=DiagnosticLevel.WARNING,
-                    message=message,
-                    primitive=primitive,
-                    weight_path=weight_path,
-                    hidden_paths=tuple(reached_any) or None,
-                )
-            )
-            continue
-
-        # 3. shape compatibility, per hidden state
-        y_shape = aval_shape(y_var)
-        kept: list[StatePath] = []
-        for path in reached_direct:
-            h_shape = aval_shape(minfo.hidden_path_to_outvar[path])
-            try:
-                compatible = np.broadcast_shapes(y_shape, h_shape) == h_shape
-            except ValueError:
-                compatible = False
-            if compatible:
-                kept.append(path)
-            else:
-                records.append(
-                    CompilationRecord(
-                        kind=DiagnosticKind.RELATION_EXCLUDED_SHAPE_MISMATCH,
-                        level=DiagnosticLevel.WARNING,
-                        message=(
-                            f"ETP primitive {primitive.name} (weight={weight_path}) output of shape {y_shape} does "
-                            f"not broadcast to hidden state {_text(path)} of shape {h_shape}; that connection is "
-                            "dropped (give each unit of the hidden state its own op output, e.g. one layer per gate)."
-                        ),
-                        primitive=primitive,
-                        weight_path=weight_path,
-                        hidden_paths=(path,),
-                    )
-                )
-        if not kept:
-            continue
-        groups = tuple(dict.fromkeys(hid_path_to_group[p] for p in kept))
-        classification = {
-            p: (
-                "all_direct"
-                if p not in _through_weight(jaxpr, eqn, order, y_var, outvar_to_path)
-                else "partly_through_weight"
-            )
-            for p in kept
-        }
-        y_to_hidden: dict[int, tuple[OpenJaxpr, tuple[Var, ...]]] = {}
-        positionwise: dict[int, bool] = {}
-        tail = jaxpr.eqns[order[id(eqn)] + 1 :]
-        for group in groups:
-            fn_eqns, fn_consts = slice_between(tail, [y_var], list(group.hidden_outvars))
-            y_to_hidden[group.index] = (
-                new_jaxpr(fn_consts, [y_var], group.hidden_outvars, fn_eqns, f"y -> hidden group {group.index}"),
-                tuple(fn_consts),
-            )
-            positionwise[group.index] = is_positionwise(fn_eqns, {y_var})
-            if not positionwise[group.index]:
-                records.append(
-                    CompilationRecord(
-                        kind=DiagnosticKind.TRANSITION_NOT_POSITIONWISE,
-                        level=DiagnosticLevel.WARNING,
-                        message=(
-                            f"the path from ETP primitive {primitive.name} (weight={weight_path}) to hidden group "
-                            f"{group.index} mixes positions; its D_f is approximated by a forward-mode product."
-                        ),
-                        primitive=primitive,
-                        weight_path=weight_path,
-                        hidden_paths=group.hidden_paths,
-                    )
-                )
-        bounded = [p for p, c in classification.items() if c != "all_direct"]
-        if bounded:
-            records.append(
-                CompilationRecord(
-                    kind=DiagnosticKind.TRANSITION_TAIL_BOUNDED,
-                    level=DiagnosticLevel.INFO,
-                    message=(
-                        f"ETP primitive {primitive.name} (weight={weight_path}) also reaches "
-                        f"{', '.join(_text(p) for p in bounded)} through another trainable ETP primitive; those paths "
-                        "are cut at that primitive (its own trace carries them)."
-                    ),
-                    primitive=primitive,
-                    weight_path=weight_path,
-                    hidden_paths=tuple(bounded),
-                )
-            )
-        records.append(
-            CompilationRecord(
-                kind=DiagnosticKind.RELATION_INCLUDED,
-                level=DiagnosticLevel.INFO,
-                message=f"{primitive.name}({weight_path}) -> {[g.index for g in groups]}",
-                primitive=primitive,
-                weight_path=weight_path,
-                hidden_paths=tuple(kept),
-                context={
-                    "hidden_group_indices": tuple(g.index for g in groups),
-                    "path_classification": classification,
-                },
-            )
-        )
-        relations.append(
-            HiddenParamOpRelation(
-                primitive=primitive,
-                eqn=eqn,
-                eqn_params=dict(eqn.params),
-                weight_path=weight_path,
-                trainable_vars=trainable_vars,
-                trainable_paths=trainable_paths,
-                weight_fns=weight_fns,
-                x_var=x_var,
-                y_var=y_var,
-                hidden_groups=groups,
-                connected_hidden_paths=tuple(kept),
-                y_to_hidden=y_to_hidden,
-                y_to_hidden_positionwise=positionwise,
-                path_classification=classification,
-            )
-        )
-    return relations
+    items: list[RelationItem] = []
+    for index, eqn in enumerate(jaxpr.eqns):
+        flow = _control_flow_record(eqn)
+        if flow is not None:
+            items.append(flow)
+        if is_etp_primitive(eqn.primitive):
+            items.extend(_relation_items(facts, _op_site(jaxpr, index, order)))
+    return items
 
 
-def _through_weight(
-    jaxpr: Jaxpr, eqn: JaxprEqn, order: dict[int, int], y_var: Var, outvar_to_path: dict[Var, StatePath]
-) -> set[StatePath]:
-    """Hidden paths that ``y`` reaches via at least one trainable ETP primitive."""
-    tail = jaxpr.eqns[order[id(eqn)] + 1 :]
-    labels = forward_labels(tail, {y_var: frozenset({"y"})})
-    # mark outputs of trainable ETP ops fed by y, then see which hidden outvars they reach
-    seeds = {
-        v: frozenset({"w"})
-        for e in tail
-        if is_trainable_etp(e) and any(is_var(i) and i in labels for i in e.invars)
-        for v in e.outvars
-    }
-    via = forward_labels(tail, seeds)
-    return {p for v, p in outvar_to_path.items() if v in via}
+def find_hidden_param_op_relations_from_minfo(
+    minfo: ModuleInfo, hid_path_to_group: Mapping[StatePath, HiddenGroup]
+) -> list[HiddenParamOpRelation]:
+    """Find every ETP relation of ``minfo`` (the diagnostics are returned by :func:`relation_stage`).
+
+    Raises
+    ------
+    ValueError
+        If an ETP primitive of the model lacks one of the four ETP rules
+        (named by :func:`etp_primitives.require_rules`).
+    """
+    return [item for item in relation_stage(minfo, hid_path_to_group) if isinstance(item, HiddenParamOpRelation)]
