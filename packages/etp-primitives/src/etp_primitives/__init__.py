@@ -4,6 +4,11 @@ A parameter takes part in online learning exactly when it flows through one
 of these primitives. Each primitive behaves like the plain JAX op it wraps
 under every transformation, and carries the ETP rules that the compiler and
 the learning algorithms use to build and contract eligibility traces.
+
+The top level holds the operations, the built-in primitives and the
+registration functions; :mod:`etp_primitives.extend` is the door for rule and
+primitive authors (registries, predicates, rule helpers and the rule
+contract), whose names stay importable from here as well.
 """
 
 # Before anything imports JAX-dependent code: a clear error for an unsupported JAX/brainstate.
@@ -13,14 +18,21 @@ _check_installed("etp-primitives", ("jax", "saiunit", "numpy"))
 
 from importlib.metadata import version as _distribution_version
 
+from . import extend as extend
 from ._primitive import (
     ETPPrimitive,
     default_trainable_invars,
+    get_primitive_spec,
     register_primitive,
+    register_primitive_spec,
     set_batching_rule,
     unregister_primitive,
 )
-from ._registry import (
+from ._spec import ETPPrimitiveSpec
+
+# Rule and primitive authors' names: documented in etp_primitives.extend, importable from here too
+# (the seed documents use them from the top level).
+from .extend import (
     BATCHED_PRIMITIVES,
     ETP_PRIMITIVE_SPECS,
     ETP_PRIMITIVES,
@@ -34,18 +46,15 @@ from ._registry import (
     ETP_X_INVAR_INDICES,
     ETP_Y_OUTVAR_INDICES,
     GRADIENT_ENABLED_PRIMITIVES,
-    is_batched_primitive,
-    is_etp_primitive,
-    is_gradient_enabled_primitive,
-)
-from ._spec import ETPPrimitiveSpec, get_primitive_spec, register_primitive_spec
-from ._trace import (
     RULE_NAMES,
     aval_of,
     derive_xy_to_dw,
     drtrl_grad,
     drtrl_seed,
     init_pp_like_output,
+    is_batched_primitive,
+    is_etp_primitive,
+    is_gradient_enabled_primitive,
     pairwise_sum,
     require_rules,
     sum_leading_axes,
@@ -97,7 +106,9 @@ __all__ = [
     "ETPPrimitiveSpec",
     "register_primitive_spec",
     "get_primitive_spec",
-    # registries and predicates
+    # registries and predicates: live, read-only views of the primitive records (documented in
+    # etp_primitives.extend, listed here too because `from etp_primitives import *` re-exports them
+    # in braintrace._etrace_op, where the seed documents import them)
     "ETP_PRIMITIVES",
     "BATCHED_PRIMITIVES",
     "GRADIENT_ENABLED_PRIMITIVES",
@@ -114,7 +125,7 @@ __all__ = [
     "is_etp_primitive",
     "is_batched_primitive",
     "is_gradient_enabled_primitive",
-    # rule contract
+    # rule helpers (documented in etp_primitives.extend)
     "RULE_NAMES",
     "require_rules",
     "trainable_invars",

@@ -1,15 +1,19 @@
-""":class:`ETPPrimitive` and :func:`register_primitive`.
+""":class:`ETPPrimitive`, :func:`register_primitive` and :func:`register_primitive_spec`.
 
 An ETP primitive is a JAX primitive that *marks* a weight operation. Its
 forward computation is an ordinary JAX function (``impl_fn``); every standard
 JAX rule is derived from that function here, so a primitive works under
 ``jit``, ``grad``, ``vmap``, ``jvp`` and their compositions with no further
 code. What a primitive author writes by hand are the ETP rules, the
-online-learning specific part (see :mod:`etp_primitives._trace`).
+online-learning specific part (see :mod:`etp_primitives.extend`).
+
+Both registration paths end in one record per primitive (an
+:class:`ETPPrimitiveSpec` in the primitive table of :mod:`._registry`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
@@ -17,39 +21,31 @@ from typing import Any
 import jax
 
 from ._compat import Primitive, ShapedArray, ad, batching, mlir
-from ._registry import (
-    BATCHED_PRIMITIVES,
-    ETP_PRIMITIVES,
-    ETP_RULES_DRTRL_GRAD,
-    ETP_RULES_DRTRL_SEED,
-    ETP_RULES_INIT_DRTRL,
-    ETP_RULES_INIT_PP,
-    ETP_RULES_XY_TO_DW,
-    ETP_RULES_YW_TO_W,
-    ETP_TRAINABLE_INVARS_FNS,
-    ETP_X_INVAR_INDICES,
-    ETP_Y_OUTVAR_INDICES,
-    GRADIENT_ENABLED_PRIMITIVES,
-    Rule,
-)
+from ._registry import _entry, _find_by_name, _install, _remove, _replace_record, _specs, get_primitive_record
+from ._spec import ETPPrimitiveSpec, Rule, TrainableInvarsFn, default_trainable_invars, resolve_rule_alias
 
-__all__ = ["ETPPrimitive", "register_primitive", "unregister_primitive", "default_trainable_invars"]
+__all__ = [
+    "ETPPrimitive",
+    "register_primitive",
+    "register_primitive_spec",
+    "get_primitive_spec",
+    "unregister_primitive",
+    "default_trainable_invars",
+    "set_batching_rule",
+]
 
 BatchingRule = Callable[..., tuple[Any, Any]]
-
-
-def default_trainable_invars(params: dict[str, Any]) -> dict[str, int]:
-    """The single-weight layout ``{'weight': 1}`` used when none is declared."""
-    del params
-    return {"weight": 1}
 
 
 class ETPPrimitive(Primitive):
     """A JAX primitive that marks a weight operation for eligibility-trace propagation.
 
     Returned by :func:`register_primitive`. It binds, evaluates and
-    differentiates like any JAX primitive and adds methods that install the
-    ETP rules into the global registries.
+    differentiates like any JAX primitive and adds methods that install its
+    ETP rules in its record (an :class:`ETPPrimitiveSpec`, read by every
+    registry view). The D-RTRL propagation rule has two names:
+    ``yw_to_w`` (the seed documents) and ``dt_to_t`` (braintrace 0.2.8);
+    :meth:`register_yw_to_w` and :meth:`register_dt_to_t` install the same rule.
 
     Examples
     --------
@@ -58,6 +54,10 @@ class ETPPrimitive(Primitive):
     >>> demo_p = etp.register_primitive('etp_doc_demo_mm', lambda x, w: x @ w, batched=True)
     >>> demo_p.bind(jnp.ones((2, 3)), jnp.ones((3, 4))).shape
     (2, 4)
+    >>> demo_p.register_dt_to_t(lambda hd, tr: {'weight': tr['weight'] * hd[..., None, :]})
+    >>> etp.ETP_RULES_YW_TO_W[demo_p] is etp.extend.get_primitive_record(demo_p).dt_to_t
+    True
+    >>> etp.unregister_primitive(demo_p)
     """
 
     def bind(self, *args: Any, **params: Any) -> Any:
@@ -66,35 +66,39 @@ class ETPPrimitive(Primitive):
 
     def register_yw_to_w(self, fn: Rule) -> None:
         """Install the D-RTRL propagation rule ``(hidden_dim, trace, **params) -> trace``."""
-        ETP_RULES_YW_TO_W[self] = _checked_rule(self, "yw_to_w", fn)
+        self.register_etp_rules(yw_to_w=fn)
+
+    def register_dt_to_t(self, fn: Rule) -> None:
+        """Install the D-RTRL propagation rule under its braintrace 0.2.8 name (the same rule as ``yw_to_w``)."""
+        self._install_rules({"yw_to_w": ("dt_to_t", fn)})
 
     def register_xy_to_dw(self, fn: Rule) -> None:
         """Install the weight-VJP rule ``(x, hidden_dim, weights, **params) -> dW``."""
-        ETP_RULES_XY_TO_DW[self] = _checked_rule(self, "xy_to_dw", fn)
+        self.register_etp_rules(xy_to_dw=fn)
 
     def register_init_drtrl(self, fn: Rule) -> None:
         """Install the D-RTRL trace initialiser ``(x_var, y_var, weight_vars, num_hidden_state)``."""
-        ETP_RULES_INIT_DRTRL[self] = _checked_rule(self, "init_drtrl", fn)
+        self.register_etp_rules(init_drtrl=fn)
 
     def register_init_pp(self, fn: Rule) -> None:
         """Install the ES-D-RTRL (pp-prop) trace initialiser ``(x_var, y_var, weight_vars, num_hidden_state)``."""
-        ETP_RULES_INIT_PP[self] = _checked_rule(self, "init_pp", fn)
+        self.register_etp_rules(init_pp=fn)
 
     def register_drtrl_seed(self, fn: Rule) -> None:
         """Install a D-RTRL seed rule ``(x, hidden_dim, weights, **params) -> trace``.
 
         Optional: without it the seed is the per-sample ``xy_to_dw``
-        (see :func:`etp_primitives.drtrl_seed`).
+        (see :func:`etp_primitives.extend.drtrl_seed`).
         """
-        ETP_RULES_DRTRL_SEED[self] = _checked_rule(self, "drtrl_seed", fn)
+        self.register_etp_rules(drtrl_seed=fn)
 
     def register_drtrl_grad(self, fn: Rule) -> None:
         """Install a D-RTRL contraction rule ``(x, cotangent, trace, weights, **params) -> dW``.
 
         Optional: without it the gradient is ``yw_to_w(cotangent, trace)``
-        summed over the batch axes (see :func:`etp_primitives.drtrl_grad`).
+        summed over the batch axes (see :func:`etp_primitives.extend.drtrl_grad`).
         """
-        ETP_RULES_DRTRL_GRAD[self] = _checked_rule(self, "drtrl_grad", fn)
+        self.register_etp_rules(drtrl_grad=fn)
 
     def register_etp_rules(
         self,
@@ -105,23 +109,47 @@ class ETPPrimitive(Primitive):
         init_pp: Rule | None = None,
         drtrl_seed: Rule | None = None,
         drtrl_grad: Rule | None = None,
+        dt_to_t: Rule | None = None,
     ) -> None:
-        """Install several ETP rules in one call; arguments left ``None`` are skipped."""
-        if yw_to_w is not None:
-            self.register_yw_to_w(yw_to_w)
-        if xy_to_dw is not None:
-            self.register_xy_to_dw(xy_to_dw)
-        if init_drtrl is not None:
-            self.register_init_drtrl(init_drtrl)
-        if init_pp is not None:
-            self.register_init_pp(init_pp)
-        if drtrl_seed is not None:
-            self.register_drtrl_seed(drtrl_seed)
-        if drtrl_grad is not None:
-            self.register_drtrl_grad(drtrl_grad)
+        """Install several ETP rules in one call; arguments left ``None`` are skipped.
+
+        ``dt_to_t`` is the braintrace 0.2.8 name of ``yw_to_w``; give either.
+        Every rule is checked before any is installed.
+
+        Raises
+        ------
+        TypeError
+            If a rule is not callable, or ``yw_to_w`` and ``dt_to_t`` are two different functions.
+        ValueError
+            If the primitive is not registered (any more).
+        """
+        propagation_name = "dt_to_t" if yw_to_w is None and dt_to_t is not None else "yw_to_w"
+        propagation = resolve_rule_alias(f"ETP primitive {self.name!r}", yw_to_w, dt_to_t)
+        given = {
+            "yw_to_w": (propagation_name, propagation),
+            "xy_to_dw": ("xy_to_dw", xy_to_dw),
+            "init_drtrl": ("init_drtrl", init_drtrl),
+            "init_pp": ("init_pp", init_pp),
+            "drtrl_seed": ("drtrl_seed", drtrl_seed),
+            "drtrl_grad": ("drtrl_grad", drtrl_grad),
+        }
+        self._install_rules({field: named for field, named in given.items() if named[1] is not None})
+
+    def _install_rules(self, rules: dict[str, tuple[str, Rule | None]]) -> None:
+        record = get_primitive_record(self)
+        if record is None:
+            raise ValueError(
+                f"ETP primitive {self.name!r} is not registered (or was unregistered); create it with "
+                "etp_primitives.register_primitive(name, impl_fn) or register_primitive_spec(spec), then add its rules."
+            )
+        for what, fn in rules.values():
+            _checked_rule(self, what, fn)
+        changes: dict[str, Any] = {field: fn for field, (_, fn) in rules.items()}
+        if changes:
+            _replace_record(self, dataclasses.replace(record, **changes))
 
 
-def _checked_rule(primitive: Primitive, what: str, fn: Rule) -> Rule:
+def _checked_rule(primitive: Primitive, what: str, fn: Rule | None) -> Rule:
     if not callable(fn):
         raise TypeError(f"ETP primitive {primitive.name!r}: the {what} rule must be callable, got {type(fn).__name__}.")
     return fn
@@ -189,17 +217,54 @@ def set_batching_rule(primitive: Primitive, rule: BatchingRule) -> None:
     batching.primitive_batchers[primitive] = rule
 
 
+def _check_layout(where: str, record: ETPPrimitiveSpec) -> None:
+    """Raise unless ``record``'s name, impl and layout fields can be registered."""
+    if _find_by_name(record.name) is not None:
+        raise ValueError(
+            f"{where}: an ETP primitive named {record.name!r} is already registered; "
+            f"choose another name or call etp_primitives.unregister_primitive({record.name!r}) first."
+        )
+    if not callable(record.impl):
+        raise TypeError(f"{where}: impl_fn must be callable, got {type(record.impl).__name__}.")
+    if not callable(record.trainable_invars_fn):
+        raise TypeError(
+            f"{where}: trainable_invars_fn must be callable or None, got {type(record.trainable_invars_fn).__name__}."
+        )
+    x_index, y_index = record.x_invar_index, record.y_outvar_index
+    if x_index is not None and (not isinstance(x_index, int) or x_index < 0):
+        raise ValueError(f"{where}: x_invar_index must be None or an int >= 0, got {x_index!r}.")
+    if not isinstance(y_index, int) or y_index < 0:
+        raise ValueError(f"{where}: y_outvar_index must be an int >= 0, got {y_index!r}.")
+
+
+def _create(record: ETPPrimitiveSpec, *, from_spec: bool) -> ETPPrimitive:
+    """Make the primitive of ``record``, derive its JAX rules and store ``record`` as its one entry."""
+    impl_fn = record.impl
+    p = ETPPrimitive(record.name)
+    Primitive.def_impl(p, _checked_impl(p, impl_fn))
+    Primitive.def_abstract_eval(p, _abstract_eval_fn(p, impl_fn))
+    mlir.register_lowering(p, mlir.lower_fun(impl_fn, multiple_results=False))
+    ad.primitive_jvps[p] = _jvp_rule(p, impl_fn)
+    set_batching_rule(p, _default_batching_rule(impl_fn))
+    _install(p, record, from_spec=from_spec)
+    return p
+
+
 def register_primitive(
     name: str,
     impl_fn: Callable[..., Any],
     *,
     batched: bool = False,
     gradient_enabled: bool = False,
-    trainable_invars_fn: Callable[[dict[str, Any]], dict[str, int]] | None = None,
+    trainable_invars_fn: TrainableInvarsFn | None = None,
     x_invar_index: int | None = 0,
     y_outvar_index: int = 0,
 ) -> ETPPrimitive:
     """Create an :class:`ETPPrimitive` whose JAX rules are derived from ``impl_fn``.
+
+    The primitive's record (an :class:`ETPPrimitiveSpec` without rules) is
+    built here; the ``register_*`` methods of the returned primitive add the
+    rules to it.
 
     Parameters
     ----------
@@ -242,72 +307,75 @@ def register_primitive(
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"register_primitive: name must be a non-empty string, got {name!r}.")
-    taken = next((p for p in ETP_PRIMITIVES if p.name == name), None)
-    if taken is not None:
-        raise ValueError(
-            f"register_primitive: an ETP primitive named {name!r} is already registered; "
-            f"choose another name or call etp_primitives.unregister_primitive({name!r}) first."
-        )
-    if not callable(impl_fn):
-        raise TypeError(f"register_primitive({name!r}): impl_fn must be callable, got {type(impl_fn).__name__}.")
-    if trainable_invars_fn is not None and not callable(trainable_invars_fn):
-        raise TypeError(
-            f"register_primitive({name!r}): trainable_invars_fn must be callable or None, "
-            f"got {type(trainable_invars_fn).__name__}."
-        )
-    if x_invar_index is not None and (not isinstance(x_invar_index, int) or x_invar_index < 0):
-        raise ValueError(
-            f"register_primitive({name!r}): x_invar_index must be None or an int >= 0, got {x_invar_index!r}."
-        )
-    if not isinstance(y_outvar_index, int) or y_outvar_index < 0:
-        raise ValueError(f"register_primitive({name!r}): y_outvar_index must be an int >= 0, got {y_outvar_index!r}.")
+    record = ETPPrimitiveSpec(
+        name=name,
+        impl=impl_fn,
+        trainable_invars_fn=trainable_invars_fn,
+        x_invar_index=x_invar_index,
+        y_outvar_index=y_outvar_index,
+        batched=bool(batched),
+        gradient_enabled=bool(gradient_enabled),
+    )
+    _check_layout(f"register_primitive({name!r})", record)
+    return _create(record, from_spec=False)
 
-    p = ETPPrimitive(name)
-    Primitive.def_impl(p, _checked_impl(p, impl_fn))
-    Primitive.def_abstract_eval(p, _abstract_eval_fn(p, impl_fn))
-    mlir.register_lowering(p, mlir.lower_fun(impl_fn, multiple_results=False))
-    ad.primitive_jvps[p] = _jvp_rule(p, impl_fn)
-    set_batching_rule(p, _default_batching_rule(impl_fn))
 
-    ETP_PRIMITIVES.add(p)
-    if batched:
-        BATCHED_PRIMITIVES.add(p)
-    if gradient_enabled:
-        GRADIENT_ENABLED_PRIMITIVES.add(p)
-    ETP_TRAINABLE_INVARS_FNS[p] = trainable_invars_fn if trainable_invars_fn is not None else default_trainable_invars
-    ETP_X_INVAR_INDICES[p] = x_invar_index
-    ETP_Y_OUTVAR_INDICES[p] = y_outvar_index
-    return p
+_REQUIRED_FIELDS = ("impl", "yw_to_w", "xy_to_dw", "init_drtrl", "init_pp", "trainable_invars_fn")
+
+
+def register_primitive_spec(spec: ETPPrimitiveSpec) -> ETPPrimitive:
+    """Register the primitive described by ``spec`` with all of its rules; ``spec`` becomes its record.
+
+    Raises
+    ------
+    TypeError
+        If ``spec`` is not an :class:`ETPPrimitiveSpec`, or a required rule is
+        missing or not callable (nothing is registered then).
+    ValueError
+        If a primitive of the same name is already registered.
+    """
+    if not isinstance(spec, ETPPrimitiveSpec):
+        raise TypeError(f"register_primitive_spec expects an ETPPrimitiveSpec, got {type(spec).__name__}.")
+    # Check every rule before registering anything, so a bad spec leaves no half-registered primitive.
+    for field in _REQUIRED_FIELDS:
+        if not callable(getattr(spec, field)):
+            raise TypeError(
+                f"ETPPrimitiveSpec {spec.name!r}: {field} must be callable, got {type(getattr(spec, field)).__name__}."
+            )
+    for field in ("drtrl_seed", "drtrl_grad"):
+        if getattr(spec, field) is not None and not callable(getattr(spec, field)):
+            raise TypeError(f"ETPPrimitiveSpec {spec.name!r}: {field} must be callable or None.")
+    if not isinstance(spec.name, str) or not spec.name:
+        raise ValueError(f"register_primitive_spec: name must be a non-empty string, got {spec.name!r}.")
+    _check_layout(f"register_primitive_spec({spec.name!r})", spec)
+    return _create(spec, from_spec=True)
+
+
+def get_primitive_spec(primitive: Primitive) -> ETPPrimitiveSpec | None:
+    """The spec ``primitive`` was registered from, or ``None`` (class-style registration, or unregistered).
+
+    Its current record, however it was registered, is
+    :func:`etp_primitives.extend.get_primitive_record`.
+    """
+    entry = _entry(primitive)
+    if entry is None:
+        return None
+    spec = _specs(entry)
+    return spec if isinstance(spec, ETPPrimitiveSpec) else None
 
 
 def unregister_primitive(name_or_primitive: str | Primitive) -> None:
-    """Remove a primitive and its rules from every registry (e.g. to redefine it in a notebook).
+    """Remove a primitive's record, so that every registry forgets it (e.g. to redefine it in a notebook).
 
     Raises
     ------
     ValueError
         If no ETP primitive of that name is registered.
     """
-    from ._registry import ETP_PRIMITIVE_SPECS
-
     if isinstance(name_or_primitive, str):
-        found = next((p for p in ETP_PRIMITIVES if p.name == name_or_primitive), None)
+        found = _find_by_name(name_or_primitive)
     else:
-        found = name_or_primitive if name_or_primitive in ETP_PRIMITIVES else None
+        found = name_or_primitive if get_primitive_record(name_or_primitive) is not None else None
     if found is None:
         raise ValueError(f"unregister_primitive: no ETP primitive {name_or_primitive!r} is registered.")
-    for registry in (ETP_PRIMITIVES, BATCHED_PRIMITIVES, GRADIENT_ENABLED_PRIMITIVES):
-        registry.discard(found)
-    for table in (
-        ETP_RULES_YW_TO_W,
-        ETP_RULES_XY_TO_DW,
-        ETP_RULES_INIT_DRTRL,
-        ETP_RULES_INIT_PP,
-        ETP_RULES_DRTRL_SEED,
-        ETP_RULES_DRTRL_GRAD,
-        ETP_TRAINABLE_INVARS_FNS,
-        ETP_X_INVAR_INDICES,
-        ETP_Y_OUTVAR_INDICES,
-        ETP_PRIMITIVE_SPECS,
-    ):
-        table.pop(found, None)
+    _remove(found)

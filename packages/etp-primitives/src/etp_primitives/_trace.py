@@ -1,54 +1,6 @@
-r"""The ETP rule contract: what each rule computes, on which shapes.
+"""The rule helpers of :mod:`etp_primitives.extend`: rule lookup and the default D-RTRL rules.
 
-Notation for one ETP operation :math:`y = \mathrm{op}(x, W)` feeding hidden
-states :math:`h` of one group with :math:`S` states per position:
-
-* :math:`D^t` — per position, the :math:`S\times S` block of
-  :math:`\partial h^t/\partial h^{t-1}` with every ETP output held fixed;
-* :math:`D_f^t = \partial h^t / \partial y^t` — per position and state;
-* :math:`g^t = \partial L^t / \partial h^t` — the cotangent of a step.
-
-**Shapes.** ``hidden_dim`` and ``cotangent`` always have the shape of ``y``
-(one hidden state :math:`s` at a time). A D-RTRL trace is a dict with one
-leaf per trainable key; ``init_drtrl`` returns the leaves with a trailing
-``num_hidden_state`` axis and every other rule sees one state's slice (the
-trailing axis removed). The algorithms map the rules over that axis.
-
-**D-RTRL** (parameter-dimension traces). For each trainable key
-
-.. math::
-
-    \epsilon^t_s = \sum_{s'} \mathrm{yw\_to\_w}(D^t_{s s'}, \epsilon^{t-1}_{s'})
-                   + \mathrm{drtrl\_seed}(x^t, D^t_{f,s}, W),
-    \qquad
-    \frac{\partial L^t}{\partial W} \approx \sum_s \mathrm{drtrl\_grad}(x^t, g^t_s, \epsilon^t_s, W).
-
-``yw_to_w(hidden_dim, trace)`` multiplies a trace by a factor given in
-:math:`y`-space, mapped into the trace's layout through the :math:`y \to W`
-link; it is linear in both arguments. The common layout stores the trace
-*shaped like the weight*, with the leading batch axes of ``x`` for batched
-primitives: element :math:`W_k` feeds a single output position :math:`p(k)`,
-so the trace holds :math:`\partial h_{p(k)}/\partial W_k` and D-RTRL is exact
-whenever :math:`D` is position-wise (a leaky integrator with a per-unit leak).
-For that layout the two optional rules default to
-
-.. math::
-
-    \mathrm{drtrl\_seed}(x, d, W) = \text{per-sample } \mathrm{xy\_to\_dw}(x_b, d_b, W),
-    \qquad
-    \mathrm{drtrl\_grad}(x, g, \epsilon, W) = \sum_b \mathrm{yw\_to\_w}(g, \epsilon)_b .
-
-Operations whose weights feed many positions (convolution kernels, the
-:math:`B` factor of LoRA) store a *filtered input* instead and register their
-own ``drtrl_seed`` / ``drtrl_grad``; see each built-in's docstring.
-
-**ES-D-RTRL / pp-prop** (input/output-dimension traces):
-:math:`\epsilon_x^t = a\,\epsilon_x^{t-1} + x^t`,
-:math:`\epsilon_f^t = a D^t \epsilon_f^{t-1} + (1-a) D_f^t` (shape of ``y`` with
-a trailing state axis, from ``init_pp``), and the step gradient is
-``xy_to_dw(eps_x, sum_s g_s * eps_f_s, W)``: ``xy_to_dw(x, hidden_dim, W)``
-is exactly the VJP of the op with respect to every trainable input at
-cotangent ``hidden_dim``.
+The rule contract they implement is documented in :mod:`etp_primitives.extend`.
 """
 
 from __future__ import annotations
@@ -61,22 +13,14 @@ import jax
 import jax.numpy as jnp
 
 from ._compat import Primitive
-from ._registry import (
-    BATCHED_PRIMITIVES,
-    ETP_PRIMITIVES,
-    ETP_RULES_DRTRL_GRAD,
-    ETP_RULES_DRTRL_SEED,
-    ETP_RULES_INIT_DRTRL,
-    ETP_RULES_INIT_PP,
-    ETP_RULES_XY_TO_DW,
-    ETP_RULES_YW_TO_W,
-    ETP_TRAINABLE_INVARS_FNS,
-)
+from ._registry import get_primitive_record, is_batched_primitive
+from ._spec import RULE_ALIASES, ETPPrimitiveSpec
 
 T = TypeVar("T")
 
 __all__ = [
     "RULE_NAMES",
+    "OPTIONAL_RULE_NAMES",
     "require_rules",
     "trainable_invars",
     "drtrl_seed",
@@ -90,13 +34,24 @@ __all__ = [
 
 #: The four required ETP rules, by the name used in error messages and specs.
 RULE_NAMES: tuple[str, ...] = ("yw_to_w", "xy_to_dw", "init_drtrl", "init_pp")
+#: The optional D-RTRL rules (defaults in :func:`drtrl_seed` and :func:`drtrl_grad`).
+OPTIONAL_RULE_NAMES: tuple[str, ...] = ("drtrl_seed", "drtrl_grad")
 
-_RULE_TABLES: dict[str, dict[Primitive, Callable[..., Any]]] = {
-    "yw_to_w": ETP_RULES_YW_TO_W,
-    "xy_to_dw": ETP_RULES_XY_TO_DW,
-    "init_drtrl": ETP_RULES_INIT_DRTRL,
-    "init_pp": ETP_RULES_INIT_PP,
+#: Every rule name :func:`require_rules` accepts -> the record field holding that rule.
+_RULE_FIELDS: dict[str, str] = {
+    **{name: name for name in (*RULE_NAMES, *OPTIONAL_RULE_NAMES)},
+    **RULE_ALIASES,
 }
+
+
+def _record(primitive: Primitive) -> ETPPrimitiveSpec:
+    record = get_primitive_record(primitive)
+    if record is None:
+        raise ValueError(
+            f"{getattr(primitive, 'name', primitive)!r} is not a registered ETP primitive; "
+            "register it with etp_primitives.register_primitive or register_primitive_spec."
+        )
+    return record
 
 
 class ShapedLike(Protocol):
@@ -118,38 +73,35 @@ def aval_of(var: Any) -> ShapedLike:
 
 
 def require_rules(primitive: Primitive, *names: str) -> dict[str, Callable[..., Any]]:
-    """Return the named rules of ``primitive`` (default: the four required ones).
+    """Return the named rules of ``primitive`` (default: the four required ones), keyed by the names asked for.
+
+    Names: ``yw_to_w`` (or its braintrace 0.2.8 name ``dt_to_t``), ``xy_to_dw``,
+    ``init_drtrl``, ``init_pp`` and the optional ``drtrl_seed``, ``drtrl_grad``.
 
     Raises
     ------
     ValueError
-        If ``primitive`` is not a registered ETP primitive, or lacks a rule;
-        the message names the primitive and every missing rule.
+        If ``primitive`` is not a registered ETP primitive, a name is unknown,
+        or a rule is missing; the message names the primitive and every missing rule.
     """
-    if primitive not in ETP_PRIMITIVES:
-        raise ValueError(
-            f"{getattr(primitive, 'name', primitive)!r} is not a registered ETP primitive; "
-            "register it with etp_primitives.register_primitive or register_primitive_spec."
-        )
+    record = _record(primitive)
     wanted = names or RULE_NAMES
-    unknown = [n for n in wanted if n not in _RULE_TABLES]
+    unknown = [n for n in wanted if n not in _RULE_FIELDS]
     if unknown:
-        raise ValueError(f"unknown ETP rule name(s) {unknown}; expected some of {list(RULE_NAMES)}.")
-    missing = [n for n in wanted if primitive not in _RULE_TABLES[n]]
+        raise ValueError(f"unknown ETP rule name(s) {unknown}; expected some of {list(_RULE_FIELDS)}.")
+    missing = [n for n in wanted if getattr(record, _RULE_FIELDS[n]) is None]
     if missing:
         raise ValueError(
             f"ETP primitive {primitive.name!r} has no {', '.join(missing)} rule"
             f"{'s' if len(missing) > 1 else ''}; online learning needs all of {list(RULE_NAMES)}. "
             f"Install them with {primitive.name}_p.register_etp_rules(...) or register it from an ETPPrimitiveSpec."
         )
-    return {n: _RULE_TABLES[n][primitive] for n in wanted}
+    return {n: getattr(record, _RULE_FIELDS[n]) for n in wanted}
 
 
 def trainable_invars(primitive: Primitive, params: Mapping[str, Any]) -> dict[str, int]:
     """``{trainable_key: invar_index}`` of an equation of ``primitive`` with static ``params``."""
-    if primitive not in ETP_PRIMITIVES:
-        raise ValueError(f"{getattr(primitive, 'name', primitive)!r} is not a registered ETP primitive.")
-    return dict(ETP_TRAINABLE_INVARS_FNS[primitive](dict(params)))
+    return _record(primitive).resolve_trainable_invars(dict(params))
 
 
 def drtrl_seed(
@@ -165,11 +117,11 @@ def drtrl_seed(
     per-sample ``xy_to_dw`` (mapped over axis 0 of ``x`` and ``hidden_dim``
     for batched primitives), which is the seed of the weight-shaped layout.
     """
-    rule = ETP_RULES_DRTRL_SEED.get(primitive)
+    rule = _record(primitive).drtrl_seed
     if rule is not None:
         return dict(rule(x, hidden_dim, dict(weights), **params))
     xy_to_dw = require_rules(primitive, "xy_to_dw")["xy_to_dw"]
-    if primitive not in BATCHED_PRIMITIVES:
+    if not is_batched_primitive(primitive):
         return dict(xy_to_dw(x, hidden_dim, dict(weights), **params))
 
     def one_sample(x_b: jax.Array, hidden_b: jax.Array) -> dict[str, jax.Array]:
@@ -198,8 +150,9 @@ def pairwise_sum(terms: Sequence[T]) -> T:
     Examples
     --------
     >>> import jax.numpy as jnp
-    >>> pairwise_sum([{"w": jnp.ones(2)}, {"w": jnp.ones(2)}, {"w": jnp.ones(2)}])["w"]
-    Array([3., 3.], dtype=float32)
+    >>> from etp_primitives.extend import pairwise_sum
+    >>> print(pairwise_sum([{"w": jnp.ones(2)}, {"w": jnp.ones(2)}, {"w": jnp.ones(2)}])["w"].tolist())
+    [3.0, 3.0]
     """
     level = list(terms)
     if not level:
@@ -246,12 +199,12 @@ def drtrl_grad(
     ``yw_to_w(cotangent, trace)`` summed over the batch axis (batched
     primitives), the contraction of the weight-shaped layout.
     """
-    rule = ETP_RULES_DRTRL_GRAD.get(primitive)
+    rule = _record(primitive).drtrl_grad
     if rule is not None:
         return dict(rule(x, cotangent, dict(trace), dict(weights), **params))
     yw_to_w = require_rules(primitive, "yw_to_w")["yw_to_w"]
     weighted = dict(yw_to_w(cotangent, dict(trace), **params))
-    if primitive not in BATCHED_PRIMITIVES:
+    if not is_batched_primitive(primitive):
         return weighted
     return {key: sum_leading_axes(value, value.ndim - 1) for key, value in weighted.items()}
 

@@ -7,11 +7,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import saiunit as u
 
 from .._compat import Primitive
-from .._primitive import ETPPrimitive, set_batching_rule
-from .._registry import Rule
-from .._spec import ETPPrimitiveSpec, register_primitive_spec
+from .._primitive import ETPPrimitive, register_primitive_spec, set_batching_rule
+from .._spec import ETPPrimitiveSpec, Rule
 from .._trace import aval_of, derive_xy_to_dw, init_pp_like_output
 
 __all__ = [
@@ -24,7 +24,60 @@ __all__ = [
     "zeros_with_state_axis",
     "keep_marker_when_only_x_is_batched",
     "bound_with_bias",
+    "apply_weight_fn",
+    "one_transform",
 ]
+
+WeightFn = Callable[[Any], Any]
+
+
+def one_transform(
+    where: str, seed_name: str, seed_fn: WeightFn | None, new_name: str, new_fn: WeightFn | None
+) -> WeightFn | None:
+    """The transform given under its seed-era name or its braintrace 0.2.8 name (e.g. ``fn`` / ``weight_fn``).
+
+    Raises
+    ------
+    TypeError
+        If both are given and are different objects.
+    """
+    if seed_fn is not None and new_fn is not None and seed_fn is not new_fn:
+        raise TypeError(
+            f"{where}: got both {seed_name}= and {new_name}= (two names of one transform, the second the braintrace "
+            "0.2.8 one) with different functions; pass one."
+        )
+    return seed_fn if seed_fn is not None else new_fn
+
+
+def apply_weight_fn(fn: WeightFn | None, value: Any, where: str, fn_name: str, arg_name: str) -> Any:
+    """``fn(value)``: a plain-JAX transform of a weight, applied before the marker (``None``: ``value`` itself).
+
+    The primitive's trainable input is then ``fn(value)``; the compiler traces
+    it back through ``fn`` to the ParamState, so the trace is that of the
+    transformed weight and the gradient is chained through ``fn``. A
+    ``Quantity`` is passed with its unit, so ``fn`` must be unit-aware.
+
+    Raises
+    ------
+    TypeError
+        If ``fn`` is not callable, or is not unit-aware and ``value`` is a
+        ``Quantity``; the message names ``where``, ``fn_name`` and the unit.
+    """
+    if fn is None:
+        return value
+    if not callable(fn):
+        raise TypeError(f"{where}: {fn_name} must be callable or None, got {type(fn).__name__}.")
+    try:
+        return fn(value)
+    except TypeError as err:
+        if not isinstance(value, u.Quantity):
+            raise
+        reason = str(err).rstrip(".")
+        raise TypeError(
+            f"{where}: {fn_name}={getattr(fn, '__name__', fn)!r} cannot take the saiunit.Quantity {arg_name} "
+            f"(unit {value.unit}): {reason}. Use a unit-aware function (e.g. saiunit.math.abs instead of "
+            "jnp.abs), or pass the mantissa."
+        ) from None
 
 
 def bias_layout(first_trainable: dict[str, int], bias_index: int) -> Callable[[dict[str, Any]], dict[str, int]]:

@@ -1,7 +1,8 @@
 r"""Element-wise weights: ``etp_elemwise`` (unbatched, ``gradient_enabled``).
 
-``element_wise(w, fn)`` computes :math:`y = \mathrm{fn}(w)` with plain JAX and
-passes the result through ``etp_elemwise``, an identity marker. The
+``element_wise(w, fn)`` (or ``weight_fn=``, the braintrace 0.2.8 keyword) computes
+:math:`y = \mathrm{fn}(w)` with plain JAX and passes the result through
+``etp_elemwise``, an identity marker. The
 primitive's single invar is the processed value :math:`\tilde w = \mathrm{fn}(w)`
 (trainable key ``weight``, invar 0, no ``x``); the compiler traces it back
 through ``fn`` to the parameter.
@@ -26,14 +27,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import saiunit as u
 
 from .._checks import as_array
-from .._primitive import set_batching_rule
-from .._spec import ETPPrimitiveSpec, register_primitive_spec
+from .._primitive import register_primitive_spec, set_batching_rule
+from .._spec import ETPPrimitiveSpec
 from .._trace import aval_of, init_pp_like_output
 from .._units import attach_unit, split_unit
-from ._common import weight_dtype, zeros_with_state_axis
+from ._common import apply_weight_fn, one_transform, weight_dtype, zeros_with_state_axis
 
 __all__ = ["etp_elemwise_p", "element_wise"]
 
@@ -88,48 +88,50 @@ def _batch_identity(args: Any, dims: Any, **params: Any) -> tuple[Any, Any]:
 set_batching_rule(etp_elemwise_p, _batch_identity)
 
 
-def _identity(weight: Any) -> Any:
-    return weight
-
-
-def element_wise(weight: Any, fn: Callable[[Any], Any] = _identity) -> Any:
+def element_wise(
+    weight: Any,
+    fn: Callable[[Any], Any] | None = None,
+    *,
+    weight_fn: Callable[[Any], Any] | None = None,
+) -> Any:
     r"""ETP-marked element-wise weight :math:`y = \mathrm{fn}(w)`.
 
     Parameters
     ----------
     weight : Array or Quantity
         Any shape.
-    fn : callable
+    fn : callable, optional
         Differentiable JAX function applied to ``weight`` before the marker
         (default: identity), e.g. ``jax.nn.sigmoid`` for a gate or
         ``jnp.abs`` for a positive time constant. For a ``Quantity`` weight
         it must be unit-aware (``saiunit.math.abs``); the result's unit is kept.
+    weight_fn : callable, optional
+        The same transform under its braintrace 0.2.8 name; give ``fn`` or ``weight_fn``.
 
     Returns
     -------
     Array or Quantity
         ``fn(weight)``, with its unit.
 
+    Raises
+    ------
+    TypeError
+        If the transform is not callable, ``fn`` and ``weight_fn`` are two
+        different functions, or a unit-unaware ``fn`` gets a ``Quantity``.
+
     Examples
     --------
     >>> import jax, jax.numpy as jnp
     >>> import etp_primitives as etp
-    >>> etp.element_wise(jnp.array([0.0, 2.0]), fn=jax.nn.sigmoid).round(3)
-    Array([0.5  , 0.881], dtype=float32)
+    >>> y = etp.element_wise(jnp.array([0.0, 2.0]), fn=jax.nn.sigmoid)
+    >>> print([round(float(v), 3) for v in y])
+    [0.5, 0.881]
+    >>> bool(jnp.all(etp.element_wise(jnp.array([0.0, 2.0]), weight_fn=jax.nn.sigmoid) == y))
+    True
     """
-    if not callable(fn):
-        raise TypeError(f"element_wise (etp_elemwise): fn must be callable, got {type(fn).__name__}.")
-    try:
-        processed = fn(weight)
-    except TypeError as err:
-        if not isinstance(weight, u.Quantity):
-            raise
-        reason = str(err).rstrip(".")
-        raise TypeError(
-            f"element_wise (etp_elemwise): fn={getattr(fn, '__name__', fn)!r} cannot take the saiunit.Quantity "
-            f"weight (unit {weight.unit}): {reason}. Use a unit-aware function (e.g. saiunit.math.abs instead of "
-            "jnp.abs), or pass the mantissa."
-        ) from None
+    where = "element_wise (etp_elemwise)"
+    transform = one_transform(where, "fn", fn, "weight_fn", weight_fn)
+    processed = apply_weight_fn(transform, weight, where, "fn" if fn is not None else "weight_fn", "weight")
     mantissa, unit = split_unit(processed)
-    mantissa = as_array(mantissa, "element_wise (etp_elemwise)", "fn(weight)")
+    mantissa = as_array(mantissa, where, "fn(weight)")
     return attach_unit(etp_elemwise_p.bind(mantissa), unit)
