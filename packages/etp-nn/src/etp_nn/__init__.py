@@ -7,7 +7,7 @@ work; recurrent and neuronal state lives in ``brainstate.HiddenState``.
 - Dense: :class:`Linear`, :class:`SignedWLinear`, :class:`ScaledWSLinear`,
   :class:`SparseLinear`, :class:`LoRA`, :class:`Embedding`.
 - Convolution: :class:`Conv1d`, :class:`Conv2d`, :class:`Conv3d` (channels-last).
-- Recurrent cells: :class:`ValinaRNNCell` (alias :class:`VanillaRNNCell`),
+- Recurrent cells: :class:`VanillaRNNCell` (also as :class:`ValinaRNNCell`, its historical spelling),
   :class:`GRUCell`, :class:`LSTMCell`, :class:`MGUCell`, :class:`MinimalRNNCell`,
   :class:`URLSTMCell`, :class:`MiniGRU`, :class:`MiniLSTM`, :class:`LRUCell`.
 - Spiking neurons and synapses: :class:`IF`, :class:`LIF`, :class:`ALIF`, :class:`Expon`,
@@ -26,22 +26,14 @@ from importlib.metadata import version as _distribution_version
 
 from . import surrogate
 from ._conv import Conv1d, Conv2d, Conv3d
+from ._gated_rnn import GRUCell, LSTMCell, MGUCell, URLSTMCell
 from ._linear import Embedding, Linear, LoRA, ScaledWSLinear, SignedWLinear, SparseLinear
-from ._neurons import ALIF, IF, LIF, Expon
+from ._lru import LRUCell
+from ._minimal_rnn import MiniGRU, MiniLSTM, MinimalRNNCell
+from ._neurons import ALIF, IF, LIF
 from ._normalization import BatchNorm0d, BatchNorm1d, BatchNorm2d, LayerNorm, RMSNorm
 from ._readout import LeakyRateReadout, LeakySpikeReadout
-from ._rnn import (
-    GRUCell,
-    LRUCell,
-    LSTMCell,
-    MGUCell,
-    MiniGRU,
-    MiniLSTM,
-    MinimalRNNCell,
-    URLSTMCell,
-    ValinaRNNCell,
-    VanillaRNNCell,
-)
+from ._rnn import ValinaRNNCell, VanillaRNNCell
 from ._surrogate import (
     ArctanSurrogate,
     GaussianSurrogate,
@@ -49,6 +41,7 @@ from ._surrogate import (
     SigmoidSurrogate,
     Surrogate,
 )
+from ._synapses import Expon
 
 __version__ = _distribution_version("etp-nn")  # one source: the distribution's pyproject
 
@@ -64,8 +57,8 @@ __all__ = [
     "Conv1d",
     "Conv2d",
     "Conv3d",
-    "ValinaRNNCell",
     "VanillaRNNCell",
+    "ValinaRNNCell",
     "GRUCell",
     "LSTMCell",
     "MGUCell",

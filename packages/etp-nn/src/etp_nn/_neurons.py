@@ -1,4 +1,4 @@
-r"""Spiking neurons and an exponential synapse with unit-aware, element-wise dynamics.
+r"""Spiking neurons (IF, LIF, ALIF) with unit-aware, element-wise dynamics.
 
 Every layer here is a population of independent units: one step maps each
 unit's state and its own input to its new state, with no coupling between
@@ -47,149 +47,41 @@ from typing import Any, Literal
 
 import brainstate
 import jax
-import jax.numpy as jnp
 import numpy as np
 import saiunit as u
-from brainstate.nn import init
 
 from ._surrogate import SigmoidSurrogate
-from ._utils import check_batch_size, check_last_dim, layer_name, require_state, reset_hidden
+from ._units import (
+    _FIVE_MS,
+    _HUNDRED_MS,
+    _ONE_MV,
+    _TENTH_MV,
+    _TIME,
+    _VOLT,
+    _ZERO_MV,
+    _ZEROS,
+    _ZEROS_MV,
+    Initializer,
+    QuantityLike,
+    _check_features,
+    _check_param_shape,
+    _check_positive,
+    _decay,
+    _initial_value,
+    _quantity_like,
+    _size_tuple,
+    _store,
+    _time_step,
+    _unit_text,
+)
+from ._utils import check_batch_size, layer_name, require_state, reset_hidden
 
-__all__ = ["IF", "LIF", "ALIF", "Expon"]
+__all__ = ["IF", "LIF", "ALIF"]
 
-#: A quantity such as ``1.0 * saiunit.mV``; a bare unit (``saiunit.mV``) means one of it.
-QuantityLike = u.Quantity | u.Unit
-Initializer = Callable[..., Any] | jax.Array | QuantityLike
 SpikeFunction = Callable[[Any], Any]
 ResetMode = Literal["soft", "hard"]
 
-_VOLT = u.mV
-_TIME = u.ms
-
-# Shared defaults (module-level, so no call sits in an argument default).
-_ZEROS = init.ZeroInit()
-_ZEROS_MV = init.ZeroInit(unit=u.mV)
 _SIGMOID_SURROGATE = SigmoidSurrogate()
-_ZERO_MV = u.Quantity(0.0, unit=u.mV)
-_TENTH_MV = u.Quantity(0.1, unit=u.mV)
-_ONE_MV = u.Quantity(1.0, unit=u.mV)
-_FIVE_MS = u.Quantity(5.0, unit=u.ms)
-_HUNDRED_MS = u.Quantity(100.0, unit=u.ms)
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def _unit_text(value: Any) -> str:
-    unit = u.get_unit(value)
-    return "no unit (a plain number/array)" if unit.is_unitless else f"unit {unit}"
-
-
-def _size_tuple(size: int | tuple[int, ...] | list[int]) -> tuple[int, ...]:
-    return (int(size),) if isinstance(size, int | np.integer) else tuple(int(s) for s in size)
-
-
-def _quantity_like(layer: brainstate.nn.Module, value: Any, argument: str, reference: u.Unit, what: str) -> u.Quantity:
-    """``value`` as a Quantity in ``reference``; ``ValueError`` naming the layer/argument if its dimension differs."""
-    if isinstance(value, u.Unit) and not value.is_unitless:
-        value = u.Quantity(1.0, unit=value)
-    if not isinstance(value, u.Quantity) or u.get_dim(value) != reference.dim:
-        raise ValueError(
-            f"{layer_name(layer)}: {argument} must be {what} with a unit like {reference}; got {_unit_text(value)}."
-        )
-    return value.in_unit(reference)
-
-
-def _check_positive(layer: brainstate.nn.Module, value: u.Quantity, argument: str) -> None:
-    if not np.all(np.asarray(value.mantissa) > 0):
-        raise ValueError(f"{layer_name(layer)}: {argument} must be > 0; got {value}.")
-
-
-def _check_param_shape(layer: brainstate.nn.Module, value: Any, argument: str, varshape: tuple[int, ...]) -> None:
-    """Raise ``ValueError`` unless ``value`` is a scalar or broadcasts to exactly ``varshape``."""
-    shape = tuple(u.math.shape(value))
-    try:
-        fits = len(shape) <= len(varshape) and np.broadcast_shapes(shape, varshape) == varshape
-    except ValueError:
-        fits = False
-    if not fits:
-        raise ValueError(
-            f"{layer_name(layer)}: {argument} must be a scalar or broadcastable to the population shape "
-            f"{varshape}; got shape {shape}."
-        )
-
-
-def _check_features(layer: brainstate.nn.Module, x: Any, varshape: tuple[int, ...], argument: str = "x") -> None:
-    if len(varshape) == 1:
-        check_last_dim(layer, x, varshape[0], argument)
-        return
-    shape = tuple(u.math.shape(x))
-    if shape[len(shape) - len(varshape) :] != varshape or len(shape) < len(varshape):
-        raise ValueError(
-            f"{layer_name(layer)}: {argument} must end with the population shape {varshape}, i.e. shape "
-            f"(..., {', '.join(map(str, varshape))}); got shape {shape}."
-        )
-
-
-def _time_step(layer: brainstate.nn.Module) -> u.Quantity:
-    """``brainstate.environ.get_dt()`` as a time Quantity, or a clear error."""
-    try:
-        dt = brainstate.environ.get_dt()
-    except KeyError:
-        raise RuntimeError(
-            f"{layer_name(layer)}: the time step is not set; run the layer inside "
-            "brainstate.environ.context(dt=1.0 * saiunit.ms) (or brainstate.environ.set(dt=...))."
-        ) from None
-    if not isinstance(dt, u.Quantity) or u.get_dim(dt) != _TIME.dim:
-        raise ValueError(
-            f"{layer_name(layer)}: the environment time step dt must be a time with a unit like ms; got "
-            f"{_unit_text(dt)} ({dt!r})."
-        )
-    return dt
-
-
-def _store(state: brainstate.State[Any], value: Any) -> None:
-    """Write ``value`` into ``state`` in the dtype the state was created with (keeps scan carries stable)."""
-    dtype = u.get_mantissa(state.value).dtype
-    state.value = value if u.get_mantissa(value).dtype == dtype else value.astype(dtype)
-
-
-def _decay(dt: u.Quantity, tau: u.Quantity) -> Any:
-    r""":math:`e^{-\Delta t/\tau}` (dimensionless)."""
-    return u.math.exp(-dt / tau)
-
-
-def _initial_value(
-    layer: brainstate.nn.Module,
-    initializer: Initializer,
-    argument: str,
-    varshape: tuple[int, ...],
-    batch_size: int | None,
-    unit: u.Unit | None,
-) -> Any:
-    """``initializer`` evaluated at ``(batch_size?, *varshape)``, broadcast, in ``unit`` with the default float dtype.
-
-    A plain (unitless) result is read in ``unit``; a Quantity must have ``unit``'s dimension. A unitless
-    ``unit`` gives a plain array; ``unit=None`` keeps the result's own unit.
-    """
-    if isinstance(initializer, u.Unit):
-        initializer = u.Quantity(1.0, unit=initializer)
-    value = init.param(initializer, varshape, batch_size, allow_none=False)
-    shape = varshape if batch_size is None else (batch_size, *varshape)
-    if unit is None:
-        unit = u.get_unit(value)
-    if isinstance(value, u.Quantity) and not value.is_unitless:
-        if u.get_dim(value) != unit.dim:
-            raise ValueError(
-                f"{layer_name(layer)}: {argument} must give values with a unit like {unit}; got {_unit_text(value)}."
-            )
-        mantissa = value.to_decimal(unit)
-    else:
-        mantissa = u.get_mantissa(value)
-    mantissa = jnp.broadcast_to(jnp.asarray(mantissa, dtype=brainstate.environ.dftype()), shape)
-    if unit.is_unitless:
-        return mantissa
-    return u.Quantity(mantissa, unit=unit)
 
 
 # --------------------------------------------------------------------------- spiking base
@@ -558,93 +450,3 @@ class ALIF(_SpikingNeuron):
         _store(V_state, self._reset(V, spike, threshold))
         _store(a_state, _decay(dt, self.tau_a) * a + spike)
         return spike
-
-
-# --------------------------------------------------------------------------- Expon
-
-
-class Expon(brainstate.nn.Module):
-    r"""Exponential synapse (first-order low-pass filter of its input).
-
-    One :meth:`update` with input :math:`x` computes
-
-    .. math::
-
-        g \leftarrow e^{-\Delta t/\tau}\, g + x
-
-    (the exact solution of :math:`\tau\,\dot g = -g` between steps, with
-    :math:`x` added as an instantaneous increment) and returns the new
-    :math:`g`. Element-wise per unit, no weights.
-
-    Parameters
-    ----------
-    in_size : int or tuple of int
-        Population shape.
-    tau : Quantity
-        Decay time constant (a time, > 0). Default 5 ms.
-    unit : saiunit.Unit
-        Unit of ``g``; ``x`` must have the same dimension (it is converted).
-        Default mV; ``saiunit.UNITLESS`` for plain arrays.
-    g_initializer : initializer, array or Quantity
-        Initial ``g``; a plain result is read in ``unit``. Default zeros.
-    name : str, optional
-
-    Attributes
-    ----------
-    g : brainstate.HiddenState
-        Synaptic variable, ``(*batch, *in_size)``, in ``unit``.
-
-    Examples
-    --------
-    >>> import brainstate, saiunit as u, jax.numpy as jnp
-    >>> import etp_nn
-    >>> syn = etp_nn.Expon(3, tau=10.0 * u.ms)
-    >>> syn.init_state()
-    >>> with brainstate.environ.context(dt=1.0 * u.ms):
-    ...     g = syn(jnp.ones(3) * u.mV)
-    >>> g.shape
-    (3,)
-    """
-
-    def __init__(
-        self,
-        in_size: int | tuple[int, ...],
-        tau: QuantityLike = _FIVE_MS,
-        unit: u.Unit = u.mV,
-        g_initializer: Initializer = _ZEROS,
-        name: str | None = None,
-    ) -> None:
-        super().__init__(name=name)  # type: ignore[call-arg]  # brainstate hides Module.__init__ from type checkers
-        self.varshape: tuple[int, ...] = _size_tuple(in_size)
-        self.in_size = self.varshape
-        self.out_size = self.varshape
-        if not isinstance(unit, u.Unit):
-            raise TypeError(f"{layer_name(self)}: unit must be a saiunit.Unit (e.g. saiunit.mV); got {unit!r}.")
-        self.unit: u.Unit = unit
-        self.tau = _quantity_like(self, tau, "tau", _TIME, "a time")
-        _check_param_shape(self, self.tau, "tau", self.varshape)
-        _check_positive(self, self.tau, "tau")
-        self.g_initializer = g_initializer
-
-    def _init_g(self, batch_size: int | None) -> Any:
-        return _initial_value(self, self.g_initializer, "g_initializer", self.varshape, batch_size, self.unit)
-
-    def init_state(self, batch_size: int | None = None, **kwargs: Any) -> None:
-        """Create ``g`` (shape ``(batch_size, *varshape)`` or ``varshape``)."""
-        self.g = brainstate.HiddenState(self._init_g(batch_size))
-
-    def reset_state(self, batch_size: int | None = None, **kwargs: Any) -> None:
-        """Re-initialise ``g`` in place; creates it if missing."""
-        reset_hidden(self, "g", self._init_g(batch_size))
-
-    def update(self, x: Any) -> Any:
-        """One step with input ``x`` (shape ``(*batch, *in_size)``, unit like ``unit``); returns ``g``."""
-        state = require_state(self, "g")
-        _check_features(self, x, self.varshape)
-        check_batch_size(self, x, state, n_feature_axes=len(self.varshape))
-        if u.get_dim(x) != self.unit.dim:
-            raise ValueError(f"{layer_name(self)}: x must have a unit like {self.unit}; got {_unit_text(x)}.")
-        if not self.unit.is_unitless:
-            x = x.in_unit(self.unit)
-        _store(state, _decay(_time_step(self), self.tau) * state.value + x)
-        return state.value

@@ -18,18 +18,15 @@ from brainstate.nn import init
 
 import etp_primitives as etp
 
-from ._neurons import (
+from ._neurons import _SIGMOID_SURROGATE, LIF, ResetMode, SpikeFunction
+from ._units import (
     _FIVE_MS,
     _ONE_MV,
-    _SIGMOID_SURROGATE,
     _ZERO_MV,
     _ZEROS,
     _ZEROS_MV,
-    LIF,
     Initializer,
     QuantityLike,
-    ResetMode,
-    SpikeFunction,
     _check_positive,
     _decay,
     _initial_value,
