@@ -38,7 +38,7 @@ all axes but the channel axis): exact for any position-wise dynamics.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -50,6 +50,7 @@ from .._primitive import set_batching_rule
 from .._trace import aval_of, derive_xy_to_dw
 from .._units import attach_unit, bias_in_unit, product_unit, split_unit
 from ._common import (
+    apply_weight_fn,
     bias_init,
     bias_layout,
     bound_with_bias,
@@ -225,8 +226,10 @@ def conv(
     feature_group_count: int = 1,
     batch_group_count: int = 1,
     dimension_numbers: Any = None,
+    kernel_fn: Callable[[Any], Any] | None = None,
+    bias_fn: Callable[[Any], Any] | None = None,
 ) -> Any:
-    r"""ETP-marked convolution :math:`y = x \star K (+ b)` (``jax.lax.conv_general_dilated``).
+    r"""ETP-marked convolution :math:`y = x \star f(K) (+ g(b))` (``jax.lax.conv_general_dilated``).
 
     Parameters
     ----------
@@ -245,6 +248,12 @@ def conv(
     feature_group_count, batch_group_count : int
         Grouped convolution, as in ``lax.conv_general_dilated``.
     dimension_numbers : tuple of str or ConvDimensionNumbers, optional
+    kernel_fn, bias_fn : callable, optional
+        Plain-JAX transforms :math:`f`, :math:`g` applied to ``kernel`` and
+        ``bias`` inside the op, before the marker (braintrace 0.2.8 keywords),
+        e.g. a mask. The compiler traces the transformed kernel back through
+        the transform to its ParamState, so it gets its eligibility trace and
+        the gradient is chained through the transform.
 
     Returns
     -------
@@ -259,6 +268,10 @@ def conv(
     ...          dimension_numbers=('NWC', 'WIO', 'NWC')).shape
     (2, 16, 8)
     """
+    kernel = apply_weight_fn(kernel_fn, kernel, _WHERE, "kernel_fn", "kernel")
+    if bias is None and bias_fn is not None:
+        raise TypeError(f"{_WHERE}: bias_fn was given but bias is None; pass a bias to transform, or drop bias_fn.")
+    bias = apply_weight_fn(bias_fn, bias, _WHERE, "bias_fn", "bias")
     x_m, x_unit = split_unit(x)
     k_m, k_unit = split_unit(kernel)
     x_m = as_array(x_m, _WHERE, "x")

@@ -24,6 +24,7 @@ Memory :math:`O(B \cdot I \cdot O)` per hidden state.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -34,6 +35,7 @@ from .._trace import sum_leading_axes
 from .._units import attach_unit, bias_in_unit, product_unit, split_unit
 from ._common import (
     add_bias_last_axis,
+    apply_weight_fn,
     bias_layout,
     bound_with_bias,
     init_weight_shaped_drtrl,
@@ -90,8 +92,15 @@ etp_mm_p, etp_mv_p = register_batched_pair(
 )
 
 
-def matmul(x: Any, weight: Any, bias: Any = None) -> Any:
-    r"""ETP-marked dense layer :math:`y = x W (+ b)`.
+def matmul(
+    x: Any,
+    weight: Any,
+    bias: Any = None,
+    *,
+    weight_fn: Callable[[Any], Any] | None = None,
+    bias_fn: Callable[[Any], Any] | None = None,
+) -> Any:
+    r"""ETP-marked dense layer :math:`y = x\, f(W) (+ g(b))`.
 
     Dispatches to ``etp_mm`` when ``x.ndim >= 2`` and to ``etp_mv`` when
     ``x.ndim == 1``. Quantities are supported: the result carries
@@ -102,14 +111,29 @@ def matmul(x: Any, weight: Any, bias: Any = None) -> Any:
     x : Array or Quantity
         ``(..., in_features)``.
     weight : Array or Quantity
-        ``(in_features, out_features)``.
+        ``(in_features, out_features)`` (after ``weight_fn``).
     bias : Array or Quantity, optional
-        ``(out_features,)``.
+        ``(out_features,)`` (after ``bias_fn``).
+    weight_fn, bias_fn : callable, optional
+        Plain-JAX transforms :math:`f`, :math:`g` applied to ``weight`` and
+        ``bias`` inside the op, before the marker (braintrace 0.2.8 keywords),
+        e.g. a mask or ``jnp.abs``. The primitive's trainable inputs are the
+        transformed values: the compiler traces them back through the
+        transform to the ParamState, so they get their eligibility traces and
+        the gradient is chained through the transform. A ``Quantity`` is
+        passed with its unit (use unit-aware functions).
 
     Returns
     -------
     Array or Quantity
         ``(..., out_features)``.
+
+    Raises
+    ------
+    TypeError
+        If a transform is not callable, or ``bias_fn`` is given without a ``bias``.
+    ValueError
+        If the shapes do not fit; the message names the primitive and the argument.
 
     Examples
     --------
@@ -117,13 +141,19 @@ def matmul(x: Any, weight: Any, bias: Any = None) -> Any:
     >>> import etp_primitives as etp
     >>> etp.matmul(jnp.ones((4, 3)), jnp.ones((3, 5)), bias=jnp.zeros(5)).shape
     (4, 5)
+    >>> print(etp.matmul(jnp.ones(2), -jnp.ones((2, 2)), weight_fn=jnp.abs).tolist())
+    [2.0, 2.0]
     """
     x_m, x_unit = split_unit(x)
-    w_m, w_unit = split_unit(weight)
     x_m = as_array(x_m, "matmul", "x")
-    w_m = as_array(w_m, "matmul", "weight")
     name = "etp_mm" if x_m.ndim >= 2 else "etp_mv"
     where = f"matmul ({name})"
+    weight = apply_weight_fn(weight_fn, weight, where, "weight_fn", "weight")
+    if bias is None and bias_fn is not None:
+        raise TypeError(f"{where}: bias_fn was given but bias is None; pass a bias to transform, or drop bias_fn.")
+    bias = apply_weight_fn(bias_fn, bias, where, "bias_fn", "bias")
+    w_m, w_unit = split_unit(weight)
+    w_m = as_array(w_m, where, "weight")
     check_ndim(x_m, 1, where, "x", "(..., in_features)")
     check_ndim(w_m, (2,), where, "weight", "(in_features, out_features)")
     if x_m.shape[-1] != w_m.shape[0]:

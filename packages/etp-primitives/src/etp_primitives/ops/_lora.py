@@ -26,6 +26,7 @@ trainable keys ``lora_b`` (invar 1), ``lora_a`` (invar 2), ``bias`` (invar 3).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -36,6 +37,7 @@ from .._trace import aval_of
 from .._units import attach_unit, bias_in_unit, product_unit, split_unit
 from ._common import (
     add_bias_last_axis,
+    apply_weight_fn,
     bias_init,
     bias_layout,
     bound_with_bias,
@@ -113,8 +115,18 @@ etp_lora_mm_p, etp_lora_mv_p = register_batched_pair(
 )
 
 
-def lora_matmul(x: Any, B: Any, A: Any, *, alpha: float = 1.0, bias: Any = None) -> Any:
-    r"""ETP-marked low-rank layer :math:`y = \alpha\, x B A (+ b)`.
+def lora_matmul(
+    x: Any,
+    B: Any,
+    A: Any,
+    *,
+    alpha: float = 1.0,
+    bias: Any = None,
+    b_fn: Callable[[Any], Any] | None = None,
+    a_fn: Callable[[Any], Any] | None = None,
+    bias_fn: Callable[[Any], Any] | None = None,
+) -> Any:
+    r"""ETP-marked low-rank layer :math:`y = \alpha\, x\, f_B(B)\, f_A(A) (+ g(b))`.
 
     Parameters
     ----------
@@ -128,6 +140,12 @@ def lora_matmul(x: Any, B: Any, A: Any, *, alpha: float = 1.0, bias: Any = None)
         Static scale (a Python number, not a traced value).
     bias : Array or Quantity, optional
         ``(out_features,)``.
+    b_fn, a_fn, bias_fn : callable, optional
+        Plain-JAX transforms of ``B``, ``A`` and ``bias`` applied inside the
+        op, before the marker (braintrace 0.2.8 keywords). The compiler traces
+        each transformed factor back through its transform to the ParamState,
+        so it gets its eligibility trace and the gradient is chained through
+        the transform.
 
     Examples
     --------
@@ -137,11 +155,16 @@ def lora_matmul(x: Any, B: Any, A: Any, *, alpha: float = 1.0, bias: Any = None)
     (8, 32)
     """
     x_m, x_unit = split_unit(x)
-    b_fac, b_unit = split_unit(B)
-    a_fac, a_unit = split_unit(A)
     x_m = as_array(x_m, "lora_matmul", "x")
     name = "etp_lora_mm" if x_m.ndim >= 2 else "etp_lora_mv"
     where = f"lora_matmul ({name})"
+    B = apply_weight_fn(b_fn, B, where, "b_fn", "B")
+    A = apply_weight_fn(a_fn, A, where, "a_fn", "A")
+    if bias is None and bias_fn is not None:
+        raise TypeError(f"{where}: bias_fn was given but bias is None; pass a bias to transform, or drop bias_fn.")
+    bias = apply_weight_fn(bias_fn, bias, where, "bias_fn", "bias")
+    b_fac, b_unit = split_unit(B)
+    a_fac, a_unit = split_unit(A)
     b_fac = as_array(b_fac, where, "B")
     a_fac = as_array(a_fac, where, "A")
     check_ndim(x_m, 1, where, "x", "(..., in_features)")

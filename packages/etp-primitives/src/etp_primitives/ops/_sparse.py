@@ -24,6 +24,7 @@ Exact for position-wise dynamics (per-unit leak); memory :math:`O(B\cdot\mathrm{
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -35,13 +36,38 @@ from .._checks import as_array, check_ndim, check_shape
 from .._units import attach_unit, bias_in_unit, product_unit, split_unit
 from ._common import (
     add_bias_last_axis,
+    apply_weight_fn,
     bias_layout,
     bound_with_bias,
     init_weight_shaped_drtrl,
     register_batched_pair,
 )
 
-__all__ = ["SparseStructure", "etp_sp_mm_p", "etp_sp_mv_p", "sparse_matmul"]
+__all__ = ["SparseStructure", "etp_sp_mm_p", "etp_sp_mv_p", "sparse_matmul", "sparse_layout"]
+
+
+_LAYOUT_CLASSES: tuple[tuple[str, type], ...] = (("csr", CSR), ("csc", CSC), ("coo", COO))
+_LAYOUT_NAMES = {"CSR": "csr", "CSC": "csc", "COO": "coo"}
+
+
+def sparse_layout(matrix: Any) -> str | None:
+    """``'csr'``, ``'csc'`` or ``'coo'``: the layout of a sparse matrix, ``None`` for any other.
+
+    By ``isinstance`` against saiunit's ``CSR``/``CSC``/``COO`` (so subclasses
+    count), then by a scipy-style ``format`` attribute, then by a class named
+    ``CSR``/``CSC``/``COO`` in the MRO (the classes of libraries that subclass
+    ``saiunit.SparseMatrix`` directly, e.g. ``brainevent.CSR``).
+    """
+    for fmt, klass in _LAYOUT_CLASSES:
+        if isinstance(matrix, klass):
+            return fmt
+    declared = getattr(matrix, "format", None)
+    if isinstance(declared, str) and declared.lower() in _LAYOUT_NAMES.values():
+        return declared.lower()
+    for klass in type(matrix).__mro__:
+        if klass.__name__ in _LAYOUT_NAMES:
+            return _LAYOUT_NAMES[klass.__name__]
+    return None
 
 
 class SparseStructure:
@@ -66,7 +92,22 @@ class SparseStructure:
 
     @classmethod
     def from_sparse(cls, matrix: Any, where: str = "sparse_matmul") -> SparseStructure:
-        """Pattern of a saiunit sparse matrix (``CSR``, ``CSC`` or ``COO``), or of a ``SparseStructure``."""
+        """Pattern of a saiunit sparse matrix in CSR, CSC or COO layout, or of a ``SparseStructure``.
+
+        Accepted: ``saiunit.sparse.CSR``, ``CSC``, ``COO`` and their
+        subclasses, and any other ``saiunit.SparseMatrix`` subclass of one of
+        those layouts (a class named ``CSR``, ``CSC`` or ``COO`` in its MRO, or
+        a scipy-style ``format`` attribute ``'csr'``/``'csc'``/``'coo'``, with
+        the layout's index arrays), such as ``brainevent.CSR``.
+
+        Raises
+        ------
+        TypeError
+            If ``matrix`` is not a saiunit sparse matrix, its layout is not
+            CSR, CSC or COO (the message names its class), or its pattern is traced.
+        ValueError
+            If ``matrix`` is not 2-D.
+        """
         if isinstance(matrix, SparseStructure):
             return matrix
         if not isinstance(matrix, SparseMatrix):
@@ -74,28 +115,40 @@ class SparseStructure:
                 f"{where}: sparse_mat must be a saiunit sparse matrix (saiunit.sparse.CSR, CSC or COO), "
                 f"got {type(matrix).__name__}."
             )
+        fmt = sparse_layout(matrix)
+        needed = {"csr": ("indptr", "indices"), "csc": ("indptr", "indices"), "coo": ("row", "col")}.get(fmt or "")
+        kind = f"{type(matrix).__module__}.{type(matrix).__qualname__}"
+        if fmt is None or needed is None:
+            raise TypeError(
+                f"{where}: sparse_mat is a {kind}, a saiunit.SparseMatrix whose layout is not CSR, CSC or COO; "
+                "sparse_matmul accepts saiunit.sparse.CSR, CSC, COO, their subclasses and other SparseMatrix classes "
+                "in one of those layouts (e.g. brainevent.CSR). Convert it first (e.g. with its tocsr() or tocoo())."
+            )
+        absent = [name for name in needed if not hasattr(matrix, name)]
+        if absent:
+            raise TypeError(
+                f"{where}: sparse_mat is a {kind} in {fmt.upper()} layout but has no {', '.join(absent)} "
+                f"attribute{'s' if len(absent) > 1 else ''}; a {fmt.upper()} matrix needs {' and '.join(needed)}."
+            )
+        if len(matrix.shape) != 2:
+            raise ValueError(f"{where}: sparse_mat must be 2-D, got shape {tuple(matrix.shape)}.")
+        source: Any = matrix  # a foreign class: its index arrays are not attributes of SparseMatrix
         try:
-            if isinstance(matrix, CSR):
-                indptr = np.asarray(matrix.indptr)
-                rows = np.repeat(np.arange(matrix.shape[0]), np.diff(indptr))
-                cols = np.asarray(matrix.indices)
-                fmt = "csr"
-            elif isinstance(matrix, CSC):
-                indptr = np.asarray(matrix.indptr)
-                cols = np.repeat(np.arange(matrix.shape[1]), np.diff(indptr))
-                rows = np.asarray(matrix.indices)
-                fmt = "csc"
-            elif isinstance(matrix, COO):
-                rows, cols, fmt = np.asarray(matrix.row), np.asarray(matrix.col), "coo"
+            if fmt == "csr":
+                indptr = np.asarray(source.indptr)
+                rows = np.repeat(np.arange(source.shape[0]), np.diff(indptr))
+                cols = np.asarray(source.indices)
+            elif fmt == "csc":
+                indptr = np.asarray(source.indptr)
+                cols = np.repeat(np.arange(source.shape[1]), np.diff(indptr))
+                rows = np.asarray(source.indices)
             else:
-                raise TypeError(f"{where}: unsupported sparse format {type(matrix).__name__}; use CSR, CSC or COO.")
+                rows, cols = np.asarray(source.row), np.asarray(source.col)
         except jax.errors.TracerArrayConversionError:
             raise TypeError(
                 f"{where}: the sparsity pattern (indices) of sparse_mat is a traced value; it must be known when the "
                 "function is traced. Build the sparse matrix outside jit (its indices are static pytree data)."
             ) from None
-        if len(matrix.shape) != 2:
-            raise ValueError(f"{where}: sparse_mat must be 2-D, got shape {tuple(matrix.shape)}.")
         return cls(fmt, (matrix.shape[0], matrix.shape[1]), rows, cols)
 
     @property
@@ -179,8 +232,16 @@ etp_sp_mm_p, etp_sp_mv_p = register_batched_pair(
 )
 
 
-def sparse_matmul(x: Any, weight_data: Any, *, sparse_mat: Any, bias: Any = None) -> Any:
-    r"""ETP-marked sparse layer :math:`y = x\, \mathrm{sparse}(w) (+ b)`.
+def sparse_matmul(
+    x: Any,
+    weight_data: Any,
+    *,
+    sparse_mat: Any,
+    bias: Any = None,
+    weight_fn: Callable[[Any], Any] | None = None,
+    bias_fn: Callable[[Any], Any] | None = None,
+) -> Any:
+    r"""ETP-marked sparse layer :math:`y = x\, \mathrm{sparse}(f(w)) (+ g(b))`.
 
     Parameters
     ----------
@@ -188,11 +249,17 @@ def sparse_matmul(x: Any, weight_data: Any, *, sparse_mat: Any, bias: Any = None
         ``(..., in_features)``; ``x.ndim >= 2`` binds ``etp_sp_mm``, ``1`` binds ``etp_sp_mv``.
     weight_data : Array or Quantity
         ``(nse,)``: the stored values, in the order of ``sparse_mat.data``.
-    sparse_mat : saiunit.sparse.CSR, CSC or COO
+    sparse_mat : saiunit sparse matrix in CSR, CSC or COO layout, or a SparseStructure
         ``(in_features, out_features)``; only its pattern is used, and that
-        pattern must be concrete (it is static under ``jit``).
+        pattern must be concrete (it is static under ``jit``). Subclasses and
+        other libraries' ``saiunit.SparseMatrix`` classes in those layouts
+        (``brainevent.CSR``) are accepted (see :meth:`SparseStructure.from_sparse`).
     bias : Array or Quantity, optional
         ``(out_features,)``.
+    weight_fn, bias_fn : callable, optional
+        Plain-JAX transforms of ``weight_data`` and ``bias`` applied inside the
+        op, before the marker (braintrace 0.2.8 keywords); the compiler traces
+        the transformed values back to their ParamState.
 
     Examples
     --------
@@ -200,16 +267,19 @@ def sparse_matmul(x: Any, weight_data: Any, *, sparse_mat: Any, bias: Any = None
     >>> import saiunit.sparse as ss
     >>> import etp_primitives as etp
     >>> mat = ss.CSR.fromdense(jnp.eye(3))
-    >>> etp.sparse_matmul(jnp.ones((2, 3)), mat.data * 2.0, sparse_mat=mat)
-    Array([[2., 2., 2.],
-           [2., 2., 2.]], dtype=float32)
+    >>> print(etp.sparse_matmul(jnp.ones((2, 3)), mat.data * 2.0, sparse_mat=mat).tolist())
+    [[2.0, 2.0, 2.0], [2.0, 2.0, 2.0]]
     """
     x_m, x_unit = split_unit(x)
-    w_m, w_unit = split_unit(weight_data)
     x_m = as_array(x_m, "sparse_matmul", "x")
     name = "etp_sp_mm" if x_m.ndim >= 2 else "etp_sp_mv"
     where = f"sparse_matmul ({name})"
     pattern = SparseStructure.from_sparse(sparse_mat, where)
+    weight_data = apply_weight_fn(weight_fn, weight_data, where, "weight_fn", "weight_data")
+    if bias is None and bias_fn is not None:
+        raise TypeError(f"{where}: bias_fn was given but bias is None; pass a bias to transform, or drop bias_fn.")
+    bias = apply_weight_fn(bias_fn, bias, where, "bias_fn", "bias")
+    w_m, w_unit = split_unit(weight_data)
     w_m = as_array(w_m, where, "weight_data")
     check_ndim(x_m, 1, where, "x", "(..., in_features)")
     check_shape(w_m.shape, (pattern.nse,), where, "weight_data", "one value per stored element of sparse_mat")
