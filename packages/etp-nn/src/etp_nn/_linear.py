@@ -65,6 +65,21 @@ def _init_param(layer: brainstate.nn.Module, value: Any, shape: tuple[int, ...],
     return out
 
 
+def _input_shape(layer: brainstate.nn.Module, in_size: Any, n_in: int) -> tuple[int, ...]:
+    """``in_size`` as a tuple of ints whose last entry is ``n_in``, or a ``ValueError`` naming the layer."""
+    shape = (in_size,) if isinstance(in_size, (int, np.integer)) else tuple(in_size)
+    if (
+        not shape
+        or any(isinstance(n, bool) or not isinstance(n, (int, np.integer)) for n in shape)
+        or shape[-1] != n_in
+    ):
+        raise ValueError(
+            f"{layer_name(layer)}: in_size must be an int or a tuple of ints ending with in_features={n_in}; "
+            f"got {in_size!r}."
+        )
+    return tuple(int(n) for n in shape)
+
+
 def _fixed_array(layer: brainstate.nn.Module, value: Any, shape: tuple[int, ...], argument: str) -> Any:
     """A fixed (non-trainable) array broadcastable to ``shape`` (masks, signs), or ``None``."""
     if value is None:
@@ -393,18 +408,38 @@ class LoRA(brainstate.nn.Module):
         Static scale :math:`\alpha` (a Python number).
     base_module : callable or None
         Module mapping ``(..., I)`` to ``(..., O)``, e.g. a :class:`Linear`.
-    B_init : initializer or array
-        :math:`B` ``(I, R)``; default LeCun normal.
-    A_init : initializer or array
-        :math:`A` ``(R, O)``; default zeros.
+    B_init : initializer, array or None
+        :math:`B` ``(I, R)``; ``None`` (default) for LeCun normal.
+    A_init : initializer, array or None
+        :math:`A` ``(R, O)``; ``None`` (default) for zeros.
     b_init : initializer, array or None
         Bias ``(O,)``; default ``None`` (no bias).
     name : str, optional
+    kernel_init : initializer, array or None
+        braintrace 0.2.8's keyword: one initializer for **both** factors, i.e.
+        ``B_init=kernel_init, A_init=kernel_init`` (so the adapter does not
+        start as a no-op unless it gives zeros). Giving it together with
+        ``B_init`` or ``A_init`` raises ``TypeError``.
+    param_type : type
+        The :class:`brainstate.ParamState` subclass that holds the weights
+        (braintrace 0.2.8's keyword). Default :class:`brainstate.ParamState`.
+    in_size : int, tuple of int or None
+        braintrace 0.2.8's keyword: the full input shape (its last entry
+        must be ``in_features``), recorded as :attr:`in_size`, with
+        :attr:`out_size` its leading axes followed by ``out_features``.
+        Default ``None``: ``in_size = in_features``, ``out_size = out_features``.
 
     Attributes
     ----------
     weight : brainstate.ParamState
         ``{'lora_b': (I, R), 'lora_a': (R, O)}``, plus ``'bias': (O,)`` with ``b_init``.
+
+    Notes
+    -----
+    braintrace 0.2.8's ``LoRA`` names its factors the other way round
+    (``lora_a`` is its ``(I, R)`` input-facing factor) and fixes the scale to
+    :math:`1/R`; here the scale is ``alpha`` (default 1): pass
+    ``alpha=1 / lora_rank`` for its outputs.
 
     Examples
     --------
@@ -413,6 +448,13 @@ class LoRA(brainstate.nn.Module):
     >>> layer = etp_nn.LoRA(8, 2, 4, base_module=etp_nn.Linear(8, 4))
     >>> layer(jnp.ones((3, 8))).shape
     (3, 4)
+
+    braintrace 0.2.8's keywords: one initializer for both factors.
+
+    >>> from brainstate.nn import init
+    >>> layer = etp_nn.LoRA(8, 2, 4, kernel_init=init.Constant(0.5))
+    >>> float(layer(jnp.ones(8))[0])
+    4.0
     """
 
     def __init__(
@@ -423,15 +465,30 @@ class LoRA(brainstate.nn.Module):
         *,
         alpha: float = 1.0,
         base_module: Callable[[Any], Any] | None = None,
-        B_init: Initializer = LECUN_NORMAL,
-        A_init: Initializer = ZEROS,
+        B_init: Initializer | None = None,
+        A_init: Initializer | None = None,
         b_init: Initializer | None = None,
         name: str | None = None,
+        kernel_init: Initializer | None = None,
+        param_type: type[brainstate.ParamState] = brainstate.ParamState,
+        in_size: int | Sequence[int] | None = None,
     ) -> None:
         super().__init__(name=name)  # type: ignore[call-arg]
         n_in = _positive_int(self, in_features, "in_features")
         rank = _positive_int(self, lora_rank, "lora_rank")
         n_out = _positive_int(self, out_features, "out_features")
+        if kernel_init is not None and (B_init is not None or A_init is not None):
+            given = " and ".join(f"{k}=" for k, v in (("B_init", B_init), ("A_init", A_init)) if v is not None)
+            raise TypeError(
+                f"{layer_name(self)}: got both kernel_init= (braintrace 0.2.8's one initializer for both factors) "
+                f"and {given}; give kernel_init alone, or B_init/A_init."
+            )
+        if kernel_init is not None:
+            B_init = A_init = kernel_init
+        if not (isinstance(param_type, type) and issubclass(param_type, brainstate.ParamState)):
+            raise TypeError(
+                f"{layer_name(self)}: param_type must be brainstate.ParamState or a subclass of it; got {param_type!r}."
+            )
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.integer, np.floating)):
             raise TypeError(f"{layer_name(self)}: alpha must be a Python number (it is static), got {alpha!r}.")
         if base_module is not None and not callable(base_module):
@@ -439,18 +496,20 @@ class LoRA(brainstate.nn.Module):
                 f"{layer_name(self)}: base_module must be callable (a module mapping (..., {n_in}) to (..., {n_out})), "
                 f"got {type(base_module).__name__}."
             )
-        self.in_size = n_in
-        self.out_size = n_out
+        shape = (n_in,) if in_size is None else _input_shape(self, in_size, n_in)
+        self.in_size = shape
+        self.out_size = (*shape[:-1], n_out)
         self.in_features, self.lora_rank, self.out_features = n_in, rank, n_out
         self.alpha = float(alpha)
         self.base_module = base_module
+        b_arg, a_arg = ("kernel_init", "kernel_init") if kernel_init is not None else ("B_init", "A_init")
         params = {
-            "lora_b": _init_param(self, B_init, (n_in, rank), "B_init"),
-            "lora_a": _init_param(self, A_init, (rank, n_out), "A_init"),
+            "lora_b": _init_param(self, LECUN_NORMAL if B_init is None else B_init, (n_in, rank), b_arg),
+            "lora_a": _init_param(self, ZEROS if A_init is None else A_init, (rank, n_out), a_arg),
         }
         if b_init is not None:
             params["bias"] = _init_param(self, b_init, (n_out,), "b_init")
-        self.weight = brainstate.ParamState(params)
+        self.weight = param_type(params)
 
     def update(self, x: Any) -> Any:
         check_last_dim(self, x, self.in_features)

@@ -13,6 +13,8 @@ from __future__ import annotations
 from typing import Any
 
 import brainstate
+import jax.numpy as jnp
+import numpy as np
 import saiunit as u
 from brainstate.nn import init
 
@@ -22,6 +24,7 @@ from ._neurons import _SIGMOID_SURROGATE, LIF, ResetMode, SpikeFunction
 from ._units import (
     _FIVE_MS,
     _ONE_MV,
+    _TIME,
     _ZERO_MV,
     _ZEROS,
     _ZEROS_MV,
@@ -29,14 +32,14 @@ from ._units import (
     QuantityLike,
     _check_positive,
     _decay,
+    _environment_dt,
     _initial_value,
     _quantity_like,
     _size_tuple,
     _store,
-    _time_step,
     _unit_text,
 )
-from ._utils import check_batch_size, check_last_dim, layer_name, require_state, reset_hidden
+from ._utils import check_batch_size, check_last_dim, layer_name, one_of_keywords, require_state, reset_hidden
 
 __all__ = ["LeakyRateReadout", "LeakySpikeReadout"]
 
@@ -45,6 +48,55 @@ _KAIMING_NORMAL = init.KaimingNormal()
 
 def _weight_state(w_init: Initializer, n_in: int, n_out: int) -> brainstate.ParamState:
     return brainstate.ParamState({"weight": init.param(w_init, (n_in, n_out), allow_none=False)})
+
+
+def _time_constant(layer: brainstate.nn.Module, value: Any, argument: str) -> Any:
+    """``value`` as a positive time Quantity (in ms), or as a positive plain array (for a unitless ``dt``).
+
+    A plain ``value`` while the environment's ``dt`` is set to a time raises ``ValueError`` here already.
+    """
+    if isinstance(value, u.Unit) or (isinstance(value, u.Quantity) and not value.is_unitless):
+        time = _quantity_like(layer, value, argument, _TIME, "a time (or a plain number, used with a plain dt)")
+        _check_positive(layer, time, argument)
+        return time
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number, np.ndarray, jnp.ndarray, u.Quantity)):
+        raise TypeError(
+            f"{layer_name(layer)}: {argument} must be a time (e.g. 5.0 * saiunit.ms) or a plain positive number "
+            f"(used with a plain dt); got {type(value).__name__}."
+        )
+    dt = brainstate.environ.get("dt", None)  # may be unset while the model is built
+    if isinstance(dt, u.Quantity) and not dt.is_unitless:
+        raise ValueError(
+            f"{layer_name(layer)}: {argument} must be a time (e.g. 5.0 * saiunit.ms) when the environment time step "
+            f"dt has a unit (it is {dt}); a plain {argument} ({value!r}) needs a plain dt (e.g. "
+            "brainstate.environ.context(dt=0.1))."
+        )
+    tau = jnp.asarray(u.get_mantissa(value))
+    if not jnp.issubdtype(tau.dtype, jnp.inexact):
+        tau = tau.astype(brainstate.environ.dftype())
+    if not np.all(np.asarray(tau) > 0):
+        raise ValueError(f"{layer_name(layer)}: {argument} must be > 0; got {value!r}.")
+    return tau
+
+
+def _leak(layer: brainstate.nn.Module, tau: Any) -> Any:
+    r""":math:`e^{-\Delta t/\tau}` for the environment's ``dt``: both times, or both plain numbers."""
+    dt = _environment_dt(layer)
+    dt_is_time = isinstance(dt, u.Quantity) and u.get_dim(dt) == _TIME.dim
+    if isinstance(tau, u.Quantity):
+        if not dt_is_time:
+            raise ValueError(
+                f"{layer_name(layer)}: tau is a time ({tau}), so the environment time step dt must be a time too "
+                f"(e.g. brainstate.environ.context(dt=0.1 * saiunit.ms)); got {_unit_text(dt)} ({dt!r})."
+            )
+        return _decay(dt, tau)
+    if not u.get_unit(dt).is_unitless:
+        raise ValueError(
+            f"{layer_name(layer)}: tau is a plain number ({tau}), so the environment time step dt must be a plain "
+            f"number too (e.g. brainstate.environ.context(dt=0.1)); got {_unit_text(dt)} ({dt!r}). Give tau as "
+            "a time (e.g. 5.0 * saiunit.ms) to use a dt with a unit."
+        )
+    return jnp.exp(-u.get_mantissa(dt) / tau)
 
 
 class LeakyRateReadout(brainstate.nn.Module):
@@ -65,13 +117,20 @@ class LeakyRateReadout(brainstate.nn.Module):
     ----------
     in_size, out_size : int or tuple of int
         Feature sizes; the last entry is the number of features.
-    tau : Quantity
-        Decay time constant (a time, > 0). Default 5 ms.
+    tau : Quantity or float or array
+        Decay time constant, > 0: a time (default 5 ms), or a plain number
+        when the environment's ``dt`` is a plain number too (then
+        :math:`\Delta t/\tau` is the ratio of the two numbers). A plain ``tau``
+        while ``dt`` is set to a time raises ``ValueError`` (when the layer is
+        built, and at the step), as does a time ``tau`` with a plain ``dt``.
     w_init : initializer or array
         Weight ``(in, out)``; default Kaiming normal.
-    r_initializer : initializer, array or Quantity
-        Initial ``r``. Default zeros.
+    r_initializer : initializer, array, Quantity or None
+        Initial ``r``; ``None`` (default) for zeros.
     name : str, optional
+    r_init : initializer, array, Quantity or None
+        braintrace 0.2.8's keyword for ``r_initializer`` (give one of the two;
+        both raise ``TypeError``).
 
     Attributes
     ----------
@@ -90,26 +149,39 @@ class LeakyRateReadout(brainstate.nn.Module):
     ...     r = readout(jnp.ones((4, 3)))
     >>> r.shape
     (4, 2)
+
+    Without units (a plain ``tau`` with a plain ``dt``), with braintrace
+    0.2.8's keyword ``r_init``:
+
+    >>> readout = etp_nn.LeakyRateReadout(3, 2, tau=5.0, r_init=brainstate.nn.init.Constant(1.0))
+    >>> readout.init_state()
+    >>> with brainstate.environ.context(dt=1.0):
+    ...     r = readout(jnp.zeros(3))
+    >>> bool(jnp.allclose(r, jnp.exp(-1.0 / 5.0)))
+    True
     """
 
     def __init__(
         self,
         in_size: int | tuple[int, ...],
         out_size: int | tuple[int, ...],
-        tau: QuantityLike = _FIVE_MS,
+        tau: QuantityLike | float | Any = _FIVE_MS,
         w_init: Initializer = _KAIMING_NORMAL,
-        r_initializer: Initializer = _ZEROS,
+        r_initializer: Initializer | None = None,
         name: str | None = None,
+        *,
+        r_init: Initializer | None = None,
     ) -> None:
         super().__init__(name=name)  # type: ignore[call-arg]  # brainstate hides Module.__init__ from type checkers
         self.in_size = in_size
         self.out_size = out_size
         self.n_in: int = _size_tuple(in_size)[-1]
         self.n_out: int = _size_tuple(out_size)[-1]
-        self.tau = _quantity_like(self, tau, "tau", u.ms, "a time")
-        _check_positive(self, self.tau, "tau")
+        self.tau = _time_constant(self, tau, "tau")
         self.weight = _weight_state(w_init, self.n_in, self.n_out)
-        self.r_initializer = r_initializer
+        self.r_initializer: Initializer = one_of_keywords(
+            self, ("r_initializer", r_initializer), ("r_init", r_init), default=_ZEROS
+        )
 
     def _init_r(self, batch_size: int | None) -> Any:
         return _initial_value(self, self.r_initializer, "r_initializer", (self.n_out,), batch_size, None)
@@ -136,7 +208,7 @@ class LeakyRateReadout(brainstate.nn.Module):
             )
         if isinstance(drive, u.Quantity):
             drive = drive.to_decimal() if unit.is_unitless else drive.in_unit(unit)
-        _store(state, _decay(_time_step(self), self.tau) * state.value + drive)
+        _store(state, _leak(self, self.tau) * state.value + drive)
         return state.value
 
 

@@ -8,7 +8,7 @@ import brainstate
 import jax
 import saiunit as u
 
-__all__ = ["layer_name", "check_last_dim", "require_state", "check_batch_size", "reset_hidden"]
+__all__ = ["layer_name", "check_last_dim", "require_state", "check_batch_size", "reset_hidden", "one_of_keywords"]
 
 
 def layer_name(layer: brainstate.nn.Module) -> str:
@@ -64,3 +64,33 @@ def reset_hidden(layer: brainstate.nn.Module, attribute: str, value: Any) -> Non
         state.value = value
     else:
         setattr(layer, attribute, brainstate.HiddenState(value))
+
+
+def one_of_keywords(layer: brainstate.nn.Module, ours: tuple[str, Any], peers: tuple[str, Any], default: Any) -> Any:
+    """The value of an argument that has two keywords: ours and braintrace 0.2.8's (the "peer's").
+
+    ``ours`` and ``peers`` are ``(keyword, value)`` pairs whose value is ``None`` when not given; the
+    value given is returned, ``default`` when neither is, and a ``TypeError`` naming the layer and
+    both keywords is raised when both are.
+
+    Examples
+    --------
+    >>> import etp_nn
+    >>> from etp_nn._utils import one_of_keywords
+    >>> layer = etp_nn.Linear(2, 3)
+    >>> one_of_keywords(layer, ("r_initializer", None), ("r_init", 0.5), default=0.0)
+    0.5
+    >>> one_of_keywords(layer, ("r_initializer", 1.0), ("r_init", 0.5), default=0.0)
+    Traceback (most recent call last):
+    ...
+    TypeError: Linear: got both r_initializer= and r_init= (r_init is braintrace 0.2.8's name for r_initializer); give one of them.
+    """
+    (our_keyword, our_value), (peer_keyword, peer_value) = ours, peers
+    if our_value is not None and peer_value is not None:
+        raise TypeError(
+            f"{layer_name(layer)}: got both {our_keyword}= and {peer_keyword}= ({peer_keyword} is braintrace "
+            f"0.2.8's name for {our_keyword}); give one of them."
+        )
+    if our_value is not None:
+        return our_value
+    return default if peer_value is None else peer_value
