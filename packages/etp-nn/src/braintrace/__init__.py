@@ -1,22 +1,16 @@
 """braintrace: the full-stack import of the ETP libraries.
 
-A thin re-export, no logic: the primitives of :mod:`etp_primitives` now, and
-the compiler, algorithms and layers as those packages grow.
+A thin re-export, no logic: the primitives of :mod:`etp_primitives`, the
+compiler stages of :mod:`etp_compiler`, every public name of
+:mod:`etp_algorithms` (the learners, :class:`SingleStepData`,
+:class:`MultiStepData`, ...) and, as :mod:`braintrace.nn`, the layers of
+:mod:`etp_nn`. Each name is the very object of its package.
 """
 
 from importlib.metadata import version as _distribution_version
 
-from etp_algorithms import (
-    D_RTRL,
-    ES_D_RTRL,
-    EligibilityTrace,
-    ETraceAlgorithm,
-    ETraceGraphExecutor,
-    IODimVjpAlgorithm,
-    ParamDimVjpAlgorithm,
-    jit_in_place,
-    pp_prop,
-)
+import etp_algorithms as _etp_algorithms
+from etp_algorithms import *  # noqa: F403  # every public name of the learners, whatever etp_algorithms exports
 from etp_compiler import (
     CompilationError,
     CompilationRecord,
@@ -27,6 +21,7 @@ from etp_compiler import (
     HiddenParamOpRelation,
     HiddenPerturbation,
     ModuleInfo,
+    NotSupportedError,
     add_hidden_perturbation_from_minfo,
     add_hidden_perturbation_from_module,
     compile_etrace_graph,
@@ -94,15 +89,6 @@ __all__ = [
     "is_etp_primitive",
     "is_batched_primitive",
     "is_gradient_enabled_primitive",
-    "D_RTRL",
-    "ES_D_RTRL",
-    "IODimVjpAlgorithm",
-    "pp_prop",
-    "jit_in_place",
-    "EligibilityTrace",
-    "ETraceAlgorithm",
-    "ETraceGraphExecutor",
-    "ParamDimVjpAlgorithm",
     "CompilationError",
     "CompilationRecord",
     "DiagnosticKind",
@@ -112,6 +98,7 @@ __all__ = [
     "HiddenParamOpRelation",
     "HiddenPerturbation",
     "ModuleInfo",
+    "NotSupportedError",
     "add_hidden_perturbation_from_minfo",
     "add_hidden_perturbation_from_module",
     "compile_etrace_graph",
@@ -120,4 +107,6 @@ __all__ = [
     "find_hidden_groups_from_module",
     "find_hidden_param_op_relations_from_minfo",
     "find_hidden_param_op_relations_from_module",
+    # the learners: all of etp_algorithms.__all__ (MultiStepData, SingleStepData, D_RTRL, ...)
+    *(name for name in _etp_algorithms.__all__ if name != "__version__"),
 ]
