@@ -104,8 +104,10 @@ def sigmoid(x: Any, alpha: float = 4.0) -> jax.Array:
     --------
     >>> import jax, jax.numpy as jnp
     >>> import etp_nn
-    >>> etp_nn.surrogate.sigmoid(jnp.array([-0.5, 0.0, 0.5]))
-    Array([0., 0., 1.], dtype=float32)
+    >>> x = jnp.array([-0.5, 0.0, 0.5])
+    >>> spikes = etp_nn.surrogate.sigmoid(x)
+    >>> spikes.tolist(), spikes.dtype == x.dtype
+    ([0.0, 0.0, 1.0], True)
     >>> float(jax.grad(etp_nn.surrogate.sigmoid)(0.0))
     1.0
     """
@@ -297,8 +299,8 @@ class SigmoidSurrogate(_OneParameterSurrogate):
     --------
     >>> import jax.numpy as jnp
     >>> import etp_nn
-    >>> etp_nn.SigmoidSurrogate(alpha=8.0)(jnp.array([-1.0, 1.0]))
-    Array([0., 1.], dtype=float32)
+    >>> etp_nn.SigmoidSurrogate(alpha=8.0)(jnp.array([-1.0, 1.0])).tolist()
+    [0.0, 1.0]
     """
 
     alpha: float = 4.0
