@@ -45,6 +45,12 @@ def test_braintrace_exports_not_supported_error() -> None:
     assert issubclass(braintrace.NotSupportedError, Exception) and "NotSupportedError" in braintrace.__all__
 
 
+def test_braintrace_exports_the_compiler_names_of_0_2_8() -> None:
+    for name in ("NotSupportedError", "add_hidden_perturbation_in_module", "add_hidden_perturbation_from_minfo"):
+        assert name in braintrace.__all__, name
+        assert getattr(braintrace, name) is getattr(etp_compiler, name), name
+
+
 def test_braintrace_reexports_every_public_name_of_the_algorithms() -> None:
     names = [name for name in etp_algorithms.__all__ if name != "__version__"]
     assert {"D_RTRL", "ES_D_RTRL", "ETraceAlgorithm"} <= set(names)
