@@ -109,6 +109,6 @@ __all__ = [
     "find_hidden_groups_from_module",
     "find_hidden_param_op_relations_from_minfo",
     "find_hidden_param_op_relations_from_module",
-    # the learners: all of etp_algorithms.__all__ (MultiStepData, SingleStepData, D_RTRL, ...)
-    *(name for name in _etp_algorithms.__all__ if name != "__version__"),
 ]
+# the learners: all of etp_algorithms.__all__ (MultiStepData, SingleStepData, D_RTRL, ...), each name once
+__all__ += [name for name in _etp_algorithms.__all__ if name != "__version__" and name not in __all__]
