@@ -139,6 +139,16 @@ def test_sparse_matmul_weight_fn_and_bias_fn(rng: np.random.Generator) -> None:
         return _plus(x @ pattern.todense(jnp.abs(data)), 3.0 * b)
 
     _assert_same(f, ref, (x, data, b))
+    # the 0.2.8 name of the second argument
+    _assert_same(
+        lambda x, data: etp.sparse_matmul(x, weight=data, sparse_mat=csr),
+        lambda x, data: x @ pattern.todense(data),
+        (x, data),
+    )
+    with pytest.raises(TypeError, match=r"sparse_matmul \(etp_sp_mm\): pass the stored values once.*got both"):
+        etp.sparse_matmul(x, data, weight=data, sparse_mat=csr)
+    with pytest.raises(TypeError, match=r"sparse_matmul \(etp_sp_mm\): pass the stored values once.*got neither"):
+        etp.sparse_matmul(x, sparse_mat=csr)
 
 
 @pytest.mark.parametrize(

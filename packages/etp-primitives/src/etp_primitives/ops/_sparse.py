@@ -234,12 +234,13 @@ etp_sp_mm_p, etp_sp_mv_p = register_batched_pair(
 
 def sparse_matmul(
     x: Any,
-    weight_data: Any,
+    weight_data: Any = None,
     *,
     sparse_mat: Any,
     bias: Any = None,
     weight_fn: Callable[[Any], Any] | None = None,
     bias_fn: Callable[[Any], Any] | None = None,
+    weight: Any = None,
 ) -> Any:
     r"""ETP-marked sparse layer :math:`y = x\, \mathrm{sparse}(f(w)) (+ g(b))`.
 
@@ -260,6 +261,8 @@ def sparse_matmul(
         Plain-JAX transforms of ``weight_data`` and ``bias`` applied inside the
         op, before the marker (braintrace 0.2.8 keywords); the compiler traces
         the transformed values back to their ParamState.
+    weight : Array or Quantity, optional
+        ``weight_data`` under its braintrace 0.2.8 keyword name; give one of the two.
 
     Examples
     --------
@@ -275,6 +278,12 @@ def sparse_matmul(
     name = "etp_sp_mm" if x_m.ndim >= 2 else "etp_sp_mv"
     where = f"sparse_matmul ({name})"
     pattern = SparseStructure.from_sparse(sparse_mat, where)
+    if (weight_data is None) == (weight is None):
+        raise TypeError(
+            f"{where}: pass the stored values once, as weight_data (positional) or weight= (its braintrace 0.2.8 "
+            f"name); got {'both' if weight is not None else 'neither'}."
+        )
+    weight_data = weight if weight_data is None else weight_data
     weight_data = apply_weight_fn(weight_fn, weight_data, where, "weight_fn", "weight_data")
     if bias is None and bias_fn is not None:
         raise TypeError(f"{where}: bias_fn was given but bias is None; pass a bias to transform, or drop bias_fn.")
