@@ -27,10 +27,7 @@ primitive or a learning rule reads the primitive table through this module:
 Every name here stays importable from :mod:`etp_primitives` itself, as the
 seed documents use it.
 
-The rule signatures
--------------------
-
-``params`` are the static parameters of the equation (``has_bias``, ...),
+**The rule signatures.** ``params`` are the static parameters of the equation (``has_bias``, ...),
 passed as keyword arguments; ``weights`` is a dict ``{trainable_key: array}``
 and a trace is a dict with one leaf per trainable key.
 
@@ -50,10 +47,7 @@ rule                                                           returns
 shapes with :func:`aval_of`); ``x`` is ``None`` for input-free primitives
 (``x_invar_index=None``).
 
-The rule contract
------------------
-
-Notation for one ETP operation :math:`y = \mathrm{op}(x, W)` feeding hidden
+**The rule contract.** Notation for one ETP operation :math:`y = \mathrm{op}(x, W)` feeding hidden
 states :math:`h` of one group with :math:`S` states per position:
 
 * :math:`D^t` — per position, the :math:`S\times S` block of
