@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 import brainstate
 import jax
 
-from etp_compiler import ETraceGraph, compile_etrace_graph, run_step
+from etp_compiler import ETraceGraph, compile_etrace_graph, read_atom, run_step
 
 __all__ = ["ETraceGraphExecutor", "StepValues", "KeyedValues", "execute_step"]
 
@@ -143,11 +143,7 @@ class ETraceGraphExecutor:
 
     def current_invals(self, *args: Any) -> list[Any]:
         """The step's invar values: flattened ``args`` then the leaves of every state, as stored now."""
-        minfo = self.graph.module_info
-        leaves = list(jax.tree.leaves(args))
-        for state in minfo.compiled_model_states:
-            leaves.extend(jax.tree.leaves(state.value))
-        return leaves
+        return self.graph.module_info.current_inputs(*args)
 
     def step(self, invals: Sequence[Any], deltas: Sequence[Any] | None = None) -> StepValues:
         """Evaluate one step on ``invals`` (see :meth:`current_invals`); optionally perturb the new hidden states."""
@@ -163,11 +159,11 @@ def execute_step(graph: ETraceGraph, invals: Sequence[Any], deltas: Sequence[Any
     minfo = graph.module_info
     env = run_step(minfo, invals, deltas)
 
-    def value(var: Any) -> Any:
-        return env[var] if hasattr(var, "aval") and var in env else getattr(var, "val", var)
+    def value(atom: Any) -> Any:
+        return read_atom(env, atom)
 
-    outputs = [value(v) for v in minfo.out_vars]
-    state_values = KeyedValues.of({path: [value(v) for v in outvars] for path, outvars in minfo.state_outvars.items()})
+    outputs, new_states = minfo.read_outputs(env)
+    state_values = KeyedValues.of(new_states)
     jacobians = {
         group.index: group.jacobian_blocks(
             [env[v] for v in group.hidden_invars], [value(v) for v in group.transition_jaxpr_constvars]

@@ -251,27 +251,15 @@ class ETraceAlgorithm(brainstate.nn.Module):
             weight_vals, other_vals, list(jax.tree.leaves(args)), self.etrace.value
         )
         self._commit(new_states, new_traces)
-        out_tree: Any = self.graph.module_info.out_treedef.children()[0]
-        return jax.tree.unflatten(out_tree, outputs)
+        return self.graph.module_info.unflatten_outputs(outputs)
 
     def _current_values(self) -> tuple[list[list[Any]], list[list[Any]]]:
-        """Leaves of the ParamStates (``weight_states`` order) and of every other state (compiled order)."""
-        minfo = self.graph.module_info
-        weight_vals = [jax.tree.leaves(state.value) for state in minfo.weight_states.values()]
-        other_vals = [
-            jax.tree.leaves(state.value)
-            for state in minfo.compiled_model_states
-            if minfo.state_paths[id(state)] not in minfo.weight_states
-        ]
-        return weight_vals, other_vals
+        """Leaves of the ParamStates (``weight_states`` order) and of every other state (``other_state_paths``)."""
+        return self.graph.module_info.current_state_leaves()
 
     def _commit(self, new_states: Mapping[StatePath, list[Any]], new_traces: Any) -> None:
         """Write a successful call's results back (nothing is written before everything succeeded)."""
-        minfo = self.graph.module_info
-        states = {minfo.state_paths[id(state)]: state for state in minfo.compiled_model_states}
-        for path, leaves in new_states.items():
-            state = states[path]
-            state.value = jax.tree.unflatten(jax.tree.structure(state.value), leaves)
+        self.graph.module_info.write_states(new_states)
         self.etrace.value = new_traces
 
     def _is_window(self, args: tuple[Any, ...]) -> bool:
@@ -307,6 +295,5 @@ class ETraceAlgorithm(brainstate.nn.Module):
         arg_leaves = [list(jax.tree.leaves(a)) for a in per_step]
         outputs, new_states, new_traces = self._built_fn(steps)(weight_vals, other_vals, arg_leaves, self.etrace.value)
         self._commit(new_states, new_traces)
-        out_tree: Any = self.graph.module_info.out_treedef.children()[0]
-        per_step_out = [jax.tree.unflatten(out_tree, o) for o in outputs]
+        per_step_out = [self.graph.module_info.unflatten_outputs(o) for o in outputs]
         return jax.tree.map(lambda *xs: jnp.stack(xs), *per_step_out)

@@ -19,7 +19,8 @@ states,
 inside the window, the rule's window-start contraction for what came before.
 
 ``weight_vals`` holds the leaves of each ParamState (``module_info.weight_states``
-order), ``other_vals`` those of every other compiled state (compiled order).
+order), ``other_vals`` those of every other compiled state (``module_info.other_state_paths``
+order); :meth:`etp_compiler.ModuleInfo.flatten_inputs` puts them in the step's invar order.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from etp_compiler import HiddenParamOpRelation, StatePath, eval_eqns, is_var, run_step
+from etp_compiler import HiddenParamOpRelation, ModuleInfo, StatePath, read_atom, run_step
 
 from ._executor import KeyedValues, execute_step
 from ._rule import LearningRule, RelationGradients, RuleContext
@@ -44,7 +45,6 @@ def build_step(ctx: RuleContext, rule: LearningRule) -> Any:
     minfo = graph.module_info
     weight_paths = list(minfo.weight_states)
     hidden_paths = list(minfo.hidden_path_to_outvar)
-    written = list(minfo.state_outvars)
     # weights whose only route to the loss is their relation's hidden states are left out of the
     # VJP: the rule's trace contraction supplies their instantaneous term (see _hidden_only)
     skipped = {
@@ -52,11 +52,8 @@ def build_step(ctx: RuleContext, rule: LearningRule) -> Any:
     }
     keep = [[var not in skipped for var in minfo.weight_path_to_invars[p]] for p in weight_paths]
 
-    def assemble(weight_vals: Any, other_vals: Any, arg_leaves: Any) -> list[Any]:
-        return _assemble(minfo, weight_paths, weight_vals, other_vals, arg_leaves)
-
     def forward(weight_vals: Any, other_vals: Any, arg_leaves: Any, traces: Any) -> tuple[Any, Any]:
-        values = execute_step(graph, assemble(weight_vals, other_vals, arg_leaves))
+        values = execute_step(graph, minfo.flatten_inputs(weight_vals, other_vals, arg_leaves))
         new_traces, residual = rule.update_traces(ctx, traces, values)
         return (values.outputs, values.state_values, new_traces), (values, residual)
 
@@ -81,12 +78,10 @@ def build_step(ctx: RuleContext, rule: LearningRule) -> Any:
             return out
 
         def perturbed(w_sub: Any, a: Any, deltas: Any) -> Any:
-            env = run_step(minfo, assemble(merge(w_sub), other_vals, a), deltas)
-            outs = [env[v] if is_var(v) else v.val for v in minfo.out_vars]
-            states = KeyedValues.of(
-                {p: [env[v] if is_var(v) else v.val for v in minfo.state_outvars[p]] for p in written}
+            outs, states = minfo.read_outputs(
+                run_step(minfo, minfo.flatten_inputs(merge(w_sub), other_vals, a), deltas)
             )
-            return outs, states
+            return outs, KeyedValues.of(states)
 
         avals: list[Any] = [minfo.hidden_path_to_outvar[p].aval for p in hidden_paths]
         zeros = [jnp.zeros(a.shape, a.dtype) for a in avals]
@@ -98,9 +93,10 @@ def build_step(ctx: RuleContext, rule: LearningRule) -> Any:
             g_weights.append([next(it) if k else jnp.zeros_like(v) for v, k in zip(vals, row, strict=True)])
         dL_dh = dict(zip(hidden_paths, g_deltas, strict=True))
         trace_grads = rule.trace_gradients(ctx, residual, values, dL_dh)
-        w_env = _weight_env(minfo, weight_paths, weight_vals)
-        leaf_grads = _pull_back_to_leaves(graph.hidden_param_op_relations, trace_grads, values.env, w_env)
-        g_weights = _add_leaf_grads(minfo, weight_paths, g_weights, leaf_grads)
+        leaf_grads = _pull_back_to_leaves(
+            graph.hidden_param_op_relations, trace_grads, values.env, minfo.weight_env(weight_vals)
+        )
+        g_weights = _add_leaf_grads(minfo, g_weights, leaf_grads)
         zero = jax.tree.map(jnp.zeros_like, (other_vals, traces))
         return g_weights, zero[0], g_args, zero[1]
 
@@ -118,9 +114,7 @@ def build_window(ctx: RuleContext, rule: LearningRule, steps: int) -> Any:
         raise ValueError(f"{rule.name}: the rule has no window_start_gradients; it cannot run multi-step windows.")
     graph = ctx.graph
     minfo = graph.module_info
-    weight_paths = list(minfo.weight_states)
-    order = [minfo.state_paths[id(s)] for s in minfo.compiled_model_states]
-    other_paths = [p for p in order if p not in minfo.weight_states]
+    other_paths = minfo.other_state_paths
     hidden_paths = list(minfo.hidden_path_to_outvar)
     single = build_step(ctx, rule)
 
@@ -152,7 +146,7 @@ def build_window(ctx: RuleContext, rule: LearningRule, steps: int) -> Any:
         def plain(w: Any, others: Any, a: Any) -> Any:
             outputs = []
             for t in range(steps):
-                values = execute_step(graph, _assemble(minfo, weight_paths, w, others, a[t]))
+                values = execute_step(graph, minfo.flatten_inputs(w, others, a[t]))
                 others = advance(others, values.state_values)
                 outputs.append(values.outputs)
             return outputs, final_states(others)
@@ -162,11 +156,12 @@ def build_window(ctx: RuleContext, rule: LearningRule, steps: int) -> Any:
         # the window's start state depends on the weights through the traces: contract them
         by_path = dict(zip(other_paths, g_others, strict=True))
         dL_dh = {p: by_path[p][0] for p in hidden_paths}
-        first = execute_step(graph, _assemble(minfo, weight_paths, weight_vals, other_vals, arg_leaves[0]))
+        first = execute_step(graph, minfo.flatten_inputs(weight_vals, other_vals, arg_leaves[0]))
         trace_grads = window_start(ctx, traces, first, dL_dh)
-        w_env = _weight_env(minfo, weight_paths, weight_vals)
-        leaf_grads = _pull_back_to_leaves(graph.hidden_param_op_relations, trace_grads, first.env, w_env)
-        g_weights = _add_leaf_grads(minfo, weight_paths, g_weights, leaf_grads)
+        leaf_grads = _pull_back_to_leaves(
+            graph.hidden_param_op_relations, trace_grads, first.env, minfo.weight_env(weight_vals)
+        )
+        g_weights = _add_leaf_grads(minfo, g_weights, leaf_grads)
         zero_others = jax.tree.map(jnp.zeros_like, other_vals)
         return g_weights, zero_others, g_args, jax.tree.map(jnp.zeros_like, traces)
 
@@ -174,45 +169,18 @@ def build_window(ctx: RuleContext, rule: LearningRule, steps: int) -> Any:
     return window
 
 
-def _assemble(
-    minfo: Any, weight_paths: list[StatePath], weight_vals: Any, other_vals: Any, arg_leaves: Any
-) -> list[Any]:
-    """The step's invar values from weights, the other states' leaves (compiled order) and argument leaves."""
-    by_path = dict(zip(weight_paths, weight_vals, strict=True))
-    others = iter(other_vals)
-    leaves = list(arg_leaves)
-    for state in minfo.compiled_model_states:
-        path = minfo.state_paths[id(state)]
-        leaves.extend(by_path[path] if path in by_path else next(others))
-    return leaves
-
-
-def _weight_env(minfo: Any, weight_paths: list[StatePath], weight_vals: Any) -> dict[Any, Any]:
-    """``ParamState leaf var -> value``."""
-    return {
-        var: value
-        for path, vals in zip(weight_paths, weight_vals, strict=True)
-        for var, value in zip(minfo.weight_path_to_invars[path], vals, strict=True)
-    }
-
-
-def _add_leaf_grads(
-    minfo: Any, weight_paths: list[StatePath], g_weights: Any, leaf_grads: dict[Any, jax.Array]
-) -> list[list[Any]]:
-    """Add trace gradients (keyed by leaf var) to the VJP's gradients, in each leaf's dtype."""
+def _add_leaf_grads(minfo: ModuleInfo, g_weights: Any, leaf_grads: dict[Any, jax.Array]) -> list[list[Any]]:
+    """Add trace gradients (keyed by leaf var) to the VJP's gradients (``weight_states`` order), in each leaf's dtype."""
     index = {
-        var: (i, j) for i, path in enumerate(weight_paths) for j, var in enumerate(minfo.weight_path_to_invars[path])
+        var: (i, j)
+        for i, path in enumerate(minfo.weight_states)
+        for j, var in enumerate(minfo.weight_path_to_invars[path])
     }
     out = [list(g) for g in g_weights]
     for var, grad in leaf_grads.items():
         i, j = index[var]
         out[i][j] = out[i][j] + jnp.asarray(grad, dtype=jnp.result_type(out[i][j]))
     return out
-
-
-def _atom_value(env: Mapping[Any, Any], atom: Any) -> Any:
-    """A jaxpr atom's value: a variable's from ``env``, a literal's own."""
-    return env[atom] if is_var(atom) else atom.val
 
 
 def _pull_back_to_leaves(
@@ -228,13 +196,10 @@ def _pull_back_to_leaves(
         for key, grad in grads.items():
             jaxpr, consts = relation.weight_fns[key]
             leaf_vars = list(jaxpr.invars)
-            const_vals = [_atom_value(env, v) for v in consts]
+            const_vals = [read_atom(env, v) for v in consts]
 
             def weight_fn(*leaves: Any, jaxpr: Any = jaxpr, const_vals: Any = const_vals) -> Any:
-                local: dict[Any, Any] = dict(zip(jaxpr.constvars, const_vals, strict=True))
-                local.update(zip(jaxpr.invars, leaves, strict=True))
-                eval_eqns(jaxpr.eqns, local)
-                (result,) = [local[v] if is_var(v) else v.val for v in jaxpr.outvars]
+                (result,) = jaxpr.evaluate(const_vals, *leaves)
                 return result
 
             primal, pullback = jax.vjp(weight_fn, *[weight_env[v] for v in leaf_vars])
