@@ -6,11 +6,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import brainstate
-from jax.extend.core import jaxpr_as_fun
 
 __all__ = [
     "assign_state_values",
-    "jaxpr_as_fun",
     "read_state_values",
     "stateful_function",
     "traced_states",

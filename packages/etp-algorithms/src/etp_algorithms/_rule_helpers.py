@@ -16,9 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import etp_primitives as etp
-from etp_compiler import ETraceGraph, HiddenGroup, HiddenParamOpRelation, StatePath
+from etp_compiler import ETraceGraph, HiddenGroup, HiddenParamOpRelation, StatePath, eval_jaxpr
 
-from ._compat import jaxpr_as_fun
 from ._executor import StepValues
 from ._hidden_only import reach
 from ._rule import HiddenCotangents, RuleContext
@@ -161,6 +160,6 @@ def sum_over_samples(one: Callable[..., dict[str, Any]], *operands: Any) -> Any:
     closed, shapes = jax.make_jaxpr(lambda *sample: one(*jax.tree.unflatten(structure, sample)), return_shape=True)(
         *per_sample[0]
     )
-    replay = jaxpr_as_fun(closed)
     out_tree = jax.tree.structure(shapes)
-    return etp.pairwise_sum([jax.tree.unflatten(out_tree, replay(*sample)) for sample in per_sample])
+    replayed = [eval_jaxpr(closed.jaxpr, closed.consts, *sample) for sample in per_sample]
+    return etp.pairwise_sum([jax.tree.unflatten(out_tree, outputs) for outputs in replayed])
