@@ -8,7 +8,8 @@ Four stages, each a public function with a typed result:
 4. :func:`add_hidden_perturbation_from_minfo` -> :class:`HiddenPerturbation`.
 
 :func:`compile_etrace_graph` runs all four and records every decision as a
-:class:`CompilationRecord` (``graph.diagnostics``, ``graph.explain()``);
+:class:`CompilationRecord` (``graph.diagnostics``, ``graph.explain()``;
+:class:`CompilationReport` summarises a graph as data and text);
 :func:`hidden_group_stage` and :func:`relation_stage` return stages 2 and 3's
 results together with their records. Every re-evaluation of a jaxpr goes
 through :func:`eval_jaxpr` (atoms read with :func:`read_atom`), and
@@ -46,6 +47,7 @@ from ._relations import (
     relation_stage,
     trace_var_to_params,
 )
+from ._report import CompilationReport
 
 __version__ = _distribution_version("etp-compiler")  # one source: the distribution's pyproject
 
@@ -54,6 +56,7 @@ __all__ = [
     "CompilationError",
     "NotSupportedError",
     "CompilationRecord",
+    "CompilationReport",
     "DiagnosticKind",
     "DiagnosticLevel",
     "ETraceGraph",
