@@ -17,6 +17,7 @@ from importlib.metadata import version as _distribution_version
 
 from . import extend
 from ._d_rtrl import D_RTRL, ParamDimVjpAlgorithm
+from ._driver import SequenceDriverMixin
 from ._es_d_rtrl import ES_D_RTRL, IODimVjpAlgorithm, pp_prop
 from ._executor import ETraceGraphExecutor, StepValues
 from ._inputs import MultiStepData, SingleStepData
@@ -31,6 +32,7 @@ __all__ = [
     "ETraceGraphExecutor",
     "StepValues",
     "ETraceAlgorithm",
+    "SequenceDriverMixin",
     "LearningRule",
     "extend",
     "EligibilityTrace",

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 
 from etp_compiler import ETraceGraph, NotSupportedError, StatePath
 
+from ._driver import SequenceDriverMixin
 from ._executor import ETraceGraphExecutor
 from ._hidden_only import hidden_only_keys
 from ._inputs import MultiStepData, SingleStepData
@@ -57,7 +58,7 @@ class _BuiltSteps:
         self.functions: dict[Any, Any] = {}
 
 
-class ETraceAlgorithm(brainstate.nn.Module):
+class ETraceAlgorithm(SequenceDriverMixin, brainstate.nn.Module):
     """An online learner: a model, a learning rule, and the eligibility traces as a state.
 
     Parameters
