@@ -6,6 +6,9 @@
 - :class:`ES_D_RTRL` (``IODimVjpAlgorithm``, ``pp_prop``): input/output-dimension traces.
 - :mod:`etp_algorithms.extend`: the learning-rule record and what rule authors build on.
 - :func:`jit_in_place`: a jitted step that updates the states it writes (traces) in place.
+- :func:`compile`: initialise a model's states, build a learner (by class or name) and compile its graph;
+  :func:`register_learner` adds a name. :class:`ETraceVmap`: a per-sample learner run over a batch.
+- :class:`CompilationReport` (from :mod:`etp_compiler`): what the compiler found (``learner.report``).
 """
 
 # Before anything imports JAX-dependent code: a clear error for an unsupported JAX/brainstate.
@@ -15,7 +18,10 @@ _check_installed("etp-algorithms", ("jax", "brainstate", "numpy"))
 
 from importlib.metadata import version as _distribution_version
 
+from etp_compiler import CompilationReport
+
 from . import extend
+from ._compile import compile, register_learner, registered_learners
 from ._d_rtrl import D_RTRL, ParamDimVjpAlgorithm
 from ._driver import SequenceDriverMixin
 from ._es_d_rtrl import ES_D_RTRL, IODimVjpAlgorithm, pp_prop
@@ -24,6 +30,7 @@ from ._inputs import MultiStepData, SingleStepData
 from ._jit_in_place import jit_in_place
 from ._learner import EligibilityTrace, ETraceAlgorithm
 from ._rule import LearningRule
+from ._vmap import ETraceVmap
 
 __version__ = _distribution_version("etp-algorithms")  # one source: the distribution's pyproject
 
@@ -44,4 +51,9 @@ __all__ = [
     "SingleStepData",
     "MultiStepData",
     "jit_in_place",
+    "compile",
+    "register_learner",
+    "registered_learners",
+    "ETraceVmap",
+    "CompilationReport",
 ]

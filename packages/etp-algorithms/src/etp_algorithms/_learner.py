@@ -29,7 +29,7 @@ import brainstate
 import jax
 import jax.numpy as jnp
 
-from etp_compiler import ETraceGraph, NotSupportedError, StatePath
+from etp_compiler import CompilationReport, ETraceGraph, NotSupportedError, StatePath
 
 from ._driver import SequenceDriverMixin
 from ._executor import ETraceGraphExecutor
@@ -152,6 +152,32 @@ class ETraceAlgorithm(SequenceDriverMixin, brainstate.nn.Module):
     def other_states(self) -> dict[StatePath, brainstate.State[Any]]:
         """``path -> State`` of the remaining states (neither parameters nor hidden)."""
         return dict(self.graph.module_info.other_states)
+
+    @property
+    def path_to_states(self) -> dict[StatePath, brainstate.State[Any]]:
+        """``path -> State`` of every state the model's step reads or writes (parameters included)."""
+        minfo = self.graph.module_info
+        return {minfo.state_paths[id(s)]: s for s in minfo.compiled_model_states}
+
+    @property
+    def state_id_to_path(self) -> dict[int, StatePath]:
+        """``id(state) -> path`` of the states of :attr:`path_to_states`."""
+        return dict(self.graph.module_info.state_paths)
+
+    @property
+    def report(self) -> CompilationReport:
+        """The :class:`etp_compiler.CompilationReport` of the compiled graph."""
+        return CompilationReport(self.graph)
+
+    def show_graph(self, verbose: bool = True, return_msg: bool = False) -> str | None:
+        """The compiled graph in words: hidden groups, weights with and without traces, trace memory.
+
+        ``verbose``: print it (with the compiler's warnings); ``return_msg``: return the text.
+        """
+        text = f"{self.report.to_str(2 if verbose else 1)}\nEligibility-trace memory: {self.trace_bytes()} bytes"
+        if verbose:
+            print(text)
+        return text if return_msg else None
 
     def compile_graph(self, *args: Any) -> ETraceGraph:
         """Compile the model's step for inputs shaped like ``args`` and initialise the traces."""

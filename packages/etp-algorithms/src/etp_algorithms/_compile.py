@@ -1,0 +1,273 @@
+"""``compile``: initialise a model's states, build a learner and compile its graph in one call.
+
+The learners are found by name in a registry (case-insensitive): ``'d_rtrl'``
+(:class:`D_RTRL`), ``'es_d_rtrl'``, ``'esd_rtrl'`` and ``'pp_prop'``
+(:class:`ES_D_RTRL`); :func:`register_learner` adds others.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from typing import Any, cast
+
+import brainstate
+import jax
+import jax.numpy as jnp
+
+from etp_compiler import CompilationError
+
+from ._d_rtrl import D_RTRL
+from ._es_d_rtrl import ES_D_RTRL
+from ._learner import ETraceAlgorithm
+from ._vmap import ETraceVmap
+
+__all__ = ["compile", "register_learner", "registered_learners"]
+
+_LEARNERS: dict[str, type[ETraceAlgorithm]] = {}
+
+#: The ETP ops (and the etp_nn layers built on them) through which a weight gets an eligibility trace.
+_OPT_IN = (
+    "etp_primitives.matmul, conv, element_wise, sparse_matmul or lora_matmul (braintrace.matmul, ...), "
+    "or the etp_nn layers built on them (Linear, GRUCell, LIF + a Linear input, ...)"
+)
+
+
+def _key(name: str) -> str:
+    return name.strip().lower()
+
+
+def register_learner(name: str, cls: type[ETraceAlgorithm], *, overwrite: bool = False) -> None:
+    """Make ``cls`` available to :func:`compile` as ``algorithm=name`` (case-insensitive).
+
+    Parameters
+    ----------
+    name : str
+    cls : type
+        A subclass of :class:`ETraceAlgorithm`, built as ``cls(model, **options)``.
+    overwrite : bool
+        Replace a learner already registered under ``name`` (otherwise an error).
+
+    Raises
+    ------
+    TypeError
+        If ``cls`` is not an ETraceAlgorithm subclass or ``name`` not a non-empty string.
+    ValueError
+        If ``name`` is taken by another class and ``overwrite`` is false.
+
+    Examples
+    --------
+    >>> from etp_algorithms import D_RTRL, register_learner, registered_learners
+    >>> class MyRTRL(D_RTRL):
+    ...     pass
+    >>> register_learner("my_rtrl", MyRTRL)
+    >>> registered_learners()["my_rtrl"] is MyRTRL
+    True
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise TypeError(f"register_learner: the name must be a non-empty string, got {name!r}.")
+    if not (isinstance(cls, type) and issubclass(cls, ETraceAlgorithm)):
+        raise TypeError(f"register_learner: {cls!r} is not a subclass of ETraceAlgorithm.")
+    key = _key(name)
+    if key in _LEARNERS and _LEARNERS[key] is not cls and not overwrite:
+        raise ValueError(
+            f"register_learner: {name!r} is already the name of {_LEARNERS[key].__name__}; "
+            "pass overwrite=True to replace it."
+        )
+    _LEARNERS[key] = cls
+
+
+def registered_learners() -> dict[str, type[ETraceAlgorithm]]:
+    """``name -> learner class`` of every name :func:`compile` accepts (a copy)."""
+    return dict(sorted(_LEARNERS.items()))
+
+
+for _name, _cls in (("d_rtrl", D_RTRL), ("es_d_rtrl", ES_D_RTRL), ("esd_rtrl", ES_D_RTRL), ("pp_prop", ES_D_RTRL)):
+    register_learner(_name, _cls)
+
+
+def _resolve(algorithm: Any) -> type[ETraceAlgorithm]:
+    if isinstance(algorithm, str):
+        try:
+            return _LEARNERS[_key(algorithm)]
+        except KeyError:
+            raise ValueError(
+                f"compile: unknown algorithm name {algorithm!r}; valid names: {', '.join(sorted(_LEARNERS))} "
+                "(case-insensitive), or pass a learner class (a subclass of ETraceAlgorithm)."
+            ) from None
+    if isinstance(algorithm, type) and issubclass(algorithm, ETraceAlgorithm):
+        return algorithm
+    raise TypeError(
+        "compile: algorithm must be a learner class (a subclass of ETraceAlgorithm) or one of the names "
+        f"{', '.join(sorted(_LEARNERS))}; got {algorithm!r}."
+    )
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None) -> Iterator[None]:
+    if seed is None:
+        yield
+    else:
+        with brainstate.random.seed_context(seed):
+            yield
+
+
+def _all_states(model: brainstate.nn.Module) -> Mapping[Any, brainstate.State[Any]]:
+    return cast(Mapping[Any, brainstate.State[Any]], model.states())
+
+
+def _state_values(model: brainstate.nn.Module) -> dict[Any, tuple[brainstate.State[Any], Any]]:
+    return {path: (state, state.value) for path, state in _all_states(model).items()}
+
+
+def _restore(model: brainstate.nn.Module, saved: dict[Any, tuple[brainstate.State[Any], Any]]) -> None:
+    """Put back the state values ``compile`` found (the states a failed call re-initialised)."""
+    for state, value in saved.values():
+        state.value = value
+    for path, state in _all_states(model).items():
+        if path in saved:
+            state.value = saved[path][1]
+
+
+def _check_vmap_inputs(example_inputs: tuple[Any, ...], batch_size: int) -> None:
+    for leaf in jax.tree.leaves(example_inputs):
+        shape = tuple(jnp.shape(leaf))
+        if not shape or shape[0] != batch_size:
+            raise ValueError(
+                f"compile(..., vmap=True): the example inputs carry the batch axis (axis 0, of size "
+                f"batch_size={batch_size}); got an input of shape {shape}."
+            )
+
+
+def compile(
+    model: brainstate.nn.Module,
+    algorithm: str | type[ETraceAlgorithm],
+    *example_inputs: Any,
+    batch_size: int | None = None,
+    seed: int | None = None,
+    verbose: int = 0,
+    vmap: bool = False,
+    **options: Any,
+) -> ETraceAlgorithm | ETraceVmap:
+    """Initialise ``model``'s states, build the learner and compile its graph: a learner ready to call.
+
+    Parameters
+    ----------
+    model : brainstate.nn.Module
+        One step of the model. Its states are (re)initialised here, with
+        ``brainstate.nn.init_all_states(model, batch_size=batch_size)``.
+    algorithm : str or type
+        A learner class (a subclass of :class:`ETraceAlgorithm`), or a
+        registered name (case-insensitive): ``'d_rtrl'``, ``'es_d_rtrl'`` /
+        ``'esd_rtrl'`` / ``'pp_prop'``, and those added by :func:`register_learner`
+        (:func:`registered_learners` lists them).
+    *example_inputs
+        Inputs of one call of the learner (at least one), as it will be called.
+    batch_size : int, optional
+        The batch size of the states (``None``: unbatched).
+    seed : int, optional
+        Initialise the states inside ``brainstate.random.seed_context(seed)``
+        (the global RNG is restored afterwards).
+    verbose : {0, 1, 2, 3}
+        ``>= 1``: print the :class:`~etp_compiler.CompilationReport` at that
+        level (hidden groups, weights with and without traces; ``2`` adds the
+        compiler's warnings, ``3`` every diagnostic) and the trace memory.
+    vmap : bool
+        Compile a *per-sample* learner and return it wrapped for batches
+        (:class:`ETraceVmap`): the states are initialised without a batch
+        axis, the graph compiled for one sample, and the hidden states and
+        traces get a batch axis of size ``batch_size`` (required). As in
+        braintrace, ``example_inputs`` then carry the batch axis (axis 0).
+    **options
+        Passed to the learner's constructor, e.g. ``decay_or_rank`` (required
+        by ES_D_RTRL), ``vjp_method``, ``name``.
+
+    Returns
+    -------
+    ETraceAlgorithm or ETraceVmap
+        The compiled learner (``learner.report`` describes its graph); with
+        ``vmap=True`` the :class:`ETraceVmap` around it (the learner is its ``.module``).
+
+    Raises
+    ------
+    ValueError
+        An unknown algorithm name (the message lists the valid ones), no
+        example input, ``verbose`` not in 0-3, ``vmap=True`` without
+        ``batch_size`` or with inputs whose axis 0 is not ``batch_size``.
+    TypeError
+        ``algorithm`` neither a learner class nor a string, or options the learner does not take.
+    etp_compiler.CompilationError
+        If no weight of ``model`` gets an eligibility trace (no ETP primitive
+        drives a hidden state): the message names the model and the ops that
+        opt a weight in. The model's state values are then put back as they
+        were. A learner class built directly accepts such a model (every
+        parameter gets its instantaneous gradient).
+
+    Examples
+    --------
+    >>> import brainstate, jax.numpy as jnp, etp_nn
+    >>> import etp_algorithms
+    >>> cell = etp_nn.GRUCell(3, 4)
+    >>> learner = etp_algorithms.compile(cell, "d_rtrl", jnp.zeros((2, 3)), batch_size=2)
+    >>> learner(jnp.ones((2, 3))).shape
+    (2, 4)
+    >>> batched = etp_algorithms.compile(cell, "es_d_rtrl", jnp.zeros((2, 3)), batch_size=2, vmap=True,
+    ...                                  decay_or_rank=0.9)
+    >>> batched(jnp.ones((2, 3))).shape, type(batched.module).__name__
+    ((2, 4), 'ES_D_RTRL')
+    """
+    cls = _resolve(algorithm)
+    if not isinstance(model, brainstate.nn.Module):
+        raise TypeError(f"compile: model must be a brainstate.nn.Module, got {type(model).__name__}.")
+    if not example_inputs:
+        raise ValueError(
+            f"compile: give at least one example input, as the learner will be called, e.g. "
+            f"compile(model, {algorithm if isinstance(algorithm, str) else cls.__name__!r}, x0)."
+        )
+    if isinstance(verbose, bool) or verbose not in (0, 1, 2, 3):
+        raise ValueError(f"compile: verbose must be 0, 1, 2 or 3, got {verbose!r}.")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"compile: batch_size must be a positive int or None, got {batch_size!r}.")
+    if vmap:
+        if batch_size is None:
+            raise ValueError(
+                "compile(..., vmap=True) needs batch_size: the per-sample learner is mapped over a batch of that "
+                "size (the example inputs carry it as axis 0)."
+            )
+        _check_vmap_inputs(example_inputs, batch_size)
+
+    saved = _state_values(model)
+    try:
+        with _seeded(seed):
+            brainstate.nn.init_all_states(model, batch_size=None if vmap else batch_size)
+        try:
+            learner = cls(model, **options)
+        except TypeError as error:
+            raise TypeError(
+                f"compile: {cls.__name__}(model, **options) failed with options {sorted(options)}: {error}"
+            ) from error
+        sample = jax.tree.map(lambda a: a[0], example_inputs) if vmap else example_inputs
+        graph = learner.compile_graph(*sample)
+        if not graph.hidden_param_op_relations:
+            raise CompilationError(_no_trace_message(model, learner))
+    except BaseException:
+        _restore(model, saved)
+        raise
+    result: ETraceAlgorithm | ETraceVmap = ETraceVmap(learner, axis_size=batch_size) if vmap else learner
+    if verbose:
+        print(f"{learner.report.to_str(verbose)}\nEligibility-trace memory: {learner.trace_bytes()} bytes")
+    return result
+
+
+def _no_trace_message(model: brainstate.nn.Module, learner: ETraceAlgorithm) -> str:
+    excluded = learner.report.excluded_weights
+    why = (
+        "; its parameters: " + ", ".join(f"{'.'.join(map(str, p))} ({r or 'plain JAX ops only'})" for p, r in excluded)
+        if excluded
+        else "; it reads no parameter"
+    )
+    return (
+        f"compile: no weight of {type(model).__name__} gets an eligibility trace: no ETP primitive drives one of "
+        f"its hidden states{why}. A weight opts in through {_OPT_IN}. To train such a model with instantaneous "
+        f"gradients only, build the learner directly ({learner.__class__.__name__}(model))."
+    )
