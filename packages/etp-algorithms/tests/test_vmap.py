@@ -197,3 +197,31 @@ def test_bad_use(rng: np.random.Generator) -> None:
         wrapped(jnp.ones((B, I)))
     with pytest.raises(ValueError, match="the states carry a batch of 3, the inputs a batch of 2"):
         wrapped._batch_states(2)
+
+
+@pytest.mark.parametrize("kind", list(LEARNERS))
+def test_sequence_drivers_equal_the_batched_learners(kind: str, rng: np.random.Generator) -> None:
+    x0 = jnp.zeros((B, I))
+    learner_b, model_b = _batched_learner(kind, x0)
+    learner_s, model_s = _per_sample_learner(kind, x0)
+    wrapped = ETraceVmap(learner_s, axis_size=B)
+    xs = jnp.asarray(rng.normal(size=(T, B, I)))
+    ys = jnp.asarray(rng.normal(size=(T, B, K)))
+
+    def loss_of(call: Any) -> Callable[[Array, Array], Array]:
+        return lambda x, y: jnp.sum((call(x) - y) ** 2)
+
+    g_b, l_b = learner_b.etrace_grad(xs, ys, step_fn=loss_of(learner_b), return_value=True)
+    g_s, l_s = wrapped.etrace_grad(xs, ys, step_fn=loss_of(wrapped), return_value=True)
+    _close(g_s, g_b)
+    _close(l_s, l_b)
+    assert float(jnp.abs(g_b[("w",)]["weight"]).sum()) > 0
+    _close(model_s.h.value, model_b.h.value)
+    _close(_traces(kind, learner_s), _traces(kind, learner_b))
+    out_b = learner_b.etrace_evolve(xs, return_outputs=True)
+    out_s = wrapped.etrace_evolve(xs, return_outputs=True)
+    assert out_s.shape == (T, B, K)
+    _close(out_s, out_b)
+    _close(model_s.h.value, model_b.h.value)
+    with pytest.raises(ValueError, match="not supported on a vmapped learner"):
+        wrapped.etrace_evolve(xs, chunk_size=2)

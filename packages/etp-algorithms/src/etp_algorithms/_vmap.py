@@ -9,6 +9,7 @@ import brainstate
 import jax
 import jax.numpy as jnp
 
+from ._driver import SequenceDriverMixin
 from ._learner import ETraceAlgorithm
 
 __all__ = ["ETraceVmap"]
@@ -48,7 +49,7 @@ class _Batching:
         self.size: int | None = None
 
 
-class ETraceVmap(brainstate.nn.Vmap):
+class ETraceVmap(SequenceDriverMixin, brainstate.nn.Vmap):
     """A per-sample learner (or any module) called on batches: ``brainstate.transform.vmap`` over the batch.
 
     The wrapped module is *per sample*: its model's states were initialised
@@ -59,7 +60,10 @@ class ETraceVmap(brainstate.nn.Vmap):
     lane, and each call runs the module once per sample, in one vmapped
     program. The parameters are shared, so a gradient taken through a call
     sums over the batch, exactly as for a learner of the batched model.
-    Built by :func:`etp_algorithms.compile` with ``vmap=True``.
+    Built by :func:`etp_algorithms.compile` with ``vmap=True``. It drives
+    sequences as a learner does (:meth:`~SequenceDriverMixin.etrace_grad`,
+    :meth:`~SequenceDriverMixin.etrace_evolve`; time-major inputs ``(T, batch, ...)``,
+    no ``chunk_size`` windows), and is a ``brainstate.nn.Vmap`` (``.module`` is the learner).
 
     Parameters
     ----------
@@ -151,6 +155,22 @@ class ETraceVmap(brainstate.nn.Vmap):
                     seen.add(id(state))
                     mapped.append((state, axis))
         return mapped
+
+    # ---------------------------------------------------------------- the sequence driver's hooks
+    _seq_is_vmapped = True
+
+    @property
+    def _seq_param_states(self) -> Any:
+        module: Any = self.module
+        return module.param_states if isinstance(module, ETraceAlgorithm) else module.states(brainstate.ParamState)
+
+    @property
+    def _seq_vjp_method(self) -> str | None:
+        return getattr(self.module, "vjp_method", None)
+
+    def _seq_token(self) -> Hashable:
+        module: Any = self.module
+        return id(module.graph) if getattr(module, "is_compiled", False) else None
 
     @property
     def batch_size(self) -> int | None:
