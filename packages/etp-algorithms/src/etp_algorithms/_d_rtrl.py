@@ -265,11 +265,11 @@ class D_RTRL(ETraceAlgorithm):
     --------
     >>> import brainstate, jax.numpy as jnp, etp_nn
     >>> from etp_algorithms import D_RTRL
-    >>> cell = etp_nn.GRUCell(3, 4)
+    >>> cell = etp_nn.VanillaRNNCell(3, 4)
     >>> _ = brainstate.nn.init_all_states(cell)
     >>> learner = D_RTRL(cell)
     >>> _ = learner.compile_graph(jnp.zeros(3))
-    >>> learner.get_etrace_of(cell.Wz.weight)[0]["weight"].shape  # (inputs + hidden, hidden, states)
+    >>> learner.get_etrace_of(cell.W.weight)[0]["weight"].shape  # (inputs + hidden, hidden, states)
     (7, 4, 1)
     """
 

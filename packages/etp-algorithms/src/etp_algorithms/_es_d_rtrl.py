@@ -196,13 +196,13 @@ class ES_D_RTRL(ETraceAlgorithm):
     --------
     >>> import brainstate, jax.numpy as jnp, etp_nn
     >>> from etp_algorithms import ES_D_RTRL
-    >>> cell = etp_nn.GRUCell(3, 4)
+    >>> cell = etp_nn.VanillaRNNCell(3, 4)
     >>> _ = brainstate.nn.init_all_states(cell)
     >>> learner = ES_D_RTRL(cell, decay_or_rank=3)
     >>> learner.decay
     0.5
     >>> _ = learner.compile_graph(jnp.zeros(3))
-    >>> learner.get_etrace_of(cell.Wz.weight).x.shape  # the op's input: inputs + hidden
+    >>> learner.get_etrace_of(cell.W.weight).x.shape  # the op's input: inputs + hidden
     (7,)
     """
 

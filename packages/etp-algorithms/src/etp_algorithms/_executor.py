@@ -106,9 +106,9 @@ class ETraceGraphExecutor:
     --------
     >>> import brainstate, jax.numpy as jnp, etp_nn
     >>> from etp_algorithms import ETraceGraphExecutor
-    >>> cell = etp_nn.GRUCell(3, 4)
+    >>> cell = etp_nn.VanillaRNNCell(3, 4)
     >>> brainstate.nn.init_all_states(cell)  # doctest: +ELLIPSIS
-    GRUCell(...)
+    VanillaRNNCell(...)
     >>> executor = ETraceGraphExecutor(cell)
     >>> graph = executor.compile_graph(jnp.zeros(3))
     >>> values = executor.step(executor.current_invals(jnp.ones(3)))

@@ -78,7 +78,7 @@ class ETraceAlgorithm(SequenceDriverMixin, brainstate.nn.Module):
     >>> import brainstate, jax.numpy as jnp, etp_nn
     >>> from etp_algorithms import ETraceAlgorithm
     >>> from etp_algorithms.extend import d_rtrl
-    >>> cell = etp_nn.GRUCell(3, 4)
+    >>> cell = etp_nn.VanillaRNNCell(3, 4)
     >>> _ = brainstate.nn.init_all_states(cell)
     >>> learner = ETraceAlgorithm(cell, d_rtrl())
     >>> _ = learner.compile_graph(jnp.zeros(3))
