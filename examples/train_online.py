@@ -14,11 +14,14 @@ decay, gradient-norm clipping):
 
 * ``BPTT``: ``brainstate.transform.grad`` through a ``for_loop`` over the whole trial; its memory
   grows with the trial length.
-* ``D_RTRL``: online. At every step the learner runs the model and updates its eligibility traces.
-  At each report step, ``brainstate.transform.grad`` of that step's loss through the learner gives
-  the step's online gradient. The step gradients of a trial are summed and applied once per batch
-  of trials (per sequence). Traces: O(B * #params), the same for any trial length.
-* ``ES_D_RTRL``: the same loop with input/output traces, O(B * (inputs + outputs)) per weight.
+* ``D_RTRL``: online, built by ``braintrace.compile(model, 'd_rtrl', x0, batch_size=B)``. Over the cue
+  period ``learner.etrace_evolve(cue)`` advances the model and its eligibility traces (no loss); over the
+  report period ``learner.etrace_grad(report, labels, step_fn=report_loss)`` accumulates each step's
+  online gradient, from the traces, in one compiled loop over time. The step gradients of a trial are
+  averaged and applied once per batch of trials (per sequence). Traces: O(B * #params), the same for any
+  trial length.
+* ``ES_D_RTRL``: the same calls (``'es_d_rtrl'``, ``decay_or_rank=--decay``) with input/output traces,
+  O(B * (inputs + outputs)) per weight.
 
 The GRU's ``Wz`` and ``Wh`` get traces; ``Wr`` reaches the hidden state only through ``Wh``, so the
 compiler gives it (and the readout) the instantaneous gradient of each step (the script prints this).
@@ -162,32 +165,36 @@ def make_update(name: str, model: Net, args: argparse.Namespace) -> tuple[Any, A
 
         return brainstate.transform.jit(bptt_update), None
 
-    learner = braintrace.D_RTRL(model) if name == "D_RTRL" else braintrace.ES_D_RTRL(model, args.decay)
+    algorithm, options = ("d_rtrl", {}) if name == "D_RTRL" else ("es_d_rtrl", {"decay_or_rank": args.decay})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the compiler's notes on non-traced parameters (the readout)
-        learner.compile_graph(jnp.zeros((batch, 3), jnp.float32))
-    traced = sorted({".".join(map(str, r.weight_path)) for r in learner.graph.hidden_param_op_relations})
+        # initialises the model's states for the batch, builds the learner and compiles its graph
+        learner = braintrace.compile(model, algorithm, jnp.zeros((batch, 3), jnp.float32), batch_size=batch, **options)
+    traced = sorted(".".join(map(str, path)) for path, _ in learner.report.etrace_weights)
     print(f"{name}: eligibility traces for {', '.join(traced)}; the other weights get their instantaneous gradient")
-    grad_sum = brainstate.ShortTermState(jax.tree.map(jnp.zeros_like, {k: s.value for k, s in params.items()}))
+
+    def report_loss(x: jax.Array, labels: jax.Array) -> jax.Array:
+        return cross_entropy(learner(x), labels)  # one step: the learner runs the model and updates the traces
 
     def online_update(cue: jax.Array, report: jax.Array, labels: jax.Array) -> jax.Array:
         brainstate.nn.reset_all_states(model, batch_size=batch)
         learner.reset_state()  # zero traces at the start of each trial
-        grad_sum.value = jax.tree.map(jnp.zeros_like, grad_sum.value)
-        # cue period: no loss, the learner only advances the model and its traces
-        brainstate.transform.for_loop(lambda x: learner(x), cue)
-
-        def report_step(x: jax.Array) -> jax.Array:
-            # the online gradient of this step's loss, from the traces; nothing is stored per step
-            grads, loss = brainstate.transform.grad(
-                lambda x: cross_entropy(learner(x), labels), params, return_value=True
-            )(x)
-            grad_sum.value = jax.tree.map(jnp.add, grad_sum.value, grads)
-            return loss
-
-        losses = brainstate.transform.for_loop(report_step, report)
-        apply(jax.tree.map(lambda g: g / report.shape[0], grad_sum.value))  # one update per batch of trials
-        return jnp.mean(losses)
+        # cue period: no loss, the learner only advances the model and its traces (one compiled loop)
+        learner.etrace_evolve(cue)
+        # report period: the online gradient of each step's loss, from the traces, accumulated in one compiled
+        # loop over time (nothing stored per step) and averaged over the report steps
+        per_step_labels = jnp.broadcast_to(labels, (report.shape[0], *labels.shape))
+        grads, loss = learner.etrace_grad(
+            report,
+            per_step_labels,
+            step_fn=report_loss,
+            weights=params,  # differentiate these ParamStates: the gradients come keyed as ``params``
+            reduction="mean",
+            loss_output="scalar",
+            return_value=True,
+        )
+        apply(grads)  # one update per batch of trials
+        return loss
 
     return brainstate.transform.jit(online_update), learner
 
