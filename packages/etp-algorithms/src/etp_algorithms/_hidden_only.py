@@ -40,8 +40,10 @@ def reach(eqns: Iterable[Any], seeds: set[Any], *, stop: set[Any], cut: set[int]
 
 
 def hidden_only_keys(graph: ETraceGraph) -> frozenset[tuple[int, str]]:
-    """``(relation index, trainable key)`` pairs whose ParamState leaves reach the outputs only through
-    their relations' position-wise ``y -> h`` maps (so the step's VJP may skip those leaves).
+    """The relation keys whose weights reach the outputs only through their relations' hidden states.
+
+    Returns ``(relation index, trainable key)`` pairs whose ParamState leaves reach the outputs only
+    through their relations' position-wise ``y -> h`` maps (so the step's VJP may skip those leaves).
 
     Every leaf of such a key is used by no other computation that reaches an output (model
     outputs or any written state), and every relation it feeds reaches only the hidden
