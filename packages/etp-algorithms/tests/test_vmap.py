@@ -33,11 +33,12 @@ NAMES = {"D_RTRL": ("d_rtrl", {}), "ES_D_RTRL": ("es_d_rtrl", {"decay_or_rank": 
 
 
 class Leaky(brainstate.nn.Module):
-    """``h' = a * tanh(h) + x W + b``, output ``h R`` (both ETP ops); hidden state from ``init_state``."""
+    """``h' = a * tanh(h) + x W + b``, output ``h R`` (both ETP ops); ``h`` from ``init_state`` (random if asked)."""
 
-    def __init__(self, seed: int = 3) -> None:
+    def __init__(self, seed: int = 3, random_start: bool = False) -> None:
         super().__init__()
         rng = np.random.default_rng(seed)
+        self.random_start = random_start
         self.w = brainstate.ParamState(
             {"weight": jnp.asarray(rng.normal(size=(I, O))), "bias": jnp.asarray(rng.normal(size=O))}
         )
@@ -45,7 +46,9 @@ class Leaky(brainstate.nn.Module):
         self.a = jnp.asarray(rng.uniform(0.5, 0.95, size=O))
 
     def init_state(self, batch_size: int | None = None, **kwargs: Any) -> None:
-        self.h = brainstate.HiddenState(jnp.zeros((O,) if batch_size is None else (batch_size, O)))
+        shape = (O,) if batch_size is None else (batch_size, O)
+        start = brainstate.random.normal(size=shape) if self.random_start else jnp.zeros(shape)
+        self.h = brainstate.HiddenState(jnp.asarray(start, jnp.float64))
 
     def update(self, x: Array) -> Array:
         self.h.value = self.a * jnp.tanh(self.h.value) + etp.matmul(x, self.w.value["weight"], self.w.value["bias"])
@@ -141,6 +144,22 @@ def test_compile_vmap_equals_compile_batched(kind: str, rng: np.random.Generator
     # the per-sample graph: the hidden state of one sample
     assert wrapped.module.graph.hidden_groups[0].varshape == (O,)
     _run_and_compare(kind, learner_b, model_b, learner_b, wrapped, model_s, wrapped.module, rng)
+
+
+@pytest.mark.parametrize("kind", list(LEARNERS))
+def test_compile_vmap_lanes_start_as_the_batched_model(kind: str, rng: np.random.Generator) -> None:
+    """Each lane starts where the batched model's init_all_states put that sample (same seed), not a copy."""
+    name, options = NAMES[kind]
+    x0 = jnp.asarray(rng.normal(size=(B, I)))
+    model_b, model_s = Leaky(random_start=True), Leaky(random_start=True)
+    learner_b = _quiet(lambda: etp_algorithms.compile(model_b, name, x0, batch_size=B, seed=7, **options))
+    wrapped = _quiet(lambda: etp_algorithms.compile(model_s, name, x0, batch_size=B, vmap=True, seed=7, **options))
+    np.testing.assert_array_equal(model_s.h.value, model_b.h.value)
+    assert float(jnp.abs(model_s.h.value[0] - model_s.h.value[1]).max()) > 1e-3
+    for _ in range(2):
+        x = jnp.asarray(rng.normal(size=(B, I)))
+        _close(wrapped(x), learner_b(x))
+        _close(model_s.h.value, model_b.h.value)
 
 
 def test_batch_size_from_the_first_call_and_under_jit(rng: np.random.Generator) -> None:

@@ -129,6 +129,13 @@ def _restore(model: brainstate.nn.Module, saved: dict[Any, tuple[brainstate.Stat
             state.value = saved[path][1]
 
 
+def _start_lanes(model: brainstate.nn.Module, lanes: dict[Any, Any]) -> None:
+    """Give each lane the initial value the batched model's ``init_all_states`` gave it (when the shapes agree)."""
+    for path, state in _all_states(model).items():
+        if path in lanes and jax.tree.map(jnp.shape, lanes[path]) == jax.tree.map(jnp.shape, state.value):
+            state.value = lanes[path]
+
+
 def _check_vmap_inputs(example_inputs: tuple[Any, ...], batch_size: int) -> None:
     for leaf in jax.tree.leaves(example_inputs):
         shape = tuple(jnp.shape(leaf))
@@ -174,10 +181,12 @@ def compile(
         compiler's warnings, ``3`` every diagnostic) and the trace memory.
     vmap : bool
         Compile a *per-sample* learner and return it wrapped for batches
-        (:class:`ETraceVmap`): the states are initialised without a batch
-        axis, the graph compiled for one sample, and the hidden states and
-        traces get a batch axis of size ``batch_size`` (required). As in
-        braintrace, ``example_inputs`` then carry the batch axis (axis 0).
+        (:class:`ETraceVmap`): the graph is compiled for one sample, and the
+        hidden states and traces get a batch axis of size ``batch_size``
+        (required), each lane starting from the value
+        ``init_all_states(model, batch_size=batch_size)`` gives it (as in the
+        batched model, with the same ``seed``). As in braintrace,
+        ``example_inputs`` then carry the batch axis (axis 0).
     **options
         Passed to the learner's constructor, e.g. ``decay_or_rank`` (required
         by ES_D_RTRL), ``vjp_method``, ``name``.
@@ -238,8 +247,12 @@ def compile(
 
     saved = _state_values(model)
     try:
+        lanes: dict[Any, Any] = {}
         with _seeded(seed):
-            brainstate.nn.init_all_states(model, batch_size=None if vmap else batch_size)
+            brainstate.nn.init_all_states(model, batch_size=batch_size)
+            if vmap:  # the batched initial values, for the lanes; then the per-sample states to compile
+                lanes = {p: s.value for p, s in _all_states(model).items() if not isinstance(s, brainstate.ParamState)}
+                brainstate.nn.init_all_states(model)
         try:
             learner = cls(model, **options)
         except TypeError as error:
@@ -253,7 +266,10 @@ def compile(
     except BaseException:
         _restore(model, saved)
         raise
-    result: ETraceAlgorithm | ETraceVmap = ETraceVmap(learner, axis_size=batch_size) if vmap else learner
+    result: ETraceAlgorithm | ETraceVmap = learner
+    if vmap:
+        result = ETraceVmap(learner, axis_size=batch_size)
+        _start_lanes(model, lanes)
     if verbose:
         print(f"{learner.report.to_str(verbose)}\nEligibility-trace memory: {learner.trace_bytes()} bytes")
     return result
