@@ -6,9 +6,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import brainstate
+import jax
+import jax.numpy as jnp
 
 __all__ = [
     "assign_state_values",
+    "inside_staging",
     "read_state_values",
     "stateful_function",
     "traced_states",
@@ -38,3 +41,12 @@ def read_state_values(state_trace: Any) -> Any:
 def assign_state_values(state_trace: Any, read_values: Any, written_values: Sequence[Any]) -> None:
     """Restore the read states and write ``written_values`` (``None`` for a read state) into the others."""
     state_trace.assign_state_vals_v2(read_values, list(written_values))
+
+
+def inside_staging() -> bool:
+    """Whether array ops are being staged (inside ``jit`` or another tracing transform), not run eagerly.
+
+    With JAX's stackless tracing, any op made now is bound to the innermost trace: a tracer under a
+    staging transform, a concrete array when nothing traces.
+    """
+    return isinstance(jnp.zeros(()), jax.core.Tracer)

@@ -27,6 +27,7 @@ gradient of step :math:`t` (exact reverse mode inside a window with
 
 from __future__ import annotations
 
+import sys
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
@@ -35,7 +36,9 @@ import brainstate
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 
+from ._compat import inside_staging
 from ._inputs import MultiStepData, SingleStepData
 
 __all__ = ["SequenceDriverMixin"]
@@ -164,6 +167,49 @@ def _flat(losses: Any, n: int, k: int) -> Any:
     return jnp.reshape(losses, (n * k, *jnp.shape(losses)[2:]))
 
 
+def _progress_windows(progress_chunk: Any, length: int, k: int | None) -> int:
+    """The steps per eagerly run chunk of ``progress=True``: ``progress_chunk`` (default ``ceil(T / 100)``),
+    rounded up to a multiple of the window length ``k``; a ValueError naming a bad value."""
+    if progress_chunk is None:
+        size = -(-length // 100)
+    elif isinstance(progress_chunk, bool) or not isinstance(progress_chunk, (int, np.integer)) or progress_chunk < 1:
+        raise ValueError(f"progress_chunk must be None or a positive int (steps per chunk), got {progress_chunk!r}.")
+    else:
+        size = int(progress_chunk)
+    return size if k is None else -(-size // k) * k
+
+
+def _refuse_progress_in_jit(method: str) -> None:
+    if inside_staging():
+        raise ValueError(
+            f"{method}(progress=True) runs the sequence eagerly, one compiled program per chunk, to update a "
+            "progress bar between chunks; it cannot do that inside jit (or another staging transform). "
+            "Drop progress=True there (the whole sequence is then one program), or call it outside jit."
+        )
+
+
+def _bar(method: str, length: int) -> Any:
+    return tqdm.tqdm(total=length, desc=method, unit="step", file=sys.stderr, leave=True, dynamic_ncols=True)
+
+
+def _slice(sequences: tuple[Any, ...], start: int, stop: int) -> tuple[Any, ...]:
+    return tuple(jax.tree.map(lambda a: a[start:stop], seq) for seq in sequences)
+
+
+def _cat(parts: list[Any], what: str) -> Any:
+    """Concatenate the chunks' stacked ``what`` along axis 0 (a ValueError, as :func:`_append`, on a mismatch)."""
+    treedef: Any = jax.tree.structure(parts[0])
+    shapes = [jnp.shape(a)[1:] for a in jax.tree.leaves(parts[0])]
+    for part in parts[1:]:
+        if jax.tree.structure(part) != treedef or [jnp.shape(a)[1:] for a in jax.tree.leaves(part)] != shapes:
+            raise ValueError(
+                f"{what} of the ragged last window differs in shape from a full window's, so the windows' "
+                f"{what} cannot be stacked; pick a chunk_size that divides T, or return {what} of a shape "
+                "independent of the window length."
+            )
+    return jax.tree.map(lambda *a: jnp.concatenate(a), *parts)
+
+
 class _Programs:
     """The jitted programs of a host (a plain holder: not part of the module's state graph)."""
 
@@ -272,6 +318,8 @@ class SequenceDriverMixin:
         loss_output: str = "per_step",
         has_aux: bool = False,
         return_value: bool = False,
+        progress: bool = False,
+        progress_chunk: int | None = None,
     ) -> Any:
         r"""Accumulated online gradients of a per-step loss over a whole sequence (one compiled program).
 
@@ -316,6 +364,15 @@ class SequenceDriverMixin:
             ``chunk_size``: leading axis :math:`\lceil T/k \rceil`).
         return_value : bool
             Also return the losses (see ``loss_output``).
+        progress : bool
+            Show a ``tqdm`` progress bar (on ``sys.stderr``) over the steps. The sequence is then
+            run eagerly in chunks of ``progress_chunk`` steps, each chunk one compiled program,
+            the states and traces carried from chunk to chunk and written after each; the gradients,
+            losses and aux equal those of one program (up to the order of the floating-point sums).
+            Refused (``ValueError``) inside ``jit``, where nothing runs eagerly: drop it there.
+        progress_chunk : int, optional
+            Steps per chunk with ``progress=True`` (default :math:`\lceil T/100 \rceil`, so at most
+            100 bar updates), rounded up to a multiple of ``chunk_size``. Ignored without ``progress``.
 
         Returns
         -------
@@ -332,7 +389,8 @@ class SequenceDriverMixin:
             No sequence, sequences of different lengths or empty; ``mask``/``weights`` not
             ``(T,)``/``(T, B)``; ``chunk_size <= 0``; ``chunk_size >= 2`` on a learner without
             ``vjp_method='multi-step'``; an unknown ``reduction``/``loss_output``; a loss of the
-            wrong shape. Nothing is changed by a failed call.
+            wrong shape; ``progress=True`` inside ``jit``, a bad ``progress_chunk``. Nothing is
+            changed by a failed call (with ``progress``, by a call failing in its first chunk).
 
         Notes
         -----
@@ -355,7 +413,50 @@ class SequenceDriverMixin:
             has_aux=has_aux,
             return_value=return_value,
         )
-        return program(*args)
+        if not progress:
+            return program(*args)
+        _refuse_progress_in_jit("etrace_grad")
+        length = _length(sequences)
+        size = _progress_windows(progress_chunk, length, _chunk(chunk_size))
+        m_arr = args[1]
+        per_step = weights is not None and not _is_state_set(weights)
+        acc: Any = None
+        total: Any = 0.0
+        losses: list[Any] = []
+        auxes: list[Any] = []
+        with _bar("etrace_grad", length) as bar:
+            for start in range(0, length, size):
+                stop = min(start + size, length)
+                out = self.etrace_grad(
+                    *_slice(sequences, start, stop),
+                    step_fn=step_fn,
+                    mask=None if mask is None else m_arr[start:stop],
+                    chunk_size=chunk_size,
+                    weights=jnp.asarray(weights)[start:stop] if per_step else weights,
+                    reduction="sum",
+                    loss_output=loss_output,
+                    has_aux=has_aux,
+                    return_value=True,
+                )
+                grads, value = out[0], out[1]
+                acc = grads if acc is None else jax.tree.map(jnp.add, acc, grads)
+                if loss_output == "scalar":
+                    total = total + value
+                else:
+                    losses.append(value)
+                if has_aux:
+                    auxes.append(out[2])
+                bar.update(stop - start)
+        if reduction == "mean":
+            denom = jnp.maximum(jnp.sum(m_arr), 1.0)
+            acc = jax.tree.map(lambda g: g / denom.astype(jnp.result_type(g)), acc)
+            total = total / denom
+        result: list[Any] = [acc]
+        if return_value:
+            result.append(total if loss_output == "scalar" else _cat(losses, "the losses"))
+        if has_aux:
+            result.append(_cat(auxes, "aux"))
+        return result[0] if len(result) == 1 else tuple(result)
 
     def _etrace_grad_program(
         self,
@@ -419,6 +520,8 @@ class SequenceDriverMixin:
         step_fn: Callable[..., Any] | None = None,
         chunk_size: int | None = None,
         return_outputs: bool = False,
+        progress: bool = False,
+        progress_chunk: int | None = None,
     ) -> Any:
         r"""Advance the hidden states and traces over a sequence, computing no gradient (one compiled program).
 
@@ -439,6 +542,9 @@ class SequenceDriverMixin:
             steps, leading axis :math:`T` (over windows with ``chunk_size``, leading axis
             :math:`\lceil T/k \rceil`, each window's outputs ``(k, ...)``; a ragged last window
             must then give outputs of a full window's shape).
+        progress, progress_chunk
+            As in :meth:`etrace_grad`: a ``tqdm`` bar on ``sys.stderr``, the sequence run eagerly
+            in chunks (each one compiled program, states carried); refused inside ``jit``.
 
         Returns
         -------
@@ -447,7 +553,7 @@ class SequenceDriverMixin:
         Raises
         ------
         TypeError, ValueError
-            As :meth:`etrace_grad` for the sequences and ``chunk_size``.
+            As :meth:`etrace_grad` for the sequences, ``chunk_size`` and ``progress``.
 
         Examples
         --------
@@ -456,6 +562,22 @@ class SequenceDriverMixin:
         k = _chunk(chunk_size)
         length = _length(sequences)
         self._seq_check_window(k, for_grad=False)
+        if progress:
+            _refuse_progress_in_jit("etrace_evolve")
+            size = _progress_windows(progress_chunk, length, k)
+            outs: list[Any] = []
+            with _bar("etrace_evolve", length) as bar:
+                for start in range(0, length, size):
+                    stop = min(start + size, length)
+                    out = self.etrace_evolve(
+                        *_slice(sequences, start, stop),
+                        step_fn=step_fn,
+                        chunk_size=chunk_size,
+                        return_outputs=return_outputs,
+                    )
+                    outs.append(out)
+                    bar.update(stop - start)
+            return _cat(outs, "the outputs") if return_outputs else None
         if step_fn is not None and not callable(step_fn):
             raise TypeError(f"step_fn must be callable or None, got {type(step_fn).__name__}.")
         if step_fn is None:
