@@ -182,7 +182,8 @@ class ETraceAlgorithm(SequenceDriverMixin, brainstate.nn.Module):
     def compile_graph(self, *args: Any) -> ETraceGraph:
         """Compile the model's step for inputs shaped like ``args`` and initialise the traces."""
         graph = self._executor.compile_graph(*args)
-        self._hidden_only = hidden_only_keys(graph)
+        # a rule given dL/dh^{t-1} returns only history terms: the VJP must hold every direct term
+        self._hidden_only = hidden_only_keys(graph) if self.rule.hidden_cotangents == "new" else frozenset()
         self._built = _BuiltSteps()
         self._recompile_on_next_call = False
         self._arg_shapes = [(tuple(jnp.shape(a)), jnp.result_type(a)) for a in jax.tree.leaves(args)]

@@ -39,6 +39,30 @@ state's path to :math:`g^t = \partial L / \partial h^t`.
     of that start state (the dependence on earlier windows).
 ``trace_of(ctx, traces, r) -> Any``
     The rule's traces of relation ``r``, for :meth:`ETraceAlgorithm.get_etrace_of`.
+
+Which hidden cotangent
+----------------------
+``hidden_cotangents='new'`` (the default, what D-RTRL and ES-D-RTRL use):
+``dL_dh`` holds :math:`g^t = \partial L/\partial h^t`, the cotangent of the
+step's *new* hidden states, and the VJP leaves out the keys of
+``ctx.hidden_only``. ``hidden_cotangents='previous'`` (for rules that carry a
+total influence :math:`M^{t-1} = \mathrm{d}h^{t-1}/\mathrm{d}W`, such as exact
+RTRL): ``dL_dh`` holds :math:`\partial L^t/\partial h^{t-1}`, the cotangent of
+the step's hidden-state *inputs* with the weights and inputs held fixed;
+``ctx.hidden_only`` is empty, so the VJP holds every direct term and the rule
+returns only the history term :math:`\partial L^t/\partial h^{t-1}\, M^{t-1}`,
+which is exact for any step.
+
+``gradient_targets='relations'`` (the default): the gradient functions return
+:data:`RelationGradients`, with respect to each relation's trainable inputs,
+pulled back through the weight transforms by the learner.
+``gradient_targets='weights'``: they return :data:`WeightGradients`, keyed by
+ParamState leaf ``(state path, leaf key path)``, added to those leaves as they
+are. Every weight leaf of the step can then learn through its history, also
+one that reaches the hidden states only through another weight (a GRU's reset
+gate) or through no ETP op at all. :func:`etp_algorithms.extend.hidden_transition`
+gives such rules the step as a function of the old hidden states and the
+relations' trainable inputs, for ``jax.jvp`` / ``jax.vjp``.
 """
 
 from __future__ import annotations
@@ -49,14 +73,16 @@ from typing import Any
 
 import jax
 
-from etp_compiler import ETraceGraph, StatePath
+from etp_compiler import ETraceGraph, StatePath, WeightLeaf
 
 from ._executor import StepValues
 
-__all__ = ["LearningRule", "RelationGradients", "RuleContext", "HiddenCotangents"]
+__all__ = ["HiddenCotangents", "LearningRule", "RelationGradients", "RuleContext", "WeightGradients"]
 
 #: ``relation index -> {trainable key: gradient w.r.t. the relation's trainable input}``.
 RelationGradients = dict[int, dict[str, jax.Array]]
+#: ``(state path, leaf key path) -> gradient`` of ParamState leaves (``gradient_targets='weights'``).
+WeightGradients = dict[WeightLeaf, jax.Array]
 #: ``hidden state path -> dL/dh`` of that state.
 HiddenCotangents = Mapping[StatePath, jax.Array]
 
@@ -85,8 +111,12 @@ class RuleContext:
 
 InitTraces = Callable[[RuleContext], Any]
 UpdateTraces = Callable[[RuleContext, Any, StepValues], tuple[Any, Any]]
-TraceGradients = Callable[[RuleContext, Any, StepValues, HiddenCotangents], RelationGradients]
+TraceGradients = Callable[[RuleContext, Any, StepValues, HiddenCotangents], RelationGradients | WeightGradients]
 TraceOf = Callable[[RuleContext, Any, int], Any]
+#: The values of :attr:`LearningRule.hidden_cotangents`.
+HIDDEN_COTANGENTS = ("new", "previous")
+#: The values of :attr:`LearningRule.gradient_targets`.
+GRADIENT_TARGETS = ("relations", "weights")
 
 
 def _whole_trace(ctx: RuleContext, traces: Any, index: int) -> Any:
@@ -95,7 +125,7 @@ def _whole_trace(ctx: RuleContext, traces: Any, index: int) -> Any:
 
 @dataclass(frozen=True)
 class LearningRule:
-    """An online learning rule: pure functions over a trace pytree (see the module docstring).
+    r"""An online learning rule: pure functions over a trace pytree (see the module docstring).
 
     Parameters
     ----------
@@ -107,6 +137,12 @@ class LearningRule:
         Multi-step windows; ``None`` if the rule has no window-start contraction.
     trace_of : callable, optional
         ``(ctx, traces, relation index) -> traces of that relation``.
+    hidden_cotangents : {'new', 'previous'}
+        What ``dL_dh`` holds (see the module docstring): :math:`\partial L/\partial h^t` of the new
+        hidden states (default), or :math:`\partial L^t/\partial h^{t-1}` of the step's hidden inputs.
+    gradient_targets : {'relations', 'weights'}
+        What the gradient functions return: :data:`RelationGradients` (default) or
+        :data:`WeightGradients` (see the module docstring).
 
     Examples
     --------
@@ -122,6 +158,8 @@ class LearningRule:
     trace_gradients: TraceGradients
     window_start_gradients: TraceGradients | None = None
     trace_of: TraceOf = _whole_trace
+    hidden_cotangents: str = "new"
+    gradient_targets: str = "relations"
 
     @property
     def supports_windows(self) -> bool:
@@ -132,6 +170,16 @@ class LearningRule:
         for field in ("init_traces", "update_traces", "trace_gradients", "trace_of"):
             if not callable(getattr(self, field)):
                 raise TypeError(f"LearningRule {self.name!r}: {field} must be callable, got {getattr(self, field)!r}.")
+        if self.hidden_cotangents not in HIDDEN_COTANGENTS:
+            raise ValueError(
+                f"LearningRule {self.name!r}: hidden_cotangents must be one of {HIDDEN_COTANGENTS}, "
+                f"got {self.hidden_cotangents!r}."
+            )
+        if self.gradient_targets not in GRADIENT_TARGETS:
+            raise ValueError(
+                f"LearningRule {self.name!r}: gradient_targets must be one of {GRADIENT_TARGETS}, "
+                f"got {self.gradient_targets!r}."
+            )
         if self.window_start_gradients is not None and not callable(self.window_start_gradients):
             raise TypeError(
                 f"LearningRule {self.name!r}: window_start_gradients must be callable or None, "

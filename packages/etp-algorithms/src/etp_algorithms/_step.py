@@ -31,7 +31,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from etp_compiler import HiddenParamOpRelation, ModuleInfo, StatePath, read_atom, run_step
+from etp_compiler import ETraceGraph, HiddenParamOpRelation, ModuleInfo, StatePath, read_atom, run_step
 
 from ._executor import KeyedValues, execute_step
 from ._rule import LearningRule, RelationGradients, RuleContext
@@ -51,6 +51,9 @@ def build_step(ctx: RuleContext, rule: LearningRule) -> Any:
         v for index, key in ctx.hidden_only for v in graph.hidden_param_op_relations[index].weight_fns[key][0].invars
     }
     keep = [[var not in skipped for var in minfo.weight_path_to_invars[p]] for p in weight_paths]
+    previous = rule.hidden_cotangents == "previous"
+    other_paths = list(minfo.other_state_paths)
+    hidden_slots = [other_paths.index(p) for p in hidden_paths]
 
     def forward(weight_vals: Any, other_vals: Any, arg_leaves: Any, traces: Any) -> tuple[Any, Any]:
         values = execute_step(graph, minfo.flatten_inputs(weight_vals, other_vals, arg_leaves))
@@ -83,9 +86,20 @@ def build_step(ctx: RuleContext, rule: LearningRule) -> Any:
             )
             return outs, KeyedValues.of(states)
 
-        avals: list[Any] = [minfo.hidden_path_to_outvar[p].aval for p in hidden_paths]
-        zeros = [jnp.zeros(a.shape, a.dtype) for a in avals]
-        _, pullback = jax.vjp(perturbed, w_diff, arg_leaves, zeros)
+        if previous:
+            # dL/dh^{t-1}: the cotangent of the step's hidden inputs, weights and inputs held fixed
+            def plain(w_sub: Any, a: Any, hidden: Any) -> Any:
+                others = list(other_vals)
+                for slot, value in zip(hidden_slots, hidden, strict=True):
+                    others[slot] = [value]
+                outs, states = minfo.read_outputs(run_step(minfo, minfo.flatten_inputs(merge(w_sub), others, a)))
+                return outs, KeyedValues.of(states)
+
+            _, pullback = jax.vjp(plain, w_diff, arg_leaves, [other_vals[slot][0] for slot in hidden_slots])
+        else:
+            avals: list[Any] = [minfo.hidden_path_to_outvar[p].aval for p in hidden_paths]
+            zeros = [jnp.zeros(a.shape, a.dtype) for a in avals]
+            _, pullback = jax.vjp(perturbed, w_diff, arg_leaves, zeros)
         g_sub, g_args, g_deltas = pullback((ct_outputs, ct_states))
         g_weights = []
         for vals, row, sub in zip(weight_vals, keep, g_sub, strict=True):
@@ -93,9 +107,7 @@ def build_step(ctx: RuleContext, rule: LearningRule) -> Any:
             g_weights.append([next(it) if k else jnp.zeros_like(v) for v, k in zip(vals, row, strict=True)])
         dL_dh = dict(zip(hidden_paths, g_deltas, strict=True))
         trace_grads = rule.trace_gradients(ctx, residual, values, dL_dh)
-        leaf_grads = _pull_back_to_leaves(
-            graph.hidden_param_op_relations, trace_grads, values.env, minfo.weight_env(weight_vals)
-        )
+        leaf_grads = _leaf_gradients(rule, graph, trace_grads, values.env, minfo.weight_env(weight_vals))
         g_weights = _add_leaf_grads(minfo, g_weights, leaf_grads)
         zero = jax.tree.map(jnp.zeros_like, (other_vals, traces))
         return g_weights, zero[0], g_args, zero[1]
@@ -158,15 +170,30 @@ def build_window(ctx: RuleContext, rule: LearningRule, steps: int) -> Any:
         dL_dh = {p: by_path[p][0] for p in hidden_paths}
         first = execute_step(graph, minfo.flatten_inputs(weight_vals, other_vals, arg_leaves[0]))
         trace_grads = window_start(ctx, traces, first, dL_dh)
-        leaf_grads = _pull_back_to_leaves(
-            graph.hidden_param_op_relations, trace_grads, first.env, minfo.weight_env(weight_vals)
-        )
+        leaf_grads = _leaf_gradients(rule, graph, trace_grads, first.env, minfo.weight_env(weight_vals))
         g_weights = _add_leaf_grads(minfo, g_weights, leaf_grads)
         zero_others = jax.tree.map(jnp.zeros_like, other_vals)
         return g_weights, zero_others, g_args, jax.tree.map(jnp.zeros_like, traces)
 
     window.defvjp(window_fwd, window_bwd)
     return window
+
+
+def _leaf_gradients(
+    rule: LearningRule, graph: ETraceGraph, grads: Any, env: Mapping[Any, Any], weight_env: dict[Any, Any]
+) -> dict[Any, jax.Array]:
+    """The rule's gradients keyed by ParamState leaf var: pulled back from the relations', or as given per leaf."""
+    if rule.gradient_targets == "relations":
+        return _pull_back_to_leaves(graph.hidden_param_op_relations, grads, env, weight_env)
+    minfo = graph.module_info
+    var_of = {leaf: var for var, leaf in minfo.invar_to_weight_path.items()}
+    unknown = [leaf for leaf in grads if leaf not in var_of]
+    if unknown:
+        raise ValueError(
+            f"{rule.name}: gradients for {unknown}, which are not ParamState leaves of the step "
+            f"(expected (state path, leaf key path) keys among {sorted(var_of, key=repr)})."
+        )
+    return {var_of[leaf]: grad for leaf, grad in grads.items()}
 
 
 def _add_leaf_grads(minfo: ModuleInfo, g_weights: Any, leaf_grads: dict[Any, jax.Array]) -> list[list[Any]]:

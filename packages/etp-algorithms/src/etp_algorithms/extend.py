@@ -40,6 +40,7 @@ from ._rule_helpers import (
     weight_shaped_batched,
 )
 from ._step import build_step, build_window
+from ._transition import TrainableKey, hidden_transition, trainable_inputs
 
 __all__ = [
     # the rule record and what its functions receive
@@ -53,6 +54,10 @@ __all__ = [
     "build_step",
     "build_window",
     "execute_step",
+    # the full transition, for rules carrying a total influence dh/dtheta
+    "hidden_transition",
+    "trainable_inputs",
+    "TrainableKey",
     # the built-in rules and their trace records
     "d_rtrl",
     "D_RTRLTrace",

@@ -27,7 +27,7 @@ from importlib.metadata import version as _distribution_version
 from ._compat import OpenJaxpr
 from ._diagnostics import CompilationRecord, DiagnosticKind, DiagnosticLevel
 from ._errors import CompilationError, NotSupportedError
-from ._eval import eval_eqns, eval_jaxpr, is_var, read_atom
+from ._eval import bind_eqn, eval_eqns, eval_jaxpr, is_var, read_atom
 from ._graph import (
     ETraceGraph,
     add_hidden_perturbation_from_module,
@@ -69,6 +69,7 @@ __all__ = [
     "StatePath",
     "WeightLeaf",
     "build_producers",
+    "bind_eqn",
     "eval_eqns",
     "eval_jaxpr",
     "is_var",
