@@ -252,3 +252,34 @@ def test_rule_options_are_checked() -> None:
         dataclasses.replace(rule, hidden_cotangents="old")
     with pytest.raises(ValueError, match=r"gradient_targets must be one of \('relations', 'weights'\), got 'leaves'"):
         dataclasses.replace(rule, gradient_targets="leaves")
+
+
+def test_trace_gradients_see_the_output_cotangents(rng: np.random.Generator) -> None:
+    """``values.output_cotangents`` in the backward pass is dL/d(outputs): a rule adding ``sum(ct)`` to every leaf
+    shifts the gradient by exactly ``sum(c)`` for the loss ``sum(c * out)``."""
+    x = jnp.asarray(rng.normal(size=(2, 3)))
+    c = jnp.asarray(rng.normal(size=(2, 4)))
+    seen: list[Any] = []
+
+    def gradients(ctx: RuleContext, M: Any, values: Any, dL_dh: Any) -> Any:
+        seen.append(values.output_cotangents)
+        total = sum(jnp.sum(ct) for ct in values.output_cotangents)
+        return {
+            leaf: jnp.full(var.aval.shape, total) for var, leaf in ctx.graph.module_info.invar_to_weight_path.items()
+        }
+
+    def nothing(ctx: RuleContext, M: Any, values: Any, dL_dh: Any) -> Any:
+        return {}
+
+    grads = []
+    for fn in (gradients, nothing):
+        model = SharedWeight()
+        brainstate.nn.init_all_states(model)
+        rule = dataclasses.replace(_exact_rtrl("weights"), trace_gradients=fn)
+        learner = ETraceAlgorithm(model, rule)
+        learner.compile_graph(x)
+        params = model.states(brainstate.ParamState)
+        grads.append(brainstate.transform.grad(lambda learner=learner: jnp.sum(c * learner(x)), params)())
+    (path,) = grads[0]
+    assert jnp.allclose(grads[0][path] - grads[1][path], jnp.sum(c), rtol=0, atol=1e-12)
+    assert len(seen) == 1 and len(seen[0]) == 1 and seen[0][0].shape == (2, 4)

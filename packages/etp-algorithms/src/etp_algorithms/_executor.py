@@ -65,7 +65,7 @@ class KeyedValues(Mapping[Any, Any]):
 
 
 class StepValues(NamedTuple):
-    """What one executed step produced.
+    r"""What one executed step produced.
 
     Attributes
     ----------
@@ -83,6 +83,11 @@ class StepValues(NamedTuple):
         ``relation index -> y``.
     env : dict
         Every variable of the step jaxpr and its value (for further queries).
+    output_cotangents : list or None
+        In a rule's ``trace_gradients`` (the backward pass): :math:`\partial L/\partial y^t_{out}`,
+        the cotangents of the flattened outputs, in :attr:`outputs` order (for rules that send
+        the learning signal by another route than :math:`(\partial y_{out}/\partial h)^\top`,
+        such as random feedback). ``None`` in the forward pass.
     """
 
     outputs: list[Any]
@@ -92,6 +97,7 @@ class StepValues(NamedTuple):
     x_values: dict[int, Any]
     y_values: dict[int, Any]
     env: KeyedValues
+    output_cotangents: list[Any] | None = None
 
 
 class ETraceGraphExecutor:

@@ -106,7 +106,7 @@ def build_step(ctx: RuleContext, rule: LearningRule) -> Any:
             it = iter(sub)
             g_weights.append([next(it) if k else jnp.zeros_like(v) for v, k in zip(vals, row, strict=True)])
         dL_dh = dict(zip(hidden_paths, g_deltas, strict=True))
-        trace_grads = rule.trace_gradients(ctx, residual, values, dL_dh)
+        trace_grads = rule.trace_gradients(ctx, residual, values._replace(output_cotangents=list(ct_outputs)), dL_dh)
         leaf_grads = _leaf_gradients(rule, graph, trace_grads, values.env, minfo.weight_env(weight_vals))
         g_weights = _add_leaf_grads(minfo, g_weights, leaf_grads)
         zero = jax.tree.map(jnp.zeros_like, (other_vals, traces))

@@ -25,7 +25,7 @@ from ._d_rtrl import D_RTRLTrace, d_rtrl
 from ._es_d_rtrl import ES_D_RTRLTrace, ES_D_RTRLTraces, es_d_rtrl
 from ._executor import KeyedValues, StepValues, execute_step
 from ._hidden_only import hidden_only_keys, reach
-from ._rule import HiddenCotangents, LearningRule, RelationGradients, RuleContext
+from ._rule import HiddenCotangents, LearningRule, RelationGradients, RuleContext, WeightGradients
 from ._rule_helpers import (
     contract_states,
     coupling,
@@ -49,6 +49,7 @@ __all__ = [
     "StepValues",
     "KeyedValues",
     "RelationGradients",
+    "WeightGradients",
     "HiddenCotangents",
     # building and running a step
     "build_step",
