@@ -216,9 +216,14 @@ def test_model_without_etp_primitive(rng: np.random.Generator) -> None:
     np.testing.assert_array_equal(model.h.value, h1)  # the failed call changed no state
     assert np.abs(h1 - h0).max() == 1.0
 
-    # built directly, a learner accepts the model: every parameter gets its instantaneous gradient
+    # built directly, a learner accepts the model, with a warning: every parameter gets its instantaneous gradient
     learner = D_RTRL(model)
-    learner.compile_graph(jnp.zeros(I))
+    with pytest.warns(etp_algorithms.NoEligibilityTraceWarning) as record:
+        learner.compile_graph(jnp.zeros(I))
+    (warned,) = [w for w in record if issubclass(w.category, etp_algorithms.NoEligibilityTraceWarning)]
+    assert str(warned.message).startswith("D_RTRL: no weight of PlainRNN gets an eligibility trace")
+    assert "matmul" in str(warned.message)
+    assert warned.filename == __file__  # points at the caller's line
     x, target = jnp.asarray(rng.normal(size=I)), jnp.asarray(rng.normal(size=K))
     h_prev = model.h.value
     params = model.states(brainstate.ParamState)

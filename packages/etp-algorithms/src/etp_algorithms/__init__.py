@@ -28,7 +28,7 @@ from ._es_d_rtrl import ES_D_RTRL, IODimVjpAlgorithm, pp_prop
 from ._executor import ETraceGraphExecutor, StepValues
 from ._inputs import MultiStepData, SingleStepData
 from ._jit_in_place import jit_in_place
-from ._learner import EligibilityTrace, ETraceAlgorithm
+from ._learner import EligibilityTrace, ETraceAlgorithm, NoEligibilityTraceWarning
 from ._rule import LearningRule
 from ._vmap import ETraceVmap
 
@@ -56,4 +56,5 @@ __all__ = [
     "registered_learners",
     "ETraceVmap",
     "CompilationReport",
+    "NoEligibilityTraceWarning",
 ]

@@ -8,6 +8,7 @@ The learners are found by name in a registry (case-insensitive): ``'d_rtrl'``
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any, cast
 
@@ -19,7 +20,7 @@ from etp_compiler import CompilationError
 
 from ._d_rtrl import D_RTRL
 from ._es_d_rtrl import ES_D_RTRL
-from ._learner import ETraceAlgorithm
+from ._learner import OPT_IN, ETraceAlgorithm, NoEligibilityTraceWarning
 from ._vmap import ETraceVmap
 
 __all__ = ["compile", "register_learner", "registered_learners"]
@@ -27,10 +28,6 @@ __all__ = ["compile", "register_learner", "registered_learners"]
 _LEARNERS: dict[str, type[ETraceAlgorithm]] = {}
 
 #: The ETP ops (and the etp_nn layers built on them) through which a weight gets an eligibility trace.
-_OPT_IN = (
-    "etp_primitives.matmul, conv, element_wise, sparse_matmul or lora_matmul (braintrace.matmul, ...), "
-    "or the etp_nn layers built on them (Linear, GRUCell, LIF + a Linear input, ...)"
-)
 
 
 def _key(name: str) -> str:
@@ -260,8 +257,10 @@ def compile(
                 f"compile: {cls.__name__}(model, **options) failed with options {sorted(options)}: {error}"
             ) from error
         sample = jax.tree.map(lambda a: a[0], example_inputs) if vmap else example_inputs
-        graph = learner.compile_graph(*sample)
-        if not graph.hidden_param_op_relations:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NoEligibilityTraceWarning)  # compile raises instead
+            graph = learner.compile_graph(*sample)
+        if learner.learns_nothing_online(graph):
             raise CompilationError(_no_trace_message(model, learner))
     except BaseException:
         _restore(model, saved)
@@ -284,6 +283,6 @@ def _no_trace_message(model: brainstate.nn.Module, learner: ETraceAlgorithm) -> 
     )
     return (
         f"compile: no weight of {type(model).__name__} gets an eligibility trace: no ETP primitive drives one of "
-        f"its hidden states{why}. A weight opts in through {_OPT_IN}. To train such a model with instantaneous "
+        f"its hidden states{why}. A weight opts in through {OPT_IN}. To train such a model with instantaneous "
         f"gradients only, build the learner directly ({learner.__class__.__name__}(model))."
     )

@@ -22,6 +22,7 @@ resets; the rule is a value.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
@@ -37,6 +38,17 @@ from ._hidden_only import hidden_only_keys
 from ._inputs import MultiStepData, SingleStepData
 from ._rule import LearningRule, RuleContext
 from ._step import build_step, build_window
+
+#: How a weight opts in to an eligibility trace (in the messages about models without one).
+OPT_IN = (
+    "etp_primitives.matmul, conv, element_wise, sparse_matmul or lora_matmul (braintrace.matmul, ...), "
+    "or the etp_nn layers built on them (Linear, GRUCell, LIF + a Linear input, ...)"
+)
+
+
+class NoEligibilityTraceWarning(UserWarning):
+    """A learner was built on a model none of whose weights gets an eligibility trace."""
+
 
 __all__ = ["ETraceAlgorithm", "EligibilityTrace"]
 
@@ -182,6 +194,14 @@ class ETraceAlgorithm(SequenceDriverMixin, brainstate.nn.Module):
     def compile_graph(self, *args: Any) -> ETraceGraph:
         """Compile the model's step for inputs shaped like ``args`` and initialise the traces."""
         graph = self._executor.compile_graph(*args)
+        if self.learns_nothing_online(graph):
+            warnings.warn(
+                f"{type(self).__name__}: no weight of {type(self.model).__name__} gets an eligibility trace (no ETP "
+                f"primitive drives one of its hidden states), so every weight learns from its instantaneous gradient "
+                f"alone. A weight opts in through {OPT_IN}.",
+                NoEligibilityTraceWarning,
+                stacklevel=2,
+            )
         # a rule given dL/dh^{t-1} returns only history terms: the VJP must hold every direct term
         self._hidden_only = hidden_only_keys(graph) if self.rule.hidden_cotangents == "new" else frozenset()
         self._built = _BuiltSteps()
@@ -189,6 +209,10 @@ class ETraceAlgorithm(SequenceDriverMixin, brainstate.nn.Module):
         self._arg_shapes = [(tuple(jnp.shape(a)), jnp.result_type(a)) for a in jax.tree.leaves(args)]
         self.init_etrace_state()
         return graph
+
+    def learns_nothing_online(self, graph: ETraceGraph) -> bool:
+        """Whether this learner's rule carries no history on ``graph``: a relation rule on a graph without relations."""
+        return self.rule.gradient_targets == "relations" and not graph.hidden_param_op_relations
 
     def init_etrace_state(self) -> None:
         """(Re)create zero traces for the compiled graph."""
