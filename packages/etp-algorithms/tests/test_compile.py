@@ -123,8 +123,9 @@ def test_compile_equals_the_learner_built_by_hand(
     if learner.vjp_method == "multi-step":  # one window of T steps
         params = learner.model.states(brainstate.ParamState)
         ref_params = reference.model.states(brainstate.ParamState)
-        got = brainstate.transform.grad(lambda x: jnp.sum((learner(x) - target) ** 2), params)(xs)
-        want = brainstate.transform.grad(lambda x: jnp.sum((reference(x) - target) ** 2), ref_params)(xs)
+        window = etp_algorithms.MultiStepData
+        got = brainstate.transform.grad(lambda x: jnp.sum((learner(window(x)) - target) ** 2), params)(xs)
+        want = brainstate.transform.grad(lambda x: jnp.sum((reference(window(x)) - target) ** 2), ref_params)(xs)
         _close(got, want)
     else:
         _close(_grads_over(learner, xs, target), _grads_over(reference, xs, target))

@@ -14,7 +14,7 @@ import saiunit as u
 from algorithms_testing import Driven, _bptt, _cases, _rel
 
 import etp_nn
-from etp_algorithms import D_RTRL, ES_D_RTRL, MultiStepData
+from etp_algorithms import D_RTRL, ES_D_RTRL, MultiStepData, SingleStepData
 
 Array = jax.Array
 
@@ -87,6 +87,38 @@ def test_window_outputs_and_errors(rng: np.random.Generator) -> None:
     assert outs.shape == (3, *h_shape)
     with pytest.raises(ValueError, match="input shapes"):
         learner(MultiStepData(jnp.ones((3, 2, 4))))
+
+
+@pytest.mark.parametrize("kind", ["D_RTRL", "ES_D_RTRL"])
+def test_a_plain_call_on_a_multi_step_learner_is_one_step(kind: str, rng: np.random.Generator) -> None:
+    """As in braintrace 0.2.8: only MultiStepData makes a window; a plain call (or SingleStepData) is one step, with the
+    gradient and traces of the single-step learner's step."""
+    op, weights, xs, leak, h_shape = _cases(rng)["mm+bias"]
+    results = []
+    for vjp_method, wrap in (("single-step", None), ("multi-step", None), ("multi-step", SingleStepData)):
+        model = Driven(op, weights, jnp.broadcast_to(leak, h_shape), h_shape)
+        learner = (
+            D_RTRL(model, vjp_method=vjp_method) if kind == "D_RTRL" else ES_D_RTRL(model, 0.6, vjp_method=vjp_method)
+        )
+        learner.compile_graph(xs[0])
+        params = model.states(brainstate.ParamState)
+        grads = None
+        for t in range(3):
+            x = xs[t] if wrap is None else wrap(xs[t])
+            g = brainstate.transform.grad(lambda x=x, learner=learner: jnp.sum(jnp.sin(learner(x))), params)()
+            grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
+        results.append((grads, learner.etrace.value, model.h.value))
+    for other in results[1:]:
+        for got, want in zip(jax.tree.leaves(other), jax.tree.leaves(results[0]), strict=True):
+            assert _rel(got, want) < 1e-12
+    model = Driven(op, weights, jnp.broadcast_to(leak, h_shape), h_shape)
+    learner = D_RTRL(model, vjp_method="multi-step")
+    learner.compile_graph(xs[0])
+    with pytest.raises(
+        ValueError, match=r"differ from the compiled .* passed as MultiStepData\(x\): a plain call is one step"
+    ):
+        learner(xs[:3])  # a window's shape, not wrapped: refused with the hint, never read as a batch
+    assert jnp.all(model.h.value == 0)
 
 
 class TwoLayer(brainstate.nn.Module):

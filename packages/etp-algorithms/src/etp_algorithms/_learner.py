@@ -82,8 +82,10 @@ class ETraceAlgorithm(SequenceDriverMixin, brainstate.nn.Module):
         :class:`ES_D_RTRL` are this class with their rule.
     name : str, optional
     vjp_method : {'single-step', 'multi-step'}
-        ``'multi-step'``: each call takes a window of steps (inputs with a leading time axis,
-        see :class:`MultiStepData`); exact reverse mode inside the window, traces across windows.
+        ``'multi-step'``: the learner also takes windows of steps, inputs wrapped in
+        :class:`MultiStepData` (a leading time axis); exact reverse mode inside the window,
+        traces across windows. A plain call is one step on either kind of learner (as in
+        braintrace 0.2.8); :class:`SingleStepData` says so explicitly.
 
     Examples
     --------
@@ -278,10 +280,18 @@ class ETraceAlgorithm(SequenceDriverMixin, brainstate.nn.Module):
         assert self._arg_shapes is not None
         given = [(tuple(jnp.shape(a)), jnp.result_type(a)) for a in jax.tree.leaves(args)]
         if [s for s, _ in given] != [s for s, _ in self._arg_shapes]:
+            window = all(
+                len(g) == len(c) + 1 and g[1:] == c for (g, _), (c, _) in zip(given, self._arg_shapes, strict=False)
+            )
+            hint = (
+                " A window of steps (a leading time axis) is passed as MultiStepData(x): a plain call is one step."
+                if window and len(given) == len(self._arg_shapes)
+                else ""
+            )
             raise ValueError(
                 f"{type(self).__name__}: input shapes {[s for s, _ in given]} differ from the compiled "
                 f"{[s for s, _ in self._arg_shapes]}; to change the batch size call reset_state(batch_size=...) "
-                "first, or compile_graph(...) with the new inputs."
+                f"first, or compile_graph(...) with the new inputs.{hint}"
             )
 
     def update(self, *args: Any) -> Any:
@@ -315,9 +325,9 @@ class ETraceAlgorithm(SequenceDriverMixin, brainstate.nn.Module):
         self.etrace.value = new_traces
 
     def _is_window(self, args: tuple[Any, ...]) -> bool:
-        if any(isinstance(a, MultiStepData) for a in args):
-            return True
-        return self.vjp_method == "multi-step" and not all(isinstance(a, SingleStepData) for a in args)
+        # as braintrace 0.2.8: a window only when asked for with MultiStepData; a plain call is one step,
+        # also on a multi-step learner (a plain array's leading axis is never taken for time)
+        return any(isinstance(a, MultiStepData) for a in args)
 
     def _update_window(self, args: tuple[Any, ...]) -> Any:
         if not self.rule.supports_windows:
