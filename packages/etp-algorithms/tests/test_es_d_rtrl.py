@@ -143,3 +143,16 @@ def test_decay_or_rank_validation() -> None:
         ES_D_RTRL(model, "fast")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="decay_or_rank"):
         ES_D_RTRL(model, True)
+    with pytest.raises(TypeError, match="decay_or_rank must be .* concrete 0-d JAX number"):
+        ES_D_RTRL(model, jnp.array([0.5, 0.6]))
+
+
+@pytest.mark.parametrize(
+    ("given", "decay"),
+    [(np.float32(0.75), 0.75), (np.float64(0.9), 0.9), (jnp.array(0.5), 0.5), (np.int64(3), 0.5), (jnp.array(3), 0.5)],
+)
+def test_numpy_and_jax_scalars_as_decay_or_rank(given: object, decay: float) -> None:
+    """NumPy and JAX scalars are the numbers they hold: an integer type is a rank, a floating type a decay."""
+    model = LeakyTanh(jnp.ones((3, 4)), 0.5, 2)
+    learner = ES_D_RTRL(model, given)
+    assert isinstance(learner.decay, float) and learner.decay == pytest.approx(decay, rel=1e-7)

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 __all__ = [
     "assign_state_values",
     "inside_staging",
+    "is_tracer",
     "read_state_values",
     "stateful_function",
     "traced_states",
@@ -50,3 +51,8 @@ def inside_staging() -> bool:
     staging transform, a concrete array when nothing traces.
     """
     return isinstance(jnp.zeros(()), jax.core.Tracer)
+
+
+def is_tracer(value: object) -> bool:
+    """Whether ``value`` is a traced (abstract) JAX value rather than a concrete one."""
+    return isinstance(value, jax.core.Tracer)

@@ -35,6 +35,7 @@ from ._executor import StepValues
 from ._learner import ETraceAlgorithm
 from ._rule import HiddenCotangents, LearningRule, RelationGradients, RuleContext
 from ._rule_helpers import (
+    as_scalar,
     contract_states,
     extra_axes,
     host_zeros,
@@ -82,18 +83,18 @@ class ES_D_RTRLTraces:
         return getattr(self, name)
 
 
-def _decay_from(decay_or_rank: float | int) -> float:
-    if isinstance(decay_or_rank, bool) or not isinstance(decay_or_rank, (int, float)):
-        raise TypeError(
-            f"ES_D_RTRL: decay_or_rank must be a float decay in (0, 1) or an int rank > 0, got {decay_or_rank!r}."
-        )
-    if isinstance(decay_or_rank, int):
-        if decay_or_rank <= 0:
-            raise ValueError(f"ES_D_RTRL: a rank must be a positive int, got {decay_or_rank}.")
-        return (decay_or_rank - 1) / (decay_or_rank + 1)
-    if not 0.0 < decay_or_rank < 1.0:
-        raise ValueError(f"ES_D_RTRL: a decay must lie in (0, 1), got {decay_or_rank}.")
-    return float(decay_or_rank)
+def _decay_from(decay_or_rank: Any) -> float:
+    try:
+        value = as_scalar(decay_or_rank, "ES_D_RTRL: decay_or_rank")
+    except TypeError as error:
+        raise TypeError(f"{error} Expected a float decay in (0, 1) or an int rank > 0.") from None
+    if isinstance(value, int):
+        if value <= 0:
+            raise ValueError(f"ES_D_RTRL: a rank must be a positive int, got {value}.")
+        return (value - 1) / (value + 1)
+    if not 0.0 < value < 1.0:
+        raise ValueError(f"ES_D_RTRL: a decay must lie in (0, 1), got {value}.")
+    return value
 
 
 def _init_traces(ctx: RuleContext) -> ES_D_RTRLTraces:
@@ -115,7 +116,7 @@ def _correction(a: float, steps: jax.Array) -> jax.Array:
     return jnp.where(steps > 0, 1.0 - jnp.power(a, steps), 1.0)
 
 
-def es_d_rtrl(decay_or_rank: float | int) -> LearningRule:
+def es_d_rtrl(decay_or_rank: Any) -> LearningRule:
     r"""The ES-D-RTRL rule with decay :math:`a` (or rank :math:`r`, :math:`a = (r-1)/(r+1)`)."""
     a = _decay_from(decay_or_rank)
 
@@ -207,7 +208,7 @@ class ES_D_RTRL(ETraceAlgorithm):
     """
 
     def __init__(
-        self, model: Any, decay_or_rank: float | int, name: str | None = None, vjp_method: str = "single-step"
+        self, model: Any, decay_or_rank: Any, name: str | None = None, vjp_method: str = "single-step"
     ) -> None:
         self.decay = _decay_from(decay_or_rank)
         super().__init__(model, es_d_rtrl(self.decay), name=name, vjp_method=vjp_method)

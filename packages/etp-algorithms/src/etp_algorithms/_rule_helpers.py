@@ -18,11 +18,13 @@ import numpy as np
 import etp_primitives as etp
 from etp_compiler import ETraceGraph, HiddenGroup, HiddenParamOpRelation, StatePath, eval_jaxpr
 
+from ._compat import is_tracer
 from ._executor import StepValues
 from ._hidden_only import reach
 from ._rule import HiddenCotangents, RuleContext
 
 __all__ = [
+    "as_scalar",
     "coupling",
     "contract_states",
     "extra_axes",
@@ -35,6 +37,36 @@ __all__ = [
     "sum_over_samples",
     "weight_shaped_batched",
 ]
+
+
+def as_scalar(value: Any, what: str) -> int | float:
+    """A hyper-parameter given as a Python, NumPy or concrete 0-d JAX number, as a Python ``int`` or ``float``.
+
+    Integer types (``int``, ``np.int64``, an integer 0-d array) give an ``int``, floating types a
+    ``float``; ``bool``, other types, arrays with more than one element and traced values raise a
+    ``TypeError`` naming ``what`` and the value.
+
+    Examples
+    --------
+    >>> import numpy as np, jax.numpy as jnp
+    >>> from etp_algorithms.extend import as_scalar
+    >>> as_scalar(np.float32(0.5), "decay"), as_scalar(np.int64(3), "rank"), as_scalar(jnp.array(0.25), "decay")
+    (0.5, 3, 0.25)
+    """
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{what} must be a number, got the bool {value!r}.")
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value)
+    if isinstance(value, (np.ndarray, jax.Array)) and not is_tracer(value):
+        if value.shape == () and (np.issubdtype(value.dtype, np.integer) or np.issubdtype(value.dtype, np.floating)):
+            array = np.asarray(value)
+            return int(array) if np.issubdtype(array.dtype, np.integer) else float(array)
+    raise TypeError(
+        f"{what} must be a Python, NumPy or concrete 0-d JAX number (not traced, not an array of several "
+        f"elements), got {value!r} of type {type(value).__name__}."
+    )
 
 
 def host_zeros(shape: Sequence[int], dtype: Any) -> jax.Array:

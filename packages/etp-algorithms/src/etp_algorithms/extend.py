@@ -27,6 +27,7 @@ from ._executor import KeyedValues, StepValues, execute_step
 from ._hidden_only import hidden_only_keys, reach
 from ._rule import HiddenCotangents, LearningRule, RelationGradients, RuleContext, WeightGradients
 from ._rule_helpers import (
+    as_scalar,
     contract_states,
     coupling,
     extra_axes,
@@ -66,6 +67,7 @@ __all__ = [
     "ES_D_RTRLTrace",
     "ES_D_RTRLTraces",
     # helpers
+    "as_scalar",
     "instantaneous_gradient",
     "relation_weights",
     "stack_states",
