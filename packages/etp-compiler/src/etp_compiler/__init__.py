@@ -22,7 +22,14 @@ from etp_primitives.versions import check_installed as _check_installed
 
 _check_installed("etp-compiler", ("jax", "brainstate", "numpy"))
 
+import sys as _sys
+import warnings as _warnings
 from importlib.metadata import version as _distribution_version
+
+import jax as _jax
+
+# brainstate 0.5 sets jax_enable_x64 to False when it is first imported: notice a user's float64 lost that way
+_x64_asked = bool(_jax.config.read("jax_enable_x64")) and "brainstate" not in _sys.modules
 
 from ._compat import OpenJaxpr
 from ._diagnostics import CompilationRecord, DiagnosticKind, DiagnosticLevel
@@ -49,7 +56,18 @@ from ._relations import (
 )
 from ._report import CompilationReport
 
-__version__ = _distribution_version("etp-compiler")  # one source: the distribution's pyproject
+__version__ = _distribution_version("etp-compiler")
+
+if _x64_asked and not _jax.config.read("jax_enable_x64"):
+    _warnings.warn(
+        "jax_enable_x64 was True before ETP was imported, and importing brainstate (which ETP uses) set it back "
+        "to False, so arrays are float32 from here on. To compute in float64, import ETP (or brainstate) "
+        "first and then call jax.config.update('jax_enable_x64', True), or use "
+        "brainstate.environ.set(precision=64).",
+        UserWarning,
+        stacklevel=2,
+    )
+# one source: the distribution's pyproject
 
 __all__ = [
     "__version__",
