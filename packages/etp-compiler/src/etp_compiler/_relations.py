@@ -33,10 +33,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from etp_primitives import ETP_X_INVAR_INDICES, ETP_Y_OUTVAR_INDICES, is_etp_primitive, require_rules, trainable_invars
+from etp_primitives.extend import ETPRuleError, check_rules
 
 from ._compat import Jaxpr, JaxprEqn, Literal, OpenJaxpr, Var, aval_shape, new_jaxpr
 from ._diagnostics import CompilationRecord, DiagnosticKind, DiagnosticLevel
 from ._elementwise import is_positionwise
+from ._errors import CompilationError
 from ._eval import eval_jaxpr, is_var
 from ._hidden_groups import HiddenGroup, slice_between
 from ._jaxpr_walk import CONTROL_FLOW_PRIMITIVES, contains_etp, forward_labels, is_trainable_etp, sub_jaxprs
@@ -469,6 +471,18 @@ def _included_record(
     )
 
 
+def _check_site_rules(site: _OpSite, weights: _Weights, groups: Sequence[HiddenGroup]) -> None:
+    """The primitive's rules on this equation's shapes (a custom rule's mistake named here, not inside a learner)."""
+    for num_state in sorted({g.num_state for g in groups}):
+        try:
+            check_rules(site.primitive, site.x_var, site.y_var, weights.trainable_vars, site.eqn.params, num_state)
+        except ETPRuleError as error:
+            raise CompilationError(
+                f"{error} (the equation of weight {weights.weight_path}, feeding hidden groups of {num_state} "
+                "state(s); the rule contract is in etp_primitives.extend)"
+            ) from error
+
+
 def _relation_items(facts: _StepFacts, site: _OpSite) -> list[RelationItem]:
     """One ETP equation through the stages: its relation and records, or the records of its exclusion."""
     weights = _resolve_weights(facts, site)
@@ -490,6 +504,7 @@ def _relation_items(facts: _StepFacts, site: _OpSite) -> list[RelationItem]:
     if bounded is not None:
         items.append(bounded)
     items.append(_included_record(site, weights, groups, kept, classification))
+    _check_site_rules(site, weights, groups)
     items.append(
         HiddenParamOpRelation(
             primitive=site.primitive,

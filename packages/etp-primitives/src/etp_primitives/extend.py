@@ -20,6 +20,9 @@ primitive or a learning rule reads the primitive table through this module:
   :func:`drtrl_seed`, :func:`drtrl_grad`, :func:`pairwise_sum`,
   :func:`sum_leading_axes`, :func:`aval_of`, :func:`init_pp_like_output`,
   :func:`derive_xy_to_dw`, :data:`RULE_NAMES`, :data:`RULE_ALIASES`;
+* **checks**: :func:`check_rules` evaluates a primitive's rules abstractly on one
+  equation's shapes (the compiler runs it on every relation) and raises
+  :class:`ETPRuleError` naming the rule that breaks the contract;
 * **registration** (also at the top level): :func:`register_primitive`,
   :func:`register_primitive_spec`, :func:`unregister_primitive`,
   :func:`set_batching_rule`, :class:`ETPPrimitive`, :class:`ETPPrimitiveSpec`.
@@ -144,6 +147,7 @@ from ._registry import (
     is_etp_primitive,
     is_gradient_enabled_primitive,
 )
+from ._rule_check import ETPRuleError, check_rules
 from ._spec import RULE_ALIASES, ETPPrimitiveSpec
 from ._trace import (
     OPTIONAL_RULE_NAMES,
@@ -197,6 +201,9 @@ __all__ = [
     "aval_of",
     "init_pp_like_output",
     "derive_xy_to_dw",
+    # checking a primitive's rules on an equation's shapes
+    "check_rules",
+    "ETPRuleError",
     # registration
     "ETPPrimitive",
     "register_primitive",
