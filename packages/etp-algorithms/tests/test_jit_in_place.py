@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import brainstate
 import jax
@@ -109,3 +110,38 @@ def test_a_step_that_fails_to_trace_changes_nothing() -> None:
         step(jnp.ones(4))  # (3,) + (4,) does not broadcast
     assert counter.value is before and not before.is_deleted()
     np.testing.assert_array_equal(step(jnp.ones(3)), [1.0, 2.0, 3.0])
+
+
+def test_static_arguments_as_in_jax_jit() -> None:
+    """A Python loop length (positional) and a mode (keyword) as static arguments: each value is its own program,
+    and the states end as under brainstate.transform.jit with the same static arguments."""
+    ours, theirs = brainstate.State(jnp.zeros(3)), brainstate.State(jnp.zeros(3))
+    traced = []
+
+    def make(state: brainstate.State) -> Any:
+        def step(x: Array, times: int, mode: str = "add") -> Array:
+            traced.append((times, mode))
+            for _ in range(times):
+                state.value = state.value + x if mode == "add" else state.value * x
+            return state.value.sum()
+
+        return step
+
+    fast = jit_in_place(make(ours), static_argnums=1, static_argnames="mode")
+    slow = brainstate.transform.jit(make(theirs), static_argnums=1, static_argnames="mode")
+    for times, mode in [(2, "add"), (3, "add"), (2, "mul"), (2, "add")]:
+        x = jnp.asarray([1.0, 2.0, 0.5])
+        np.testing.assert_array_equal(fast(x, times, mode=mode), slow(x, times, mode=mode))
+        np.testing.assert_array_equal(ours.value, theirs.value)
+    assert sorted(set(traced)) == [(2, "add"), (2, "mul"), (3, "add")]
+    assert len(traced) == 6  # three programs each, the repeated (2, "add") not traced again
+    decorated = jit_in_place(static_argnums=(1,), static_argnames=("mode",))(make(brainstate.State(jnp.zeros(3))))
+    assert float(decorated(jnp.ones(3), 1, mode="add")) == 3.0  # the decorator form
+    for bad, message in [
+        (dict(static_argnums="1"), "static_argnums must be ints"),
+        (dict(static_argnums=(True,)), "static_argnums must be ints"),
+        (dict(static_argnums=-1), "non-negative"),
+        (dict(static_argnames=(1,)), "static_argnames must be strs"),
+    ]:
+        with pytest.raises(TypeError, match=message):
+            jit_in_place(make(brainstate.State(jnp.zeros(3))), **bad)  # type: ignore[arg-type]

@@ -22,9 +22,13 @@ __all__ = [
 # brainstate's state tracing, as jit_in_place uses it (the same API on brainstate 0.5.4 and 0.6).
 
 
-def stateful_function(fun: Callable[..., Any], name: str) -> Any:
+def stateful_function(
+    fun: Callable[..., Any], name: str, static_argnums: tuple[int, ...] = (), static_argnames: tuple[str, ...] = ()
+) -> Any:
     """A ``brainstate.transform.StatefulFunction`` returning only the states it writes."""
-    return brainstate.transform.StatefulFunction(fun, name=name, return_only_write=True)
+    return brainstate.transform.StatefulFunction(
+        fun, name=name, return_only_write=True, static_argnums=static_argnums, static_argnames=static_argnames
+    )
 
 
 def traced_states(stateful: Any, *args: Any, **kwargs: Any) -> tuple[Any, tuple[bool, ...], list[Any]]:

@@ -34,7 +34,12 @@ def _undonated_copies(written: Sequence[Any], others: Sequence[Any]) -> tuple[An
     return tuple(jax.tree.map(fresh, value) for value in written)
 
 
-def jit_in_place(fun: Callable[..., Out]) -> Callable[..., Out]:
+def jit_in_place(
+    fun: Callable[..., Out] | None = None,
+    *,
+    static_argnums: int | Sequence[int] = (),
+    static_argnames: str | Sequence[str] = (),
+) -> Any:
     r"""Like :func:`brainstate.transform.jit`, but the states the step writes are donated to XLA.
 
     An online learner's traces are read and rewritten at every step. Called step by step
@@ -50,15 +55,25 @@ def jit_in_place(fun: Callable[..., Out]) -> Callable[..., Out]:
 
     Parameters
     ----------
-    fun : callable
-        The step, reading and writing :class:`brainstate.State` objects; positional and
-        keyword array arguments (no static arguments).
+    fun : callable, optional
+        The step, reading and writing :class:`brainstate.State` objects. Without it,
+        ``jit_in_place(static_argnums=...)`` returns the decorator.
+    static_argnums, static_argnames : int, str or sequences of them
+        As in :func:`jax.jit`: arguments that are Python values (a number of sub-steps, a
+        mode string), hashed into the compilation key rather than traced; each new value
+        compiles the step again. Every other argument is traced (a Python number there
+        becomes a traced scalar, so it cannot set a shape or a loop length).
 
     Returns
     -------
     callable
         ``fun`` jitted; same arguments and outputs, same state updates as
         :func:`brainstate.transform.jit`.
+
+    Raises
+    ------
+    TypeError
+        A static argument index that is not an int, or a name that is not a str.
 
     Notes
     -----
@@ -78,8 +93,25 @@ def jit_in_place(fun: Callable[..., Out]) -> Callable[..., Out]:
     ...     return counter.value.sum()
     >>> float(step(jnp.ones(3))), float(step(jnp.ones(3)))
     (3.0, 6.0)
+    >>> @etp_algorithms.jit_in_place(static_argnums=1)
+    ... def repeat(x, times):
+    ...     for _ in range(times):  # a Python loop: times must be static
+    ...         counter.value = counter.value + x
+    ...     return counter.value.sum()
+    >>> float(repeat(jnp.ones(3), 2))
+    12.0
     """
-    stateful = stateful_function(fun, "jit_in_place")
+    nums = (static_argnums,) if isinstance(static_argnums, int) else tuple(static_argnums)
+    names = (static_argnames,) if isinstance(static_argnames, str) else tuple(static_argnames)
+    if any(isinstance(n, bool) or not isinstance(n, int) for n in nums):
+        raise TypeError(f"jit_in_place: static_argnums must be ints, got {static_argnums!r}.")
+    if any(not isinstance(n, str) for n in names):
+        raise TypeError(f"jit_in_place: static_argnames must be strs, got {static_argnames!r}.")
+    if fun is None:
+        return functools.partial(jit_in_place, static_argnums=nums, static_argnames=names)
+    if any(n < 0 for n in nums):
+        raise TypeError(f"jit_in_place: static_argnums must be non-negative positions, got {static_argnums!r}.")
+    stateful = stateful_function(fun, "jit_in_place", static_argnums=nums, static_argnames=names)
 
     def run(written_values: Any, read_values: Any, written: tuple[bool, ...], *args: Any, **kwargs: Any) -> Any:
         written_iter, read_iter = iter(written_values), iter(read_values)
@@ -87,7 +119,8 @@ def jit_in_place(fun: Callable[..., Out]) -> Callable[..., Out]:
         new_values, out = stateful.jaxpr_call(state_values, *args, **kwargs)
         return tuple(value for value, flag in zip(new_values, written, strict=True) if flag), out
 
-    compiled = jax.jit(run, static_argnums=2, donate_argnums=0)
+    # run's own leading arguments: the written and read state values, the static written flags
+    compiled = jax.jit(run, static_argnums=(2, *(3 + n for n in nums)), static_argnames=names, donate_argnums=0)
 
     @functools.wraps(fun)
     def call(*args: Any, **kwargs: Any) -> Any:
