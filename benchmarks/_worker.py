@@ -216,6 +216,83 @@ def dot_throughput(spec: dict[str, Any]) -> dict[str, Any]:
     return {"flops_per_s": max(per_shape.values()), "flops_per_s_by_shape": per_shape}
 
 
+def _xla_memory(program: Any, args: tuple[Any, ...]) -> dict[str, int]:
+    """XLA's memory analysis of a jitted program for ``args`` (arguments + outputs + temporaries - aliased)."""
+    analysis = program.compile(*args).memory_analysis()
+    fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "alias_size_in_bytes")
+    result = {name: int(getattr(analysis, name)) for name in fields}
+    result["xla_total_bytes"] = (
+        result["argument_size_in_bytes"]
+        + result["output_size_in_bytes"]
+        + result["temp_size_in_bytes"]
+        - result["alias_size_in_bytes"]
+    )
+    return result
+
+
+def _sequence_setup(spec: dict[str, Any]) -> tuple[Any, Any, tuple[Any, Any]]:
+    model, method, batch, n_in, hidden = spec["model"], spec["method"], spec["batch"], spec["n_in"], spec["hidden"]
+    net = work.build(model, batch, n_in, hidden)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        learner = work.compile_learner(method, net, batch, n_in)
+    return net, learner, work.sequence_data(spec["steps"], batch, n_in)
+
+
+def sequence_grad(spec: dict[str, Any]) -> dict[str, Any]:
+    """ms per whole sequence of ``spec["program"]`` (see ``_workloads.make_sequence_program``): two
+    warm-up calls, then the median of the repeats; XLA's memory analysis of its compiled program.
+    ``spec["jit"] == "in_place"`` (this project only) jits it with ``braintrace.jit_in_place``."""
+    net, learner, args = _sequence_setup(spec)
+    if not hasattr(learner, "etrace_grad") and spec["program"] != "hand_loop":
+        return {"unavailable": f"braintrace {getattr(braintrace, '__version__', '?')} has no etrace_grad"}
+    in_place = spec.get("jit") == "in_place"
+    program = work.make_sequence_program(
+        spec["program"], learner, net, jit=braintrace.jit_in_place if in_place else None
+    )
+    result: dict[str, Any] = {"trace_bytes": _trace_bytes(learner)}
+    for name in ("first_call_s", "second_call_s"):  # the peer's jitted programs compile again on the second call
+        start = time.perf_counter()
+        _block(program(*args))
+        result[name] = time.perf_counter() - start
+    times = []
+    for _ in range(spec["repeats"]):
+        start = time.perf_counter()
+        _block(program(*args))
+        times.append(time.perf_counter() - start)
+    result["ms_per_sequence"] = 1e3 * statistics.median(times)
+    result["ms_per_sequence_min"] = 1e3 * min(times)
+    result["ms_per_sequence_all"] = [1e3 * t for t in times]
+    if spec["program"] != "etrace_grad_direct":
+        # jit_in_place has no .compile: the memory of the same function under brainstate's jit
+        # (donation changes only what is aliased)
+        same = program if not in_place else work.make_sequence_program(spec["program"], learner, net)
+        result["memory"] = _xla_memory(same, args)
+    return result
+
+
+def sequence_grad_check(spec: dict[str, Any]) -> dict[str, Any]:
+    """The summed gradients of ``etrace_grad`` and of the hand loop, each from a freshly built
+    model and learner (the same seed, the same data): their largest relative difference per leaf
+    (``||a - b|| / ||b||``) and the largest gradient norm."""
+    grads = {}
+    for program in ("etrace_grad", "hand_loop"):
+        net, learner, args = _sequence_setup(spec)
+        if not hasattr(learner, "etrace_grad"):
+            return {"unavailable": f"braintrace {getattr(braintrace, '__version__', '?')} has no etrace_grad"}
+        grads[program] = work.make_sequence_program(program, learner, net)(*args)
+    errors, norms = {}, {}
+    for path, value in grads["hand_loop"].items():
+        ours = jax.tree.leaves(grads["etrace_grad"][path])
+        for (leaf_path, b), a in zip(jax.tree_util.tree_leaves_with_path(value), ours, strict=True):
+            norm_b = float(jnp.linalg.norm(b.ravel()))
+            diff = float(jnp.linalg.norm((a - b).ravel()))
+            key = ".".join(map(str, path)) + jax.tree_util.keystr(leaf_path)
+            errors[key] = diff / norm_b if norm_b > 0 else diff
+            norms[key] = norm_b
+    return {"rel_error": errors, "max_rel_error": max(errors.values()), "grad_norm": norms}
+
+
 KINDS = {
     "step_time": step_time,
     "compile_time": compile_time,
@@ -224,6 +301,8 @@ KINDS = {
     "memory": memory,
     "copy_bandwidth": copy_bandwidth,
     "dot_throughput": dot_throughput,
+    "sequence_grad": sequence_grad,
+    "sequence_grad_check": sequence_grad_check,
 }
 
 

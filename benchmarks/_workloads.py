@@ -155,3 +155,49 @@ def make_program(
         k1, k2 = jax.random.split(jax.random.PRNGKey(0))
         args = ((jax.random.normal(k1, (steps, batch, n_in)), jax.random.normal(k2, (steps, batch, N_OUT))),)
     return brainstate.transform.jit(step_time), args, learner
+
+
+def compile_learner(method: str, net: brainstate.nn.Module, batch: int, n_in: int) -> Any:
+    """``braintrace.compile`` of the learner (states initialised for ``batch``, graph compiled)."""
+    options = {"decay_or_rank": ES_DECAY} if method == "es_d_rtrl" else {}
+    return braintrace.compile(net, method, jnp.zeros((batch, n_in)), batch_size=batch, seed=0, **options)
+
+
+def sequence_data(steps: int, batch: int, n_in: int) -> tuple[Any, Any]:
+    """Time-major inputs ``(steps, batch, n_in)`` and targets ``(steps, batch, N_OUT)``."""
+    kx, ky = jax.random.split(jax.random.PRNGKey(0))
+    return jax.random.normal(kx, (steps, batch, n_in)), jax.random.normal(ky, (steps, batch, N_OUT))
+
+
+def make_sequence_program(program: str, learner: Any, net: brainstate.nn.Module, jit: Any = None) -> Any:
+    """A function of ``(xs, ys)`` returning the summed online gradients of the steps' losses.
+
+    ``etrace_grad``: the learner's sequence driver (``reduction='sum'``), jitted by ``jit``
+    (default ``brainstate.transform.jit``); ``etrace_grad_direct``: the driver called as is (no
+    outer jit; ours compiles and caches one program itself); ``hand_loop``: a ``scan`` over the
+    steps taking each step's gradient through the learner and summing, jitted by ``jit``.
+    """
+    params = net.states(brainstate.ParamState)
+    jit = brainstate.transform.jit if jit is None else jit
+
+    def step_loss(x: Any, y: Any) -> Any:
+        return _loss(learner(x), y)
+
+    def driver(xs: Any, ys: Any) -> Any:
+        return learner.etrace_grad(xs, ys, step_fn=step_loss, weights=params, reduction="sum")
+
+    def hand_loop(xs: Any, ys: Any) -> Any:
+        def body(total: Any, xy: Any) -> tuple[Any, None]:
+            grads = brainstate.transform.grad(step_loss, params)(*xy)
+            return jax.tree.map(jnp.add, total, grads), None
+
+        zeros = jax.tree.map(jnp.zeros_like, {path: state.value for path, state in params.items()})
+        return brainstate.transform.scan(body, zeros, (xs, ys))[0]
+
+    if program == "etrace_grad":
+        return jit(driver)
+    if program == "etrace_grad_direct":
+        return driver
+    if program == "hand_loop":
+        return jit(hand_loop)
+    raise ValueError(program)

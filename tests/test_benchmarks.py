@@ -94,3 +94,38 @@ def test_performance_benchmark_quick_run(tmp_path: Path) -> None:
     assert all(r["total_s"] == r["compile_graph_s"] + r["first_step_s"] > 0 for r in compile_rows.values())
     for name in ("step_time.png", "memory.png"):
         assert (tmp_path / name).stat().st_size > 1000
+
+
+def test_etrace_grad_benchmark_quick_run(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "etrace_grad.py"), "--quick", "--no-peer", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "ms per sequence of T=10 steps" in proc.stdout
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["stack"]["python"] == platform.python_version() and results["stack"]["peer"] is None
+    rows = results["rows"]
+    configs = {(m, method) for m in ("gru", "lif") for method in ("d_rtrl", "es_d_rtrl")}
+    programs = {("etrace_grad", "brainstate"), ("hand_loop", "in_place"), ("etrace_grad_direct", "none")}
+    assert {(r["model"], r["method"], r["program"], r["jit"]) for r in rows} == {
+        (*config, *program) for config in configs for program in programs
+    }
+    assert all(r["library"] == "etp" and r["ms_per_sequence"] > 0 for r in rows), rows
+    for row in rows:
+        if row["program"] != "etrace_grad_direct":
+            assert row["memory"]["xla_total_bytes"] > 0
+        # the sequence's inputs and targets (10 x 4 x (8 + 10) float32) are arguments of the program
+        if "memory" in row:
+            assert row["memory"]["argument_size_in_bytes"] >= 10 * 4 * (8 + 10) * 4
+    # the driver and the hand loop compute the same gradients, of every parameter
+    checks = results["grad_check"]
+    assert {(c["model"], c["method"]) for c in checks} == configs
+    for check in checks:
+        assert check["max_rel_error"] < 1e-4, check
+        # the GRU gives every parameter a gradient (the LIF network's spike-driven ones can be zero here)
+        if check["model"] == "gru":
+            assert len(check["grad_norm"]) == 8 and all(norm > 0 for norm in check["grad_norm"].values()), check
