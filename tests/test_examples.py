@@ -109,3 +109,70 @@ def test_forgetting_d_rtrl_quick() -> None:
     last = {name: float(row[2]) for name, row in rows.items()}
     assert all(last[name] < first[name] for name in rows), rows
     assert last["D_RTRL"] < last["forgetting 0.0"], rows
+
+
+def _json(path: Path) -> dict:
+    import json
+
+    assert path.is_file(), f"{path} was not written"
+    return json.loads(path.read_text())
+
+
+def test_digits_rnn_quick(tmp_path: Path) -> None:
+    """The real-data RNN example: every learner registered here gets a row, a held-out accuracy and its curves."""
+    stdout = _run("digits_rnn.py", "--out", str(tmp_path))
+    data = _json(tmp_path / "digits_rnn_rows.json")
+    names = [r["name"] for r in data["results"]]
+    assert names[:3] == ["BPTT", "D_RTRL", "ES_D_RTRL"]
+    for r in data["results"]:
+        cells = _table_row(stdout, r["name"])
+        assert cells[1] == f"{r['test_acc']:.1%}" and 0.0 <= r["test_acc"] <= 1.0
+        assert len(r["curve_test_acc"]) == data["meta"]["epochs"] and r["curve_test_acc"][-1] == r["test_acc"]
+        assert (r["trace_bytes"] is None) == (r["name"] == "BPTT")
+    _assert_png(tmp_path / "digits_rnn_rows.png")
+
+
+def test_digits_snn_quick(tmp_path: Path) -> None:
+    stdout = _run("digits_snn.py", "--out", str(tmp_path))
+    data = _json(tmp_path / "digits_snn.json")
+    assert data["meta"]["model"] == "recurrent ALIF" and data["meta"]["steps"] == 12
+    for r in data["results"]:
+        assert _table_row(stdout, r["name"])[1] == f"{r['test_acc']:.1%}"
+    assert {"BPTT", "ES_D_RTRL", "D_RTRL"} <= {r["name"] for r in data["results"]}
+    _assert_png(tmp_path / "digits_snn.png")
+
+
+def test_copy_task_quick(tmp_path: Path) -> None:
+    """Delayed recall at two delays: an online learner's trace memory is the same at both (it does not grow with T)."""
+    stdout = _run("copy_task.py", "--out", str(tmp_path))
+    data = _json(tmp_path / "copy_task.json")
+    assert data["meta"]["delays"] == [1, 3]
+    short, long = data["results"]["1"], data["results"]["3"]
+    assert [r["name"] for r in short] == [r["name"] for r in long]
+    for a, b in zip(short, long):
+        assert a["trace_bytes"] == b["trace_bytes"]
+        assert _table_row(stdout, a["name"])[1:3] == [f"{a['test_acc']:.1%}", f"{b['test_acc']:.1%}"]
+    assert any(r["trace_bytes"] for r in short)
+    _assert_png(tmp_path / "copy_task.png")
+
+
+def test_learner_guide_is_written_from_the_examples_json(tmp_path: Path) -> None:
+    """The guide's table holds every learner of the examples' JSON, with the accuracies they recorded."""
+    import json
+
+    _run("digits_rnn.py", "--out", str(tmp_path))
+    _run("copy_task.py", "--out", str(tmp_path))
+    page = tmp_path / "guide.md"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "learner_guide.py"), "--results", str(tmp_path), "--out", str(page)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    text = page.read_text()
+    digits = json.loads((tmp_path / "digits_rnn_rows.json").read_text())["results"]
+    for r in digits:
+        row = next(line for line in text.splitlines() if line.startswith(f"| {r['name']} |"))
+        assert f"{r['test_acc']:.1%}" in row
+    assert "delayed recall (GRU), delay 3" in text and "## Which learner to pick" in text
