@@ -18,7 +18,7 @@ from algorithms_testing import _rel
 from test_multi_step import TwoLayer, _bptt_of
 
 import etp_nn
-from etp_algorithms import MultiStepData
+from etp_algorithms import ETraceVmap, MultiStepData
 from etp_algorithms._rtrl import RTRL
 from etp_compiler import CompilationError
 
@@ -190,3 +190,27 @@ def test_bad_limits_are_named(bad: Any) -> None:
         (TypeError, ValueError), match=rf"RTRL: max_influence_bytes must be a positive int, got {bad!r}"
     ):
         RTRL(cell, max_influence_bytes=bad)
+
+
+def test_a_vmapped_per_sample_rtrl_equals_bptt(rng: np.random.Generator) -> None:
+    """ETraceVmap: one sample's learner run over a batch of 2 gives the batched model's BPTT gradient."""
+    xs = jnp.asarray(rng.normal(size=(4, 2, 3)))
+    target = jnp.asarray(rng.normal(size=(4, 2, 4)))
+    brainstate.random.seed(7)
+    batched = etp_nn.GRUCell(3, 4)
+    brainstate.nn.init_all_states(batched, batch_size=2)
+    want = _bptt_of(batched, xs, target)
+    brainstate.random.seed(7)
+    single = etp_nn.GRUCell(3, 4)
+    brainstate.nn.init_all_states(single)
+    learner = RTRL(single)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        learner.compile_graph(xs[0, 0])
+        wrapped = ETraceVmap(learner, axis_size=2)
+    params = single.states(brainstate.ParamState)
+    total = None
+    for t in range(4):
+        g = brainstate.transform.grad(lambda t=t: jnp.sum((wrapped(xs[t]) - target[t]) ** 2), params)()
+        total = g if total is None else jax.tree.map(jnp.add, total, g)
+    _assert_equal(total, want, 1e-10)

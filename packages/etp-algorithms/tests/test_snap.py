@@ -20,7 +20,7 @@ from test_multi_step import _bptt_of
 
 import etp_nn
 import etp_primitives as etp
-from etp_algorithms import D_RTRL, MultiStepData
+from etp_algorithms import D_RTRL, ETraceVmap, MultiStepData
 from etp_algorithms._snap import SnAp
 from etp_algorithms.extend import execute_step
 
@@ -229,3 +229,28 @@ def test_a_too_large_dense_influence_is_refused(rng: np.random.Generator) -> Non
         ValueError, match=rf"VanillaRNNCell, which each step computes before masking, would take {size}"
     ):
         _learner(cell, xs, n=1, max_influence_bytes=size - 1)
+
+
+@pytest.mark.parametrize("n", [1, 4])
+def test_a_vmapped_per_sample_snap_equals_the_batched_one(n: int, rng: np.random.Generator) -> None:
+    """ETraceVmap of one sample's SnAp gives the batched learner's gradients (the pattern is per sample)."""
+    xs, target = jnp.asarray(rng.normal(size=(4, 2, 3))), jnp.asarray(rng.normal(size=(4, 2, 4)))
+    grads = []
+    for vmapped in (False, True):
+        brainstate.random.seed(3)
+        cell = etp_nn.VanillaRNNCell(3, 4, activation="tanh")
+        brainstate.nn.init_all_states(cell, batch_size=None if vmapped else 2)
+        learner = _learner(cell, xs[:, 0] if vmapped else xs, n=n)
+        call = ETraceVmap(learner, axis_size=2) if vmapped else learner
+        params = cell.states(brainstate.ParamState)
+        total = None
+        for t in range(4):
+            g = brainstate.transform.grad(lambda t=t, call=call: jnp.sum((call(xs[t]) - target[t]) ** 2), params)()
+            total = g if total is None else jax.tree.map(jnp.add, total, g)
+        grads.append(total)
+    assert max(_errors(grads[1], grads[0])) < 1e-10
+    if n == 4:  # and the full pattern is exact
+        brainstate.random.seed(3)
+        cell = etp_nn.VanillaRNNCell(3, 4, activation="tanh")
+        brainstate.nn.init_all_states(cell, batch_size=2)
+        assert max(_errors(grads[1], _bptt_of(cell, xs, target))) < 1e-10
