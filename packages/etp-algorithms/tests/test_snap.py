@@ -254,3 +254,19 @@ def test_a_vmapped_per_sample_snap_equals_the_batched_one(n: int, rng: np.random
         cell = etp_nn.VanillaRNNCell(3, 4, activation="tanh")
         brainstate.nn.init_all_states(cell, batch_size=2)
         assert max(_errors(grads[1], _bptt_of(cell, xs, target))) < 1e-10
+
+
+def test_snap_float32_is_close_to_float64(rng: np.random.Generator) -> None:
+    model, xs, target = _ring_data(rng)
+    start = {path: state.value for path, state in model.states().items()}
+    got64 = _online(_learner(model, xs, n=2), xs, target)
+    for path, state in model.states().items():  # the same start, in float32
+        state.value = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), start[path])
+    model.c = model.c.astype(jnp.float32)
+    x32, y32 = xs.astype(jnp.float32), target.astype(jnp.float32)
+    learner = _learner(model, x32, n=2)
+    assert all(v.dtype == jnp.float32 for row in learner.etrace.value.values for v in row)
+    got32 = _online(learner, x32, y32)
+    a, b = got32[("w",)]["weight"], got64[("w",)]["weight"]
+    assert a.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(a)))
+    assert _rel(a, b) < 1e-4
