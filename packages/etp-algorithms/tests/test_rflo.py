@@ -19,7 +19,7 @@ import pytest
 from algorithms_testing import _rel
 
 import etp_primitives as etp
-from etp_algorithms import D_RTRL, ETraceAlgorithm
+from etp_algorithms import D_RTRL, ETraceAlgorithm, MultiStepData
 from etp_algorithms import compile as etp_compile
 from etp_algorithms._rflo import RFLO, feedback_layout, rflo
 from etp_compiler import CompilationError, NotSupportedError
@@ -243,6 +243,51 @@ def test_a_copy_task_trained_online_cuts_the_loss() -> None:
         losses.append(float(jnp.mean(loss)))
     first, last = np.mean(losses[:5]), np.mean(losses[-5:])
     assert np.isfinite(last) and first / last >= 3.0, (first, last)
+
+
+def test_symmetric_feedback_runs_multi_step_windows_as_d_rtrl() -> None:
+    xs, ys = _data(9)
+
+    def windows(learner: ETraceAlgorithm) -> Any:
+        learner.compile_graph(xs[0])
+
+        def loss(x: Any, y: Array) -> Array:
+            return 0.5 * jnp.sum((learner(x) - y) ** 2, axis=(1, 2))
+
+        return learner.etrace_grad(
+            xs, ys, step_fn=lambda x, y: loss(MultiStepData(x), y), chunk_size=3, reduction="sum"
+        )
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = windows(RFLO(_model(), feedback="symmetric", vjp_method="multi-step"))
+        want = windows(D_RTRL(_model(), vjp_method="multi-step"))
+    for path in want:
+        for a, b in zip(jax.tree.leaves(got[path]), jax.tree.leaves(want[path]), strict=True):
+            assert _rel(a, b) < 1e-10, path
+
+
+class Mixing(brainstate.nn.Module):
+    """The op's output reaches the hidden states through a mixing matrix: not position-wise."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = brainstate.ParamState(jnp.full((I, 4), 0.3))
+        self.m = jnp.asarray(np.random.default_rng(0).normal(size=(4, 4)))
+        self.h = brainstate.HiddenState(jnp.zeros((B, 4)))
+
+    def update(self, x: Array) -> Array:
+        self.h.value = 0.5 * self.h.value + jnp.tanh(etp.matmul(x, self.w.value)) @ self.m
+        return self.h.value
+
+
+def test_a_weight_whose_true_step_term_is_removed_approximately_is_named_at_compile() -> None:
+    with pytest.warns(UserWarning, match=r"RFLO: the step's VJP differentiates the weights \['w.weight'\]"):
+        RFLO(Mixing()).compile_graph(jnp.ones((B, I)))
+    with warnings.catch_warnings():  # symmetric feedback is D-RTRL: nothing to say
+        warnings.simplefilter("error", UserWarning)
+        warnings.filterwarnings("ignore", message=".*mixes positions")
+        RFLO(Mixing(), feedback="symmetric").compile_graph(jnp.ones((B, I)))
 
 
 class BatchReduced(brainstate.nn.Module):

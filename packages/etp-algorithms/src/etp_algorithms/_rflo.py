@@ -400,9 +400,9 @@ class RFLO(ETraceAlgorithm):
             names = _approximate_instantaneous(self.context)
             if names:
                 warnings.warn(
-                    f"RFLO: the weights {names} reach the loss also by routes other than their hidden states, and "
-                    "their op's output reaches the hidden states not position-wise: their step-t term keeps part "
-                    "of the true feedback (the true hidden-route term is removed with D-RTRL's diagonal D_f).",
+                    f"RFLO: the step's VJP differentiates the weights {names}, whose op's output reaches the hidden "
+                    "states not position-wise, so it holds their true step-t term; RFLO removes it with D-RTRL's "
+                    "diagonal D_f, which is exact only position-wise: their step-t term keeps part of the true signal.",
                     UserWarning,
                     stacklevel=2,
                 )
