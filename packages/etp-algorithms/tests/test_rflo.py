@@ -173,6 +173,20 @@ def test_unbatched_model_and_vmap_equal_the_batched_learner() -> None:
             assert _rel(a, b) < 1e-10, path
 
 
+def test_float32_model() -> None:
+    xs, ys = _data(10)
+    want = _online(RFLO(_model(), feedback_key=5), xs, ys)
+    model = _model()
+    for state in model.states().values():
+        state.value = jax.tree.map(lambda v: v.astype(jnp.float32), state.value)
+    learner = RFLO(model, feedback_key=5)
+    got = _online(learner, xs.astype(jnp.float32), ys.astype(jnp.float32))
+    assert learner.feedback_matrices[("h",)].dtype == jnp.float32
+    for path in want:
+        for a, b in zip(jax.tree.leaves(got[path]), jax.tree.leaves(want[path]), strict=True):
+            assert a.dtype == jnp.float32 and _rel(a, b) < 1e-4, path
+
+
 class TwoOutputs(brainstate.nn.Module):
     """Two hidden states in two groups and two outputs (one non-floating)."""
 
