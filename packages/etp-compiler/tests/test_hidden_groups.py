@@ -324,10 +324,23 @@ class _Outer(brainstate.nn.Module):
         return self.layer(x)
 
 
-@pytest.mark.parametrize("construct", ["scan", "cond", "while"])
-def test_hidden_update_inside_control_flow_is_a_compilation_error(construct: str) -> None:
-    with pytest.raises(CompilationError, match=rf"hidden state layer\.h is updated inside `{construct}`"):
-        etp_compiler.compile_etrace_graph(_Outer(construct), jnp.ones(3))
+@pytest.mark.parametrize(
+    ("construct", "policy", "message"),
+    [
+        ("scan", etp_compiler.ControlFlowPolicy(scan_unroll_limit=2), r"`lax.scan` .* length 3, above .*limit=2"),
+        ("cond", etp_compiler.ControlFlowPolicy(cond="error"), r"`lax.cond` .*cond='error'"),
+        ("while", None, r"`lax.while_loop` .* data-dependent trip count"),
+    ],
+)
+def test_hidden_update_inside_control_flow_is_converted_or_refused(construct: str, policy: Any, message: str) -> None:
+    """By default a scan of sub-steps is unrolled and a cond if-converted; a policy that refuses them, or a
+    data-dependent while loop, is a CompilationError naming the construct."""
+    if policy is not None:
+        graph = etp_compiler.compile_etrace_graph(_Outer(construct), jnp.ones(3), emit=False)
+        assert construct not in {e.primitive.name for e in graph.module_info.jaxpr.eqns}
+        assert graph.hidden_param_op_relations
+    with pytest.raises(CompilationError, match=message):
+        etp_compiler.compile_etrace_graph(_Outer(construct), jnp.ones(3), control_flow=policy)
 
 
 def test_hidden_state_written_with_its_old_value_or_a_constant_is_an_error() -> None:

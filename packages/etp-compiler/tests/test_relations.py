@@ -384,10 +384,16 @@ def test_etp_inside_scan_not_touching_hidden_state_is_recorded() -> None:
             self.h.value = 0.5 * self.h.value + x
             return self.h.value + z
 
+    kept = etp_compiler.ControlFlowPolicy(scan_unroll_limit=1, etp_in_control_flow="instantaneous")
     with pytest.warns(UserWarning, match=r"an ETP primitive sits inside `scan`"):
-        graph = etp_compiler.compile_etrace_graph(Scanned(), jnp.ones(3))
+        graph = etp_compiler.compile_etrace_graph(Scanned(), jnp.ones(3), control_flow=kept)
     (record,) = records_of(graph, DiagnosticKind.PRIMITIVE_INSIDE_CONTROL_FLOW)
     assert record.context == {"construct": "scan"} and record.level is DiagnosticLevel.WARNING
+    assert graph.hidden_param_op_relations == []
+    # by default the short scan is unrolled: its ops are seen, and they reach no hidden state (a readout-like path)
+    graph = etp_compiler.compile_etrace_graph(Scanned(), jnp.ones(3), emit=False)
+    assert not records_of(graph, DiagnosticKind.PRIMITIVE_INSIDE_CONTROL_FLOW)
+    assert len(records_of(graph, DiagnosticKind.RELATION_EXCLUDED_NON_TEMPORAL)) == 2
     assert graph.hidden_param_op_relations == []
 
 

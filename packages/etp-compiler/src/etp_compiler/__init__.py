@@ -32,6 +32,7 @@ import jax as _jax
 _x64_asked = bool(_jax.config.read("jax_enable_x64")) and "brainstate" not in _sys.modules
 
 from ._compat import OpenJaxpr
+from ._control_flow import ControlFlowPolicy
 from ._diagnostics import CompilationRecord, DiagnosticKind, DiagnosticLevel
 from ._errors import CompilationError, NotSupportedError
 from ._eval import bind_eqn, eval_eqns, eval_jaxpr, is_var, read_atom
@@ -88,6 +89,7 @@ __all__ = [
     "WeightLeaf",
     "build_producers",
     "bind_eqn",
+    "ControlFlowPolicy",
     "eval_eqns",
     "eval_jaxpr",
     "is_var",

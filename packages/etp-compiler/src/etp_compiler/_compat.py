@@ -23,6 +23,7 @@ from jax.extend.core import ClosedJaxpr  # type: ignore[attr-defined, unused-ign
 # isort: on
 
 __all__ = [
+    "scan_layout",
     "ClosedJaxpr",
     "Jaxpr",
     "JaxprEqn",
@@ -129,3 +130,17 @@ def trace_stateful(model: Any, *args: Any, **kwargs: Any) -> tuple[Any, ClosedJa
     states = tuple(stateful_fn.get_states(*args, **kwargs))
     write_ids = {id(s) for s in stateful_fn.get_write_states(*args, **kwargs)}
     return stateful_fn, traced, states, write_ids, stateful_fn.get_out_treedef(*args, **kwargs)
+
+
+def scan_layout(params: Any) -> tuple[int, int]:
+    """``(number of constants, number of carry values)`` of a ``scan`` equation, from its parameters.
+
+    jax <= 0.10 stores ``num_consts`` / ``num_carry``; jax 0.12 stores the groups of its inputs
+    (constants, carry, scanned) as ``ft_in``, one entry per input.
+    """
+    if "num_consts" in params:
+        return int(params["num_consts"]), int(params["num_carry"])
+    groups = params["ft_in"]
+    # a jax FlatTree iterates over its leaves; unpack() gives its three groups (each sized by its leaves)
+    consts, carry, _ = groups.unpack() if hasattr(groups, "unpack") else groups
+    return len(consts), len(carry)

@@ -32,6 +32,8 @@ class DiagnosticKind(enum.Enum):
     STATE_MISMATCH = "state_mismatch"
     #: An ETP primitive inside lax control flow (scan/while/cond), or a custom-derivative call that had to be inlined.
     PRIMITIVE_INSIDE_CONTROL_FLOW = "primitive_inside_control_flow"
+    #: A control-flow construct of the step was if-converted, unrolled, or left opaque (see ControlFlowPolicy).
+    CONTROL_FLOW_CONVERTED = "control_flow_converted"
     #: A transition (h -> h or y -> h) that mixes positions: D-RTRL keeps its diagonal (approximation).
     TRANSITION_NOT_POSITIONWISE = "transition_not_positionwise"
 

@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 
 import brainstate
 
+from ._control_flow import ControlFlowPolicy
 from ._diagnostics import CompilationRecord, DiagnosticKind, DiagnosticLevel, emit_warnings, explain_records
 from ._hidden_groups import HiddenGroup, find_hidden_groups_from_minfo, hidden_group_stage
 from ._module_info import ModuleInfo, StatePath, extract_module_info
@@ -77,10 +78,24 @@ def inlined_call_records(minfo: ModuleInfo) -> list[CompilationRecord]:
             context={"construct": name},
         )
         for name in minfo.inlined_custom_calls
+    ] + [
+        CompilationRecord(
+            kind=DiagnosticKind.CONTROL_FLOW_CONVERTED,
+            level=DiagnosticLevel.INFO,
+            message=action,
+            context={"construct": action.split(" ", 1)[0]},
+        )
+        for action in minfo.control_flow_actions
     ]
 
 
-def compile_etrace_graph(model: brainstate.nn.Module, *args: Any, emit: bool = True, **kwargs: Any) -> ETraceGraph:
+def compile_etrace_graph(
+    model: brainstate.nn.Module,
+    *args: Any,
+    emit: bool = True,
+    control_flow: ControlFlowPolicy | None = None,
+    **kwargs: Any,
+) -> ETraceGraph:
     """Compile one step of ``model`` into an :class:`ETraceGraph`.
 
     Parameters
@@ -91,6 +106,9 @@ def compile_etrace_graph(model: brainstate.nn.Module, *args: Any, emit: bool = T
         Example inputs of one step.
     emit : bool
         Emit each warning-level diagnostic once as a ``UserWarning``.
+    control_flow : ControlFlowPolicy, optional
+        What to do with control flow in the step (see :class:`ControlFlowPolicy`); each construct
+        converted or left opaque gets a ``CONTROL_FLOW_CONVERTED`` record in the diagnostics.
 
     Raises
     ------
@@ -98,7 +116,7 @@ def compile_etrace_graph(model: brainstate.nn.Module, *args: Any, emit: bool = T
         For model structures ETP cannot handle (no hidden state, a hidden
         state updated inside lax control flow, ...), naming the state.
     """
-    minfo = extract_module_info(model, *args, **kwargs)
+    minfo = extract_module_info(model, *args, control_flow=control_flow, **kwargs)
     records: list[CompilationRecord] = inlined_call_records(minfo)
     group_items = hidden_group_stage(minfo)
     groups = [item for item in group_items if isinstance(item, HiddenGroup)]

@@ -181,8 +181,10 @@ def _check_control_flow(minfo: ModuleInfo) -> None:
             if path in ins:
                 raise CompilationError(
                     f"hidden state {'.'.join(map(str, path))} is updated inside `{eqn.primitive.name}` "
-                    "(jax.lax control flow); ETP needs the step's hidden-state update written as straight-line "
-                    "code. Move the loop outside the model step, or use jnp.where instead of lax.cond."
+                    "(jax.lax control flow) that the compiler kept as it is; ETP needs the hidden-state update "
+                    "as straight-line code. The compiler if-converts lax.cond and unrolls lax.scan up to "
+                    "ControlFlowPolicy.scan_unroll_limit (pass control_flow=ControlFlowPolicy(...)); otherwise "
+                    "move the loop outside the model step."
                 )
 
 

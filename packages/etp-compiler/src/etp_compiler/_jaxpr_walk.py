@@ -27,6 +27,9 @@ __all__ = [
     "sub_jaxprs",
     "contains_etp",
     "inline_calls",
+    "retrace",
+    "evaluate_inlined",
+    "Converter",
     "eval_eqns",
     "is_var",
     "forward_labels",
@@ -94,12 +97,29 @@ def _inline_target(eqn: JaxprEqn, notes: list[str]) -> tuple[Jaxpr, Sequence[Any
     return None
 
 
-def _evaluate(jaxpr: Jaxpr, consts: Sequence[Any], args: Sequence[Any], notes: list[str]) -> list[Any]:
-    """:func:`eval_jaxpr` with nested calls inlined (their bodies evaluated equation by equation)."""
+#: ``convert(eqn, invals, evaluate) -> outputs or None``: straight-line code for a control-flow equation.
+Converter = Callable[[JaxprEqn, Sequence[Any], Callable[[Jaxpr, Sequence[Any], Sequence[Any]], list[Any]]], Any]
+
+
+def evaluate_inlined(
+    jaxpr: Jaxpr, consts: Sequence[Any], args: Sequence[Any], notes: list[str], convert: Converter | None = None
+) -> list[Any]:
+    """:func:`eval_jaxpr` with nested calls inlined (their bodies evaluated equation by equation).
+
+    With ``convert``, each control-flow equation is first offered to it (it returns the outputs of
+    straight-line code, or ``None`` to keep the equation).
+    """
+
+    def evaluate(body: Jaxpr, body_consts: Sequence[Any], body_args: Sequence[Any]) -> list[Any]:
+        return evaluate_inlined(body, body_consts, body_args, notes, convert)
 
     def bind(eqn: JaxprEqn, invals: Sequence[Any]) -> Sequence[Any]:
+        if convert is not None and eqn.primitive.name in CONTROL_FLOW_PRIMITIVES:
+            outs = convert(eqn, invals, evaluate)
+            if outs is not None:
+                return list(outs)
         target = _inline_target(eqn, notes)
-        return bind_eqn(eqn, invals) if target is None else _evaluate(target[0], target[1], invals, notes)
+        return bind_eqn(eqn, invals) if target is None else evaluate(target[0], target[1], invals)
 
     env = eval_jaxpr_env(jaxpr, consts, *args, bind=bind)
     return [read_atom(env, v) for v in jaxpr.outvars]
@@ -121,13 +141,25 @@ def inline_calls(closed: ClosedJaxpr, own_outputs: Mapping[int, int] | None = No
     constant, is left as is (the caller rejects those).
     """
     notes: list[str] = []
+    flat = retrace(closed, own_outputs, lambda args: evaluate_inlined(closed.jaxpr, closed.consts, args, notes))
+    return flat, notes
+
+
+def retrace(
+    closed: ClosedJaxpr, own_outputs: Mapping[int, int] | None, evaluate: Callable[[Sequence[Any]], list[Any]]
+) -> ClosedJaxpr:
+    """Trace ``evaluate`` (a re-evaluation of ``closed``) on ``closed``'s input shapes into a new jaxpr.
+
+    The invars and outvars correspond position by position to ``closed``'s; ``own_outputs`` is as in
+    :func:`inline_calls` (each hidden state's new value made the result of its own equation).
+    """
     avals = [
         jax.ShapeDtypeStruct(aval_shape(v), aval_dtype(v), weak_type=getattr(v.aval, "weak_type", False))
         for v in closed.jaxpr.invars
     ]
 
     def flat_fn(*args: Any) -> list[Any]:
-        outs = _evaluate(closed.jaxpr, closed.consts, args, notes)
+        outs = evaluate(args)
         seen: set[int] = set()
         for out_index, in_index in sorted((own_outputs or {}).items()):
             value = outs[out_index]
@@ -139,8 +171,7 @@ def inline_calls(closed: ClosedJaxpr, own_outputs: Mapping[int, int] | None = No
             seen.add(id(value))
         return outs
 
-    flat = jax.make_jaxpr(flat_fn)(*avals)
-    return flat, notes
+    return jax.make_jaxpr(flat_fn)(*avals)
 
 
 def forward_labels(

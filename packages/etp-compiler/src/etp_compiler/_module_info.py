@@ -10,6 +10,7 @@ import brainstate
 import jax
 
 from ._compat import ClosedJaxpr, Jaxpr, Var, aval_dtype, aval_shape, trace_stateful
+from ._control_flow import ControlFlowPolicy, convert_step_control_flow
 from ._errors import CompilationError
 from ._eval import read_atom
 from ._jaxpr_walk import inline_calls
@@ -59,6 +60,8 @@ class ModuleInfo(NamedTuple):
         ``path -> tuple of Var`` for every state (outvars only for written states).
     inlined_custom_calls : tuple of str
         ``custom_jvp``/``custom_vjp`` calls inlined because they contain an ETP primitive.
+    control_flow_actions : tuple of str
+        What was done to each control-flow construct of the step (if-converted, unrolled, left opaque).
 
     Notes
     -----
@@ -106,6 +109,7 @@ class ModuleInfo(NamedTuple):
     state_invars: dict[StatePath, tuple[Var, ...]]
     state_outvars: dict[StatePath, tuple[Any, ...]]
     inlined_custom_calls: tuple[str, ...] = ()
+    control_flow_actions: tuple[str, ...] = ()
 
     # ------------------------------------------------------------------ the invar order
     @property
@@ -322,7 +326,9 @@ def _hidden_positions(
     return positions
 
 
-def extract_module_info(model: brainstate.nn.Module, *args: Any, **kwargs: Any) -> ModuleInfo:
+def extract_module_info(
+    model: brainstate.nn.Module, *args: Any, control_flow: ControlFlowPolicy | None = None, **kwargs: Any
+) -> ModuleInfo:
     """Trace ``model(*args, **kwargs)`` once and classify the states it touches.
 
     Parameters
@@ -331,6 +337,10 @@ def extract_module_info(model: brainstate.nn.Module, *args: Any, **kwargs: Any) 
         A model with initialised states (``brainstate.nn.init_all_states``).
     *args, **kwargs
         Example inputs of one step (only shapes and dtypes matter).
+    control_flow : ControlFlowPolicy, optional
+        What to do with ``cond`` / ``scan`` / ``while`` in the step that touch a hidden state or
+        hold an ETP op (default: ``ControlFlowPolicy()``: if-convert conds, unroll scans of up to
+        16 iterations, refuse data-dependent while loops); see :mod:`etp_compiler._control_flow`.
 
     Returns
     -------
@@ -356,9 +366,9 @@ def extract_module_info(model: brainstate.nn.Module, *args: Any, **kwargs: Any) 
     if not isinstance(model, brainstate.nn.Module):
         raise TypeError(f"extract_module_info expects a brainstate.nn.Module, got {type(model).__name__}.")
     stateful_fn, traced, states, write_ids, out_treedef = trace_stateful(model, *args, **kwargs)
-    closed_jaxpr, inlined_custom_calls = inline_calls(
-        traced, _hidden_positions(traced, states, write_ids, args, kwargs)
-    )
+    own_outputs = _hidden_positions(traced, states, write_ids, args, kwargs)
+    closed_jaxpr, inlined_custom_calls = inline_calls(traced, own_outputs)
+    closed_jaxpr, control_flow_actions = convert_step_control_flow(closed_jaxpr, own_outputs, control_flow)
     jaxpr = closed_jaxpr.jaxpr
 
     all_states = model.states()
@@ -479,4 +489,5 @@ def extract_module_info(model: brainstate.nn.Module, *args: Any, **kwargs: Any) 
         state_invars=state_invars,
         state_outvars=state_outvars,
         inlined_custom_calls=tuple(inlined_custom_calls),
+        control_flow_actions=tuple(control_flow_actions),
     )

@@ -1,0 +1,120 @@
+"""Control flow inside a model's step: ``cond``, ``scan`` sub-steps, ``fori_loop`` with a fixed trip count.
+
+The matrix {cond, scan, fori_loop} x {ETP op inside the construct, outside} x {D_RTRL, ES_D_RTRL}:
+
+* D_RTRL on these leaky integrators (position-wise dynamics, feed-forward input) is exact, so its
+  online gradient equals BPTT, ``jax.grad`` through the model itself with JAX's own ``cond`` /
+  ``scan`` (float64, 1e-10);
+* ES_D_RTRL (an approximation) gives on each model exactly what it gives on the same step written
+  as straight-line code (``jnp.where`` / a Python loop): the conversion does not change the learner.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import brainstate
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from algorithms_testing import _rel
+from test_multi_step import _bptt_of
+
+import etp_primitives as etp
+from etp_algorithms import D_RTRL, ES_D_RTRL
+
+Array = jax.Array
+B, I, H, K, T = 2, 3, 4, 3, 5
+
+
+class Model(brainstate.nn.Module):
+    """A leaky integrator whose step uses one construct; ``straight=True`` writes the same step without it."""
+
+    def __init__(self, construct: str, inside: bool, straight: bool = False) -> None:
+        super().__init__()
+        rng = np.random.default_rng(7)
+        self.construct, self.inside, self.straight = construct, inside, straight
+        self.w = brainstate.ParamState(jnp.asarray(rng.normal(size=(I, H))) * 0.5)
+        self.leak = jnp.asarray(rng.uniform(0.5, 0.9, size=H))
+        self.h = brainstate.HiddenState(jnp.zeros((B, H)))
+
+    def _sub_steps(self, h: Array, x: Array, y: Array | None) -> Array:
+        def body(h: Array) -> Array:
+            drive = etp.matmul(x, self.w.value) if self.inside else y
+            return self.leak * h + drive / K
+
+        if self.straight:
+            for _ in range(K):
+                h = body(h)
+            return h
+        if self.construct == "scan":
+            return jax.lax.scan(lambda h, _: (body(h), None), h, None, length=K)[0]
+        return jax.lax.fori_loop(0, K, lambda i, h: body(h), h)  # static bounds: a scan
+
+    def _switch(self, h: Array, x: Array, y: Array | None) -> Array:
+        def on(h: Array) -> Array:
+            return self.leak * h + (etp.matmul(x, self.w.value) if self.inside else y)
+
+        def off(h: Array) -> Array:
+            return 0.5 * self.leak * h + 2.0 * (etp.matmul(x, self.w.value) if self.inside else y)
+
+        pred = jnp.sum(x) > 0.0
+        if self.straight:
+            return jnp.where(pred, on(h), off(h))
+        return jax.lax.cond(pred, on, off, h)
+
+    def update(self, x: Array) -> Array:
+        y = None if self.inside else etp.matmul(x, self.w.value)
+        step = self._switch if self.construct == "cond" else self._sub_steps
+        self.h.value = step(self.h.value, x, y)
+        return self.h.value
+
+
+CASES = [(c, inside) for c in ("cond", "scan", "fori_loop") for inside in (True, False)]
+
+
+def _data(rng: np.random.Generator) -> tuple[Array, Array]:
+    xs = jnp.asarray(rng.normal(size=(T, B, I)))
+    xs = xs.at[1].multiply(-1.0).at[3].set(jnp.abs(xs[3]))  # both branches of the cond are taken
+    return xs, jnp.asarray(rng.normal(size=(T, B, H)))
+
+
+def _online(model: Model, learner: Any, xs: Array, target: Array) -> Any:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        learner.compile_graph(xs[0])
+    return learner.etrace_grad(xs, target, step_fn=lambda x, y: jnp.sum((learner(x) - y) ** 2), reduction="sum")
+
+
+@pytest.mark.parametrize(("construct", "inside"), CASES)
+def test_d_rtrl_on_leaky_integrators_with_control_flow_equals_bptt(
+    construct: str, inside: bool, rng: np.random.Generator
+) -> None:
+    xs, target = _data(rng)
+    model = Model(construct, inside)
+    brainstate.nn.init_all_states(model)
+    want = _bptt_of(model, xs, target)
+    learner = D_RTRL(model)
+    got = _online(model, learner, xs, target)
+    relations = learner.graph.hidden_param_op_relations
+    # inside a cond: one relation per branch; inside K sub-steps: one per sub-step
+    assert len(relations) == ((2 if construct == "cond" else K) if inside else 1)
+    kinds = [r.message for r in learner.graph.diagnostics if r.kind.value == "control_flow_converted"]
+    assert kinds and ("if-converted" in kinds[0] if construct == "cond" else "unrolled" in kinds[0])
+    assert _rel(got[("w",)], want[("w",)]) < 1e-10
+    assert float(jnp.abs(want[("w",)]).max()) > 0
+
+
+@pytest.mark.parametrize(("construct", "inside"), CASES)
+def test_es_d_rtrl_sees_the_same_step_as_straight_line_code(
+    construct: str, inside: bool, rng: np.random.Generator
+) -> None:
+    xs, target = _data(rng)
+    grads = []
+    for straight in (False, True):
+        model = Model(construct, inside, straight)
+        brainstate.nn.init_all_states(model)
+        grads.append(_online(model, ES_D_RTRL(model, 0.8), xs, target))
+    assert _rel(grads[0][("w",)], grads[1][("w",)]) < 1e-12

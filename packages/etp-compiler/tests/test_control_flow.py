@@ -1,0 +1,136 @@
+"""``ControlFlowPolicy``: what the compiler does with each construct, what it refuses, and what it says."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import brainstate
+import jax
+import jax.numpy as jnp
+import pytest
+
+import etp_compiler
+import etp_primitives as etp
+from etp_compiler import CompilationError, ControlFlowPolicy
+
+Array = jax.Array
+
+
+class Step(brainstate.nn.Module):
+    def __init__(self, body: Any) -> None:
+        super().__init__()
+        self.body = body
+        self.w = brainstate.ParamState(jnp.ones((3, 4)) * 0.1)
+        self.h = brainstate.HiddenState(jnp.zeros((2, 4)))
+
+    def update(self, x: Array) -> Array:
+        self.h.value = self.body(self, self.h.value, x)
+        return self.h.value
+
+
+def _graph(body: Any, policy: ControlFlowPolicy | None = None) -> etp_compiler.ETraceGraph:
+    model = Step(body)
+    brainstate.nn.init_all_states(model)
+    return etp_compiler.compile_etrace_graph(model, jnp.ones((2, 3)), control_flow=policy, emit=False)
+
+
+def _primitives(graph: etp_compiler.ETraceGraph) -> set[str]:
+    return {e.primitive.name for e in graph.module_info.jaxpr.eqns}
+
+
+def _actions(graph: etp_compiler.ETraceGraph) -> list[str]:
+    return [r.message for r in graph.diagnostics if r.kind is etp_compiler.DiagnosticKind.CONTROL_FLOW_CONVERTED]
+
+
+def sub_steps(n: int) -> Any:
+    def body(m: Step, h: Array, x: Array) -> Array:
+        return jax.lax.scan(lambda h, _: (0.9 * h + etp.matmul(x, m.w.value), None), h, None, length=n)[0]
+
+    return body
+
+
+def test_scans_are_unrolled_up_to_the_limit() -> None:
+    graph = _graph(sub_steps(4))
+    assert "scan" not in _primitives(graph) and len(graph.hidden_param_op_relations) == 4
+    assert _actions(graph) == ["lax.scan of length 4: unrolled (the sub-steps composed into the step)"]
+    with pytest.raises(
+        CompilationError, match=r"lax.scan` in the model's step .* length 20, above .*scan_unroll_limit=16"
+    ):
+        _graph(sub_steps(20))
+    assert len(_graph(sub_steps(20), ControlFlowPolicy(scan_unroll_limit=20)).hidden_param_op_relations) == 20
+    assert len(_graph(sub_steps(20), ControlFlowPolicy(scan_descent="unroll")).hidden_param_op_relations) == 20
+
+
+def test_a_cond_is_if_converted_or_refused() -> None:
+    def body(m: Step, h: Array, x: Array) -> Array:
+        return jax.lax.cond(jnp.sum(x) > 0, lambda h: 0.9 * h, lambda h: 0.5 * h, h) + etp.matmul(x, m.w.value)
+
+    graph = _graph(body)
+    assert "cond" not in _primitives(graph) and "select_n" in _primitives(graph)
+    assert _actions(graph) == ["lax.cond with 2 branches: if-converted (every branch traced, outputs selected)"]
+    with pytest.raises(CompilationError, match=r"ControlFlowPolicy\(cond='error'\) refuses it"):
+        _graph(body, ControlFlowPolicy(cond="error"))
+
+
+def test_a_cond_inside_a_scan_is_converted_too() -> None:
+    def body(m: Step, h: Array, x: Array) -> Array:
+        def sub(h: Array, _: Any) -> tuple[Array, None]:
+            h = jax.lax.cond(jnp.sum(h) > 1.0, lambda h: 0.5 * h, lambda h: h, h)
+            return 0.9 * h + etp.matmul(x, m.w.value), None
+
+        return jax.lax.scan(sub, h, None, length=3)[0]
+
+    graph = _graph(body)
+    assert not {"cond", "scan"} & _primitives(graph)
+    assert len(_actions(graph)) == 4  # three conds (one per sub-step), then the scan
+
+
+def test_a_data_dependent_while_loop_is_refused() -> None:
+    def body(m: Step, h: Array, x: Array) -> Array:
+        return jax.lax.while_loop(lambda h: jnp.sum(h) < 1.0, lambda h: h + 0.1, h) + etp.matmul(x, m.w.value)
+
+    with pytest.raises(CompilationError, match=r"lax.while_loop` .* reverse mode.*fori_loop with static bounds"):
+        _graph(body)
+    with pytest.raises(CompilationError, match="while_hidden='error'"):
+        _graph(body, ControlFlowPolicy(while_hidden="error"))
+
+
+def test_an_etp_op_in_a_kept_construct_follows_the_policy() -> None:
+    """A long scan that holds an ETP op but carries no hidden state: refused, or kept with instantaneous gradients."""
+
+    def body(m: Step, h: Array, x: Array) -> Array:
+        xs = jnp.broadcast_to(x, (20, *x.shape))
+        ys = jax.lax.scan(lambda c, xi: (c, etp.matmul(xi, m.w.value)), 0.0, xs)[1]
+        return 0.9 * h + jnp.mean(ys, axis=0) + x[:, :1]
+
+    with pytest.raises(CompilationError, match="length 20"):
+        _graph(body)
+    graph = _graph(body, ControlFlowPolicy(etp_in_control_flow="instantaneous"))
+    assert "scan" in _primitives(graph) and not graph.hidden_param_op_relations
+    assert _actions(graph) == ["lax.scan of length 20: left opaque, its ETP ops get instantaneous gradients"]
+
+
+def test_control_flow_that_touches_nothing_is_left_alone() -> None:
+    def body(m: Step, h: Array, x: Array) -> Array:
+        scale = jax.lax.scan(lambda c, _: (c * 1.1, None), jnp.ones(()), None, length=50)[0]
+        return 0.9 * h + scale * etp.matmul(x, m.w.value)
+
+    graph = _graph(body)
+    assert "scan" in _primitives(graph) and _actions(graph) == []
+    assert len(graph.hidden_param_op_relations) == 1
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("cond", "unroll", r"cond must be one of \('convert', 'error'\)"),
+        ("while_hidden", "forward", "while_hidden must be one of"),
+        ("etp_in_control_flow", "ignore", "etp_in_control_flow must be one of"),
+        ("scan_descent", "descend", "scan_descent must be one of"),
+        ("scan_unroll_limit", -1, "scan_unroll_limit must be a non-negative int"),
+        ("scan_unroll_limit", 2.5, "scan_unroll_limit must be a non-negative int"),
+    ],
+)
+def test_the_policy_is_checked(field: str, value: Any, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ControlFlowPolicy(**{field: value})
