@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -182,10 +183,10 @@ def test_learner_state_paths() -> None:
 def test_unknown_name_and_bad_arguments() -> None:
     x0 = jnp.zeros(I)
     model = Leaky()
-    with pytest.raises(
-        ValueError, match=r"unknown algorithm name 'rtrl'; valid names: d_rtrl, es_d_rtrl, esd_rtrl, pp_prop"
-    ):
-        etp_algorithms.compile(model, "rtrl", x0)
+    names = ", ".join(sorted(registered_learners()))
+    assert {"d_rtrl", "es_d_rtrl", "pp_prop", "rtrl", "snap", "rflo"} <= set(registered_learners())
+    with pytest.raises(ValueError, match=re.escape(f"unknown algorithm name 'rtlr'; valid names: {names}")):
+        etp_algorithms.compile(model, "rtlr", x0)
     with pytest.raises(TypeError, match="algorithm must be a learner class"):
         etp_algorithms.compile(model, int, x0)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="at least one example input"):

@@ -29,7 +29,10 @@ from ._executor import ETraceGraphExecutor, StepValues
 from ._inputs import MultiStepData, SingleStepData
 from ._jit_in_place import jit_in_place
 from ._learner import EligibilityTrace, ETraceAlgorithm, NoEligibilityTraceWarning
+from ._rflo import RFLO
+from ._rtrl import RTRL
 from ._rule import LearningRule
+from ._snap import SnAp
 from ._vmap import ETraceVmap
 
 __version__ = _distribution_version("etp-algorithms")  # one source: the distribution's pyproject
@@ -57,4 +60,7 @@ __all__ = [
     "ETraceVmap",
     "CompilationReport",
     "NoEligibilityTraceWarning",
+    "RTRL",
+    "SnAp",
+    "RFLO",
 ]

@@ -21,6 +21,9 @@ from etp_compiler import CompilationError
 from ._d_rtrl import D_RTRL
 from ._es_d_rtrl import ES_D_RTRL
 from ._learner import OPT_IN, ETraceAlgorithm, NoEligibilityTraceWarning
+from ._rflo import RFLO
+from ._rtrl import RTRL
+from ._snap import SnAp
 from ._vmap import ETraceVmap
 
 __all__ = ["compile", "register_learner", "registered_learners"]
@@ -79,7 +82,15 @@ def registered_learners() -> dict[str, type[ETraceAlgorithm]]:
     return dict(sorted(_LEARNERS.items()))
 
 
-for _name, _cls in (("d_rtrl", D_RTRL), ("es_d_rtrl", ES_D_RTRL), ("esd_rtrl", ES_D_RTRL), ("pp_prop", ES_D_RTRL)):
+for _name, _cls in (
+    ("d_rtrl", D_RTRL),
+    ("es_d_rtrl", ES_D_RTRL),
+    ("esd_rtrl", ES_D_RTRL),
+    ("pp_prop", ES_D_RTRL),
+    ("rtrl", RTRL),
+    ("snap", SnAp),
+    ("rflo", RFLO),
+):
     register_learner(_name, _cls)
 
 

@@ -340,6 +340,8 @@ class RFLO(ETraceAlgorithm):
     name : str, optional
     vjp_method : {'single-step', 'multi-step'}
         ``'multi-step'`` only with ``feedback='symmetric'`` (a window's exact reverse mode sends the true signal).
+    random_feedback_key : int or jax.random key, optional
+        braintrace's name for ``feedback_key``; when given, it is the key used.
 
     Raises
     ------
@@ -355,7 +357,7 @@ class RFLO(ETraceAlgorithm):
     Examples
     --------
     >>> import brainstate, jax.numpy as jnp, etp_nn
-    >>> from etp_algorithms._rflo import RFLO
+    >>> from etp_algorithms import RFLO
     >>> class Net(brainstate.nn.Module):
     ...     def __init__(self):
     ...         super().__init__()
@@ -380,7 +382,10 @@ class RFLO(ETraceAlgorithm):
         feedback_scale: Any = None,
         name: str | None = None,
         vjp_method: str = "single-step",
+        random_feedback_key: Any = None,
     ) -> None:
+        if random_feedback_key is not None:  # braintrace's keyword for the feedback matrices' key
+            feedback_key = random_feedback_key
         mode = _check_feedback(feedback)
         if mode == "random" and vjp_method == "multi-step":
             raise NotSupportedError(

@@ -293,7 +293,7 @@ class RTRL(ETraceAlgorithm):
     Examples
     --------
     >>> import brainstate, jax.numpy as jnp, etp_nn
-    >>> from etp_algorithms._rtrl import RTRL
+    >>> from etp_algorithms import RTRL
     >>> cell = etp_nn.GRUCell(2, 3)
     >>> _ = brainstate.nn.init_all_states(cell)
     >>> learner = RTRL(cell)

@@ -314,7 +314,7 @@ class SnAp(ETraceAlgorithm):
     model : brainstate.nn.Module
         With states initialised.
     n : int
-        The pattern's number of steps, ``>= 1``.
+        The pattern's number of steps, ``>= 1`` (default 2, as braintrace 0.2.8's ``SnAp``).
     name : str, optional
     vjp_method : {'single-step', 'multi-step'}
     max_influence_bytes : int
@@ -323,7 +323,7 @@ class SnAp(ETraceAlgorithm):
     Examples
     --------
     >>> import brainstate, jax.numpy as jnp, etp_nn
-    >>> from etp_algorithms._snap import SnAp
+    >>> from etp_algorithms import SnAp
     >>> cell = etp_nn.VanillaRNNCell(2, 3)
     >>> _ = brainstate.nn.init_all_states(cell)
     >>> learner = SnAp(cell, n=1)
@@ -337,7 +337,7 @@ class SnAp(ETraceAlgorithm):
     def __init__(
         self,
         model: Any,
-        n: int = 1,
+        n: int = 2,
         name: str | None = None,
         vjp_method: str = "single-step",
         max_influence_bytes: int = DEFAULT_MAX_INFLUENCE_BYTES,
