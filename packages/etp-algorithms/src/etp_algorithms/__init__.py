@@ -28,11 +28,13 @@ from ._es_d_rtrl import ES_D_RTRL, IODimVjpAlgorithm, pp_prop
 from ._executor import ETraceGraphExecutor, StepValues
 from ._inputs import MultiStepData, SingleStepData
 from ._jit_in_place import jit_in_place
+from ._kf_rtrl import KF_RTRL
 from ._learner import EligibilityTrace, ETraceAlgorithm, NoEligibilityTraceWarning
 from ._rflo import RFLO
 from ._rtrl import RTRL
 from ._rule import LearningRule
 from ._snap import SnAp
+from ._uoro import UORO
 from ._vmap import ETraceVmap
 
 __version__ = _distribution_version("etp-algorithms")  # one source: the distribution's pyproject
@@ -63,4 +65,6 @@ __all__ = [
     "RTRL",
     "SnAp",
     "RFLO",
+    "UORO",
+    "KF_RTRL",
 ]

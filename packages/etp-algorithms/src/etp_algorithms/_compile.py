@@ -20,10 +20,12 @@ from etp_compiler import CompilationError
 
 from ._d_rtrl import D_RTRL
 from ._es_d_rtrl import ES_D_RTRL
+from ._kf_rtrl import KF_RTRL
 from ._learner import OPT_IN, ETraceAlgorithm, NoEligibilityTraceWarning
 from ._rflo import RFLO
 from ._rtrl import RTRL
 from ._snap import SnAp
+from ._uoro import UORO
 from ._vmap import ETraceVmap
 
 __all__ = ["compile", "register_learner", "registered_learners"]
@@ -90,6 +92,8 @@ for _name, _cls in (
     ("rtrl", RTRL),
     ("snap", SnAp),
     ("rflo", RFLO),
+    ("uoro", UORO),
+    ("kf_rtrl", KF_RTRL),
 ):
     register_learner(_name, _cls)
 

@@ -271,11 +271,13 @@ class KF_RTRL(ETraceAlgorithm):
         ``'multi-step'``: windows of steps, exact inside, the factors at the window's start across.
     epsilon : float
         The guard :math:`\epsilon` of :math:`p_1, p_2`.
+    projection_eps : float, optional
+        braintrace 0.2.8's name for ``epsilon``; when given, it is the guard used.
 
     Examples
     --------
     >>> import brainstate, jax, jax.numpy as jnp, etp_nn
-    >>> from etp_algorithms._kf_rtrl import KF_RTRL
+    >>> from etp_algorithms import KF_RTRL
     >>> cell = etp_nn.VanillaRNNCell(2, 3)
     >>> _ = brainstate.nn.init_all_states(cell, batch_size=4)
     >>> learner = KF_RTRL(cell, projection_key=jax.random.key(0))
@@ -289,10 +291,14 @@ class KF_RTRL(ETraceAlgorithm):
     def __init__(
         self,
         model: Any,
-        projection_key: Any = 42,
         name: str | None = None,
         vjp_method: str = "single-step",
+        projection_key: Any = 42,
         epsilon: float = 1e-7,
+        *,
+        projection_eps: float | None = None,
     ) -> None:
+        if projection_eps is not None:  # braintrace 0.2.8's name for the guard
+            epsilon = projection_eps
         super().__init__(model, kf_rtrl(projection_key, epsilon), name=name, vjp_method=vjp_method)
         self.epsilon = epsilon

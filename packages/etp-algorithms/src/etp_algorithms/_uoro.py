@@ -232,11 +232,13 @@ class UORO(ETraceAlgorithm):
         estimate at the window's start contracted with :math:`\partial L/\partial h^{start}`.
     epsilon : float
         The guard :math:`\epsilon` of :math:`\rho_0, \rho_1`.
+    projection_eps : float, optional
+        braintrace 0.2.8's name for ``epsilon``; when given, it is the guard used.
 
     Examples
     --------
     >>> import brainstate, jax, jax.numpy as jnp, etp_nn
-    >>> from etp_algorithms._uoro import UORO
+    >>> from etp_algorithms import UORO
     >>> cell = etp_nn.VanillaRNNCell(2, 3)
     >>> _ = brainstate.nn.init_all_states(cell, batch_size=4)
     >>> learner = UORO(cell, projection_key=jax.random.key(0))
@@ -251,10 +253,14 @@ class UORO(ETraceAlgorithm):
     def __init__(
         self,
         model: Any,
-        projection_key: Any = 42,
         name: str | None = None,
         vjp_method: str = "single-step",
+        projection_key: Any = 42,
         epsilon: float = 1e-7,
+        *,
+        projection_eps: float | None = None,
     ) -> None:
+        if projection_eps is not None:  # braintrace 0.2.8's name for the guard
+            epsilon = projection_eps
         super().__init__(model, uoro(projection_key, epsilon), name=name, vjp_method=vjp_method)
         self.epsilon = epsilon
