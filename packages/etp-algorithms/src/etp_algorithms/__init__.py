@@ -30,6 +30,7 @@ from ._inputs import MultiStepData, SingleStepData
 from ._jit_in_place import jit_in_place
 from ._kf_rtrl import KF_RTRL
 from ._learner import EligibilityTrace, ETraceAlgorithm, NoEligibilityTraceWarning
+from ._ostl import OSTLFeedforward, OSTLRecurrent
 from ._rflo import RFLO
 from ._rtrl import RTRL
 from ._rule import LearningRule
@@ -67,4 +68,6 @@ __all__ = [
     "RFLO",
     "UORO",
     "KF_RTRL",
+    "OSTLRecurrent",
+    "OSTLFeedforward",
 ]

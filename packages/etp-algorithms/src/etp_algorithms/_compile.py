@@ -22,6 +22,7 @@ from ._d_rtrl import D_RTRL
 from ._es_d_rtrl import ES_D_RTRL
 from ._kf_rtrl import KF_RTRL
 from ._learner import OPT_IN, ETraceAlgorithm, NoEligibilityTraceWarning
+from ._ostl import OSTLFeedforward, OSTLRecurrent
 from ._rflo import RFLO
 from ._rtrl import RTRL
 from ._snap import SnAp
@@ -94,6 +95,8 @@ for _name, _cls in (
     ("rflo", RFLO),
     ("uoro", UORO),
     ("kf_rtrl", KF_RTRL),
+    ("ostl_recurrent", OSTLRecurrent),
+    ("ostl_feedforward", OSTLFeedforward),
 ):
     register_learner(_name, _cls)
 

@@ -107,7 +107,7 @@ class OSTLRecurrent(ETraceAlgorithm):
     Examples
     --------
     >>> import brainstate, jax.numpy as jnp, etp_nn
-    >>> from etp_algorithms._ostl import OSTLRecurrent
+    >>> from etp_algorithms import OSTLRecurrent
     >>> cell = etp_nn.VanillaRNNCell(3, 4)
     >>> _ = brainstate.nn.init_all_states(cell)
     >>> learner = OSTLRecurrent(cell)
@@ -149,7 +149,7 @@ class OSTLFeedforward(ETraceAlgorithm):
     Examples
     --------
     >>> import brainstate, jax.numpy as jnp, etp_nn
-    >>> from etp_algorithms._ostl import OSTLFeedforward
+    >>> from etp_algorithms import OSTLFeedforward
     >>> cell = etp_nn.VanillaRNNCell(3, 4)
     >>> _ = brainstate.nn.init_all_states(cell)
     >>> learner = OSTLFeedforward(cell)
