@@ -272,3 +272,23 @@ def test_a_gru_runs_in_float32(rng: np.random.Generator) -> None:
     got = learner.etrace_grad(xs, jnp.ones((5, 2, 4), jnp.float32), step_fn=lambda x, y: jnp.sum((learner(x) - y) ** 2))
     assert all(a.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(a))) for a in jax.tree.leaves(got))
     assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(learner.etrace.value.A))
+
+
+def test_a_vmapped_per_sample_learner_is_the_rule_by_hand_per_sample(rng: np.random.Generator) -> None:
+    """ETraceVmap: each sample carries its own factors (the same key sequence in every sample)."""
+    from etp_algorithms import ETraceVmap
+
+    key = jax.random.key(4)
+    cell, learner, xs, ys, theta = _setup(None, rng, steps=3, projection_key=key)
+    xs = jnp.asarray(rng.normal(size=(3, 2, 3)))
+    ys = jnp.asarray(rng.normal(size=(3, 2, 4)))
+    wrapped = ETraceVmap(learner, axis_size=2)
+    params = cell.states(brainstate.ParamState)
+    total: Any = None
+    for t in range(3):
+        g = brainstate.transform.grad(lambda t=t: _loss_of(wrapped(xs[t]), ys[t]), params)()
+        total = g if total is None else jax.tree.map(jnp.add, total, g)
+    per_sample = [_hand_kf(theta, jnp.zeros(4), xs[:, b], ys[:, b], key) for b in range(2)]
+    for k in theta:
+        want = sum(step["grad"][k] for hand in per_sample for step in hand)
+        assert _rel(total[PATH][k], want) < 1e-11, k

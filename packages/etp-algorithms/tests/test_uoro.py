@@ -259,3 +259,24 @@ def test_float32_runs_and_uses_the_dtypes(rng: np.random.Generator) -> None:
     trace = learner.etrace.value
     assert all(a.dtype == jnp.float32 for a in (*trace.h_tilde, *trace.theta_tilde))
     assert all(a.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(a))) for a in jax.tree.leaves(got))
+
+
+def test_a_vmapped_per_sample_learner_is_the_rule_by_hand_per_sample(rng: np.random.Generator) -> None:
+    """ETraceVmap: each sample carries its own rank-one estimate (the same key sequence in every sample)."""
+    from etp_algorithms import ETraceVmap
+
+    key = jax.random.key(4)
+    cell, learner, xs, ys, theta = _setup(None, rng, steps=3, projection_key=key)
+    xs = jnp.asarray(rng.normal(size=(3, 2, 3)))
+    ys = jnp.asarray(rng.normal(size=(3, 2, 4)))
+    wrapped = ETraceVmap(learner, axis_size=2)
+    params = cell.states(brainstate.ParamState)
+    total: Any = None
+    for t in range(3):
+        g = brainstate.transform.grad(lambda t=t: _loss_of(wrapped(xs[t]), ys[t]), params)()
+        total = g if total is None else jax.tree.map(jnp.add, total, g)
+    h0 = jnp.zeros(4)
+    per_sample = [_hand_uoro(theta, h0, xs[:, b], ys[:, b], key) for b in range(2)]
+    for k in theta:
+        want = sum(step["grad"][k] for hand in per_sample for step in hand)
+        assert _rel(total[("W", "weight")][k], want) < 1e-11, k
