@@ -294,13 +294,30 @@ class ETraceAlgorithm(SequenceDriverMixin, brainstate.nn.Module):
                 f"first, or compile_graph(...) with the new inputs.{hint}"
             )
 
-    def update(self, *args: Any) -> Any:
+    def _step_modulator(self, modulator: Any) -> list[Any] | None:
+        """The modulator input of this call's step (one array per hidden state), or ``None`` for a plain step.
+
+        Only a learner whose rule reads a modulator (:class:`etp_algorithms.ThreeFactor`) takes one.
+        """
+        if modulator is not None:
+            raise TypeError(
+                f"{type(self).__name__} takes no modulator= (the third factor of a three-factor rule); "
+                "only a learner whose rule reads one does (ThreeFactor)."
+            )
+        return None
+
+    def update(self, *args: Any, modulator: Any = None) -> Any:
         """Run one step (or a window, with :class:`MultiStepData` inputs); return the model's output.
 
         The model's states and the traces are updated only after the whole
-        call succeeded.
+        call succeeded. ``modulator``: only for learners that take one (:class:`ThreeFactor`).
         """
         if self._is_window(args):
+            if modulator is not None:
+                raise NotSupportedError(
+                    f"{type(self).__name__}: a modulator applies to one step; a window (MultiStepData) runs exact "
+                    "reverse mode inside and takes none."
+                )
             return self._update_window(args)
         if not self._executor.is_compiled:
             if self._recompile_on_next_call:
@@ -308,9 +325,11 @@ class ETraceAlgorithm(SequenceDriverMixin, brainstate.nn.Module):
             else:
                 _ = self.graph  # raises the clear error
         self._check_args(args)
+        step_modulator = self._step_modulator(modulator)
         weight_vals, other_vals = self._current_values()
+        extra = () if step_modulator is None else (step_modulator,)
         outputs, new_states, new_traces = self._built_fn(None)(
-            weight_vals, other_vals, list(jax.tree.leaves(args)), self.etrace.value
+            weight_vals, other_vals, list(jax.tree.leaves(args)), self.etrace.value, *extra
         )
         self._commit(new_states, new_traces)
         return self.graph.module_info.unflatten_outputs(outputs)

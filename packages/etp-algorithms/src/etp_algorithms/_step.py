@@ -36,11 +36,26 @@ from etp_compiler import ETraceGraph, HiddenParamOpRelation, ModuleInfo, StatePa
 from ._executor import KeyedValues, execute_step
 from ._rule import LearningRule, RelationGradients, RuleContext
 
-__all__ = ["build_step", "build_window"]
+__all__ = ["ModulatedCotangents", "build_step", "build_window"]
+
+
+class ModulatedCotangents(dict[StatePath, Any]):
+    """``dL_dh`` of a modulated step: the mapping is :math:`\\partial L/\\partial h^t` as always, and
+    :attr:`modulator` holds the caller's signal per hidden path (a three-factor rule uses it in place of
+    :math:`\\partial L/\\partial h^t`; see :class:`etp_algorithms.ThreeFactor`)."""
+
+    def __init__(self, cotangents: Mapping[StatePath, Any], modulator: Mapping[StatePath, Any]) -> None:
+        super().__init__(cotangents)
+        self.modulator = dict(modulator)
 
 
 def build_step(ctx: RuleContext, rule: LearningRule) -> Any:
-    """The ``custom_vjp`` step of ``ctx.graph`` learning by ``rule`` (see the module docstring)."""
+    """The ``custom_vjp`` step of ``ctx.graph`` learning by ``rule`` (see the module docstring).
+
+    An optional fifth input, a list of modulator arrays (one per hidden state, in
+    ``module_info.hidden_path_to_outvar`` order, each of the state's shape), is handed to the rule's
+    ``trace_gradients`` as ``dL_dh.modulator`` (a :class:`ModulatedCotangents`); it gets a zero cotangent.
+    """
     graph = ctx.graph
     minfo = graph.module_info
     weight_paths = list(minfo.weight_states)
@@ -61,15 +76,15 @@ def build_step(ctx: RuleContext, rule: LearningRule) -> Any:
         return (values.outputs, values.state_values, new_traces), (values, residual)
 
     @jax.custom_vjp
-    def step(weight_vals: Any, other_vals: Any, arg_leaves: Any, traces: Any) -> Any:
+    def step(weight_vals: Any, other_vals: Any, arg_leaves: Any, traces: Any, *modulator: Any) -> Any:
         return forward(weight_vals, other_vals, arg_leaves, traces)[0]
 
-    def step_fwd(weight_vals: Any, other_vals: Any, arg_leaves: Any, traces: Any) -> Any:
+    def step_fwd(weight_vals: Any, other_vals: Any, arg_leaves: Any, traces: Any, *modulator: Any) -> Any:
         out, (values, residual) = forward(weight_vals, other_vals, arg_leaves, traces)
-        return out, (weight_vals, other_vals, arg_leaves, traces, values, residual)
+        return out, (weight_vals, other_vals, arg_leaves, traces, values, residual, modulator)
 
     def step_bwd(res: Any, cotangents: Any) -> Any:
-        weight_vals, other_vals, arg_leaves, traces, values, residual = res
+        weight_vals, other_vals, arg_leaves, traces, values, residual, modulator = res
         ct_outputs, ct_states, _ = cotangents
         w_diff = [[v for v, k in zip(vals, row, strict=True) if k] for vals, row in zip(weight_vals, keep, strict=True)]
 
@@ -105,12 +120,14 @@ def build_step(ctx: RuleContext, rule: LearningRule) -> Any:
         for vals, row, sub in zip(weight_vals, keep, g_sub, strict=True):
             it = iter(sub)
             g_weights.append([next(it) if k else jnp.zeros_like(v) for v, k in zip(vals, row, strict=True)])
-        dL_dh = dict(zip(hidden_paths, g_deltas, strict=True))
+        dL_dh: dict[StatePath, Any] = dict(zip(hidden_paths, g_deltas, strict=True))
+        if modulator:
+            dL_dh = ModulatedCotangents(dL_dh, dict(zip(hidden_paths, modulator[0], strict=True)))
         trace_grads = rule.trace_gradients(ctx, residual, values._replace(output_cotangents=list(ct_outputs)), dL_dh)
         leaf_grads = _leaf_gradients(rule, graph, trace_grads, values.env, minfo.weight_env(weight_vals))
         g_weights = _add_leaf_grads(minfo, g_weights, leaf_grads)
         zero = jax.tree.map(jnp.zeros_like, (other_vals, traces))
-        return g_weights, zero[0], g_args, zero[1]
+        return (g_weights, zero[0], g_args, zero[1], *jax.tree.map(jnp.zeros_like, modulator))
 
     step.defvjp(step_fwd, step_bwd)
     return step
