@@ -35,6 +35,7 @@ from ._rflo import RFLO
 from ._rtrl import RTRL
 from ._rule import LearningRule
 from ._snap import SnAp
+from ._three_factor import ThreeFactor
 from ._uoro import UORO
 from ._vmap import ETraceVmap
 
@@ -70,4 +71,5 @@ __all__ = [
     "KF_RTRL",
     "OSTLRecurrent",
     "OSTLFeedforward",
+    "ThreeFactor",
 ]

@@ -26,6 +26,7 @@ from ._ostl import OSTLFeedforward, OSTLRecurrent
 from ._rflo import RFLO
 from ._rtrl import RTRL
 from ._snap import SnAp
+from ._three_factor import ThreeFactor
 from ._uoro import UORO
 from ._vmap import ETraceVmap
 
@@ -97,6 +98,7 @@ for _name, _cls in (
     ("kf_rtrl", KF_RTRL),
     ("ostl_recurrent", OSTLRecurrent),
     ("ostl_feedforward", OSTLFeedforward),
+    ("three_factor", ThreeFactor),
 ):
     register_learner(_name, _cls)
 

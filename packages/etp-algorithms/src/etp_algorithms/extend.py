@@ -40,7 +40,8 @@ from ._rule_helpers import (
     sum_over_samples,
     weight_shaped_batched,
 )
-from ._step import build_step, build_window
+from ._step import ModulatedCotangents, build_step, build_window
+from ._three_factor import modulator_values, three_factor
 from ._transition import TrainableKey, hidden_transition, trainable_inputs
 
 __all__ = [
@@ -56,6 +57,10 @@ __all__ = [
     "build_step",
     "build_window",
     "execute_step",
+    "ModulatedCotangents",
+    # the built-in three-factor rule and its modulator
+    "three_factor",
+    "modulator_values",
     # the full transition, for rules carrying a total influence dh/dtheta
     "hidden_transition",
     "trainable_inputs",
