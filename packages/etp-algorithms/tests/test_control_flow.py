@@ -118,3 +118,22 @@ def test_es_d_rtrl_sees_the_same_step_as_straight_line_code(
         brainstate.nn.init_all_states(model)
         grads.append(_online(model, ES_D_RTRL(model, 0.8), xs, target))
     assert _rel(grads[0][("w",)], grads[1][("w",)]) < 1e-12
+
+
+def test_learners_take_the_policy(rng: np.random.Generator) -> None:
+    """``control_flow=`` on D_RTRL / ES_D_RTRL reaches the compiler: a limit below the sub-steps refuses the scan."""
+    from etp_compiler import CompilationError, ControlFlowPolicy
+
+    xs, _ = _data(rng)
+    for make in (lambda m, p: D_RTRL(m, control_flow=p), lambda m, p: ES_D_RTRL(m, 0.8, control_flow=p)):
+        model = Model("scan", inside=True)
+        brainstate.nn.init_all_states(model)
+        with pytest.raises(CompilationError, match=f"length {K}, above ControlFlowPolicy.scan_unroll_limit=2"):
+            make(model, ControlFlowPolicy(scan_unroll_limit=2)).compile_graph(xs[0])
+        learner = make(model, ControlFlowPolicy(scan_unroll_limit=K))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            learner.compile_graph(xs[0])
+        assert len(learner.graph.hidden_param_op_relations) == K
+    with pytest.raises(TypeError, match="control_flow must be an etp_compiler.ControlFlowPolicy"):
+        D_RTRL(Model("scan", inside=True), control_flow={"scan_unroll_limit": 2})  # type: ignore[arg-type]

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 
 import etp_primitives as etp
-from etp_compiler import HiddenGroup, HiddenParamOpRelation
+from etp_compiler import ControlFlowPolicy, HiddenGroup, HiddenParamOpRelation
 
 from ._executor import StepValues
 from ._learner import ETraceAlgorithm
@@ -258,8 +258,10 @@ class D_RTRL(ETraceAlgorithm):
         With states initialised.
     name : str, optional
     vjp_method : {'single-step', 'multi-step'}
-        ``'multi-step'``: each call takes a window of steps (inputs with a leading time axis,
-        see :class:`MultiStepData`); exact reverse mode inside the window, traces across windows.
+        ``'multi-step'``: the learner also takes windows of steps (inputs wrapped in
+        :class:`MultiStepData`); exact reverse mode inside the window, traces across windows.
+    control_flow : etp_compiler.ControlFlowPolicy, optional
+        Control flow in the model's step (see :class:`etp_compiler.ControlFlowPolicy`).
 
     Examples
     --------
@@ -273,8 +275,15 @@ class D_RTRL(ETraceAlgorithm):
     (7, 4, 1)
     """
 
-    def __init__(self, model: Any, name: str | None = None, vjp_method: str = "single-step") -> None:
-        super().__init__(model, d_rtrl(), name=name, vjp_method=vjp_method)
+    def __init__(
+        self,
+        model: Any,
+        name: str | None = None,
+        vjp_method: str = "single-step",
+        *,
+        control_flow: ControlFlowPolicy | None = None,
+    ) -> None:
+        super().__init__(model, d_rtrl(), name=name, vjp_method=vjp_method, control_flow=control_flow)
 
 
 #: D-RTRL's historical name.

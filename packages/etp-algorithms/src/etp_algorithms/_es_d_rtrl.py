@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import etp_primitives as etp
+from etp_compiler import ControlFlowPolicy
 
 from ._executor import StepValues
 from ._learner import ETraceAlgorithm
@@ -191,7 +192,9 @@ class ES_D_RTRL(ETraceAlgorithm):
         Decay :math:`a \in (0, 1)`, or a rank :math:`r > 0` meaning :math:`a = (r-1)/(r+1)`.
     name : str, optional
     vjp_method : {'single-step', 'multi-step'}
-        ``'multi-step'``: each call takes a window of steps (:class:`MultiStepData`).
+        ``'multi-step'``: the learner also takes windows of steps (:class:`MultiStepData`).
+    control_flow : etp_compiler.ControlFlowPolicy, optional
+        Control flow in the model's step (see :class:`etp_compiler.ControlFlowPolicy`).
 
     Examples
     --------
@@ -208,10 +211,16 @@ class ES_D_RTRL(ETraceAlgorithm):
     """
 
     def __init__(
-        self, model: Any, decay_or_rank: Any, name: str | None = None, vjp_method: str = "single-step"
+        self,
+        model: Any,
+        decay_or_rank: Any,
+        name: str | None = None,
+        vjp_method: str = "single-step",
+        *,
+        control_flow: ControlFlowPolicy | None = None,
     ) -> None:
         self.decay = _decay_from(decay_or_rank)
-        super().__init__(model, es_d_rtrl(self.decay), name=name, vjp_method=vjp_method)
+        super().__init__(model, es_d_rtrl(self.decay), name=name, vjp_method=vjp_method, control_flow=control_flow)
 
 
 #: ES-D-RTRL's historical names.

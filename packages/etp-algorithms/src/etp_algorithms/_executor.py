@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 import brainstate
 import jax
 
-from etp_compiler import ETraceGraph, compile_etrace_graph, read_atom, run_step
+from etp_compiler import ControlFlowPolicy, ETraceGraph, compile_etrace_graph, read_atom, run_step
 
 __all__ = ["ETraceGraphExecutor", "StepValues", "KeyedValues", "execute_step"]
 
@@ -107,6 +107,8 @@ class ETraceGraphExecutor:
     ----------
     model : brainstate.nn.Module
         With initialised states.
+    control_flow : etp_compiler.ControlFlowPolicy, optional
+        What the compiler does with control flow in the step (default: ``ControlFlowPolicy()``).
 
     Examples
     --------
@@ -122,10 +124,16 @@ class ETraceGraphExecutor:
     (4, 1, 1)
     """
 
-    def __init__(self, model: brainstate.nn.Module) -> None:
+    def __init__(self, model: brainstate.nn.Module, control_flow: ControlFlowPolicy | None = None) -> None:
         if not isinstance(model, brainstate.nn.Module):
             raise TypeError(f"ETraceGraphExecutor expects a brainstate.nn.Module, got {type(model).__name__}.")
+        if control_flow is not None and not isinstance(control_flow, ControlFlowPolicy):
+            raise TypeError(
+                f"ETraceGraphExecutor: control_flow must be an etp_compiler.ControlFlowPolicy or None, got "
+                f"{type(control_flow).__name__}."
+            )
         self.model = model
+        self.control_flow = control_flow
         self._graph: ETraceGraph | None = None
 
     @property
@@ -144,7 +152,7 @@ class ETraceGraphExecutor:
 
     def compile_graph(self, *args: Any, **kwargs: Any) -> ETraceGraph:
         """Compile the model's step for inputs shaped like ``args`` (see :func:`etp_compiler.compile_etrace_graph`)."""
-        self._graph = compile_etrace_graph(self.model, *args, **kwargs)
+        self._graph = compile_etrace_graph(self.model, *args, control_flow=self.control_flow, **kwargs)
         return self._graph
 
     def current_invals(self, *args: Any) -> list[Any]:

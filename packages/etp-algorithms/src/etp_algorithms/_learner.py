@@ -30,7 +30,7 @@ import brainstate
 import jax
 import jax.numpy as jnp
 
-from etp_compiler import CompilationReport, ETraceGraph, NotSupportedError, StatePath
+from etp_compiler import CompilationReport, ControlFlowPolicy, ETraceGraph, NotSupportedError, StatePath
 
 from ._driver import SequenceDriverMixin
 from ._executor import ETraceGraphExecutor
@@ -86,6 +86,9 @@ class ETraceAlgorithm(SequenceDriverMixin, brainstate.nn.Module):
         :class:`MultiStepData` (a leading time axis); exact reverse mode inside the window,
         traces across windows. A plain call is one step on either kind of learner (as in
         braintrace 0.2.8); :class:`SingleStepData` says so explicitly.
+    control_flow : etp_compiler.ControlFlowPolicy, optional
+        What the compiler does with ``cond`` / ``scan`` / ``while`` inside the model's step
+        (default ``ControlFlowPolicy()``: if-convert, unroll up to 16 sub-steps, refuse data-dependent loops).
 
     Examples
     --------
@@ -101,7 +104,13 @@ class ETraceAlgorithm(SequenceDriverMixin, brainstate.nn.Module):
     """
 
     def __init__(
-        self, model: brainstate.nn.Module, rule: LearningRule, name: str | None = None, vjp_method: str = "single-step"
+        self,
+        model: brainstate.nn.Module,
+        rule: LearningRule,
+        name: str | None = None,
+        vjp_method: str = "single-step",
+        *,
+        control_flow: ControlFlowPolicy | None = None,
     ) -> None:
         super().__init__(name=name)  # type: ignore[call-arg]
         label = type(self).__name__
@@ -119,7 +128,7 @@ class ETraceAlgorithm(SequenceDriverMixin, brainstate.nn.Module):
         self.model = model
         self.rule = rule
         self.vjp_method = vjp_method
-        self._executor = ETraceGraphExecutor(model)
+        self._executor = ETraceGraphExecutor(model, control_flow=control_flow)
         self._arg_shapes: list[tuple[tuple[int, ...], Any]] | None = None
         self._recompile_on_next_call = False
         self._hidden_only: frozenset[tuple[int, str]] = frozenset()
