@@ -1,8 +1,9 @@
-"""Delayed recall: remember a symbol over a delay and report it, the case where diagonal traces fail.
+"""Delayed recall: remember a cued symbol over a delay of distractors, the case where diagonal traces fail.
 
-The task (generated here): one of ``--symbols`` symbols (one-hot) is shown at the first step,
-then ``delay`` blank steps follow, then a "go" channel switches on for one step, at which the
-network must output the symbol. Unlike evidence accumulation (``train_online.py``), solving it
+The task (generated here): one of ``--symbols`` symbols (one-hot) is shown at the first step
+with a "cue" channel on; during the ``delay`` steps that follow a random distractor symbol is
+shown at every step (no cue); then a "go" channel switches on for one step, at which the network
+must output the cued symbol. Unlike evidence accumulation (``train_online.py``), solving it
 needs the hidden state to keep an input's identity through the recurrent weights, so what an
 online learner keeps of :math:`\\partial h^t/\\partial h^{t-1}` matters: BPTT and exact RTRL
 keep all of it; ``D_RTRL`` keeps the diagonal with the ETP outputs held fixed; ``ES_D_RTRL``,
@@ -13,7 +14,7 @@ the same initial weights on the same mini-batches with the same optimizer (``_on
 at each delay of ``--delays``; the table gives the held-out accuracy per delay (chance is
 1/symbols), the trace memory and the time per step.
 
-Run: ``uv run python examples/copy_task.py [--delays 2,5,10] [--quick] [--out results]``; writes
+Run: ``uv run python examples/copy_task.py [--delays 5,10,20] [--quick] [--out results]``; writes
 ``results/copy_task.json`` and ``.png``.
 """
 
@@ -58,13 +59,21 @@ class Net(brainstate.nn.Module):
 
 
 def recall_data(symbols: int, delay: int, n: int, seed: int) -> Split:
-    """Inputs ``(delay + 2, n, symbols + 2)``: the symbol at step 0, blanks (a "wait" channel), "go" at the end."""
+    """Inputs ``(delay + 2, n, symbols + 2)``: the cued symbol at step 0, distractor symbols, "go" at the end.
+
+    Channels: the ``symbols`` one-hot symbol channels, a "cue" channel (on at step 0 only, with the symbol to
+    remember), a "go" channel (on at the last step). During the delay a random distractor symbol is shown at
+    every step (without the cue), so the network must keep the cued one and ignore the others.
+    """
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, symbols, size=n).astype(np.int32)
     steps = delay + 2
     xs = np.zeros((steps, n, symbols + 2), np.float32)
     xs[0, np.arange(n), labels] = 1.0
-    xs[1:-1, :, symbols] = 1.0  # wait
+    xs[0, :, symbols] = 1.0  # cue
+    distractors = rng.integers(0, symbols, size=(delay, n))
+    for t in range(delay):
+        xs[1 + t, np.arange(n), distractors[t]] = 1.0
     xs[-1, :, symbols + 1] = 1.0  # go
     cut = int(0.8 * n)
     return Split(xs[:, :cut], labels[:cut], xs[:, cut:], labels[cut:], n_classes=symbols)
@@ -73,7 +82,7 @@ def recall_data(symbols: int, delay: int, n: int, seed: int) -> Split:
 def main(argv: list[str] | None = None) -> dict[int, list[Result]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     common_arguments(parser, "copy_task")
-    parser.add_argument("--delays", default="2,5,10", help="comma-separated delays (blank steps)")
+    parser.add_argument("--delays", default="5,10,20", help="comma-separated delays (distractor steps)")
     parser.add_argument("--symbols", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=32)
     parser.add_argument("--samples", type=int, default=2560, help="sequences per delay (80%% train)")
@@ -91,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict[int, list[Result]]:
     for note in notes:
         print(note)
     print(
-        f"delayed recall of 1 of {args.symbols} symbols after {delays} blank steps; GRU H={args.hidden}, "
+        f"delayed recall of 1 of {args.symbols} symbols after {delays} distractor steps; GRU H={args.hidden}, "
         f"batch {args.batch}, {args.epochs} epochs, {args.samples} sequences per delay, float32"
     )
     n_in = args.symbols + 2
@@ -144,7 +153,9 @@ def _plot(by_delay: dict[int, list[Result]], specs: list[LearnerSpec], path: Pat
     for i, spec in enumerate(specs):
         ax.plot(delays, [by_delay[d][i].test_acc for d in delays], marker="o", label=spec.name)
     ax.axhline(1 / symbols, color="gray", linestyle=":", label="chance")
-    ax.set(xlabel="delay (blank steps)", ylabel="held-out accuracy", title="Delayed recall: online learners vs BPTT")
+    ax.set(
+        xlabel="delay (distractor steps)", ylabel="held-out accuracy", title="Delayed recall: online learners vs BPTT"
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
