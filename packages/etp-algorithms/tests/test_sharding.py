@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 WORKER = Path(__file__).resolve().parent / "sharding_worker.py"
+PAGE = Path(__file__).resolve().parents[3] / "docs" / "many_devices.md"
 TRACE_B = 8  # the worker's batch
 
 
@@ -168,3 +169,15 @@ def test_two_processes_under_jax_distributed_equal_one_process() -> None:
         for got, ref in zip(out["result"], want["result"], strict=True):
             got, ref = np.asarray(got), np.asarray(ref)
             assert np.max(np.abs(got - ref)) <= 1e-12 * max(1.0, float(np.max(np.abs(ref))))
+
+
+def test_many_devices_page_runs(tmp_path: Path) -> None:
+    """docs/many_devices.md's ``python`` blocks, in order, are one program: it runs on 4 devices."""
+    blocks = re.findall(r"^```python\n(.*?)^```", PAGE.read_text(), flags=re.S | re.M)
+    assert len(blocks) >= 5
+    script = tmp_path / "many_devices.py"
+    script.write_text("\n".join(blocks))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=180, env=_env(4))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert "largest gradient difference after 3 sequences" in proc.stdout
+    assert "8 samples, 4 shards of 2" in proc.stdout
