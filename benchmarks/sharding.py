@@ -50,7 +50,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
 
     import etp_nn
     from etp_algorithms import compile as etp_compile
-    from etp_algorithms._sharding import shard, shard_batch, trace_bytes_per_device
+    from etp_algorithms import shard, shard_batch, trace_bytes_per_device
 
     batch = spec["batch"]
     n_in, hidden, steps = spec["n_in"], spec["hidden"], spec["steps"]

@@ -28,8 +28,7 @@ import numpy as np  # noqa: E402
 import saiunit as u  # noqa: E402
 
 import etp_nn  # noqa: E402
-from etp_algorithms import D_RTRL, ES_D_RTRL, ETraceAlgorithm  # noqa: E402
-from etp_algorithms._sharding import shard, shard_batch, trace_bytes_per_device  # noqa: E402
+from etp_algorithms import D_RTRL, ES_D_RTRL, ETraceAlgorithm, shard, shard_batch, trace_bytes_per_device  # noqa: E402  # noqa: E402
 
 B, I, H, O, T = 8, 3, 6, 2, 5
 COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter")

@@ -26,6 +26,8 @@ from ._d_rtrl import D_RTRL, ParamDimVjpAlgorithm
 from ._driver import SequenceDriverMixin
 from ._es_d_rtrl import ES_D_RTRL, IODimVjpAlgorithm, pp_prop
 from ._executor import ETraceGraphExecutor, StepValues
+from ._feedback import FixedRandomFeedback, KappaFilter
+from ._grad_expon import GradExpon
 from ._inputs import MultiStepData, SingleStepData
 from ._jit_in_place import jit_in_place
 from ._kf_rtrl import KF_RTRL
@@ -34,6 +36,7 @@ from ._ostl import OSTLFeedforward, OSTLRecurrent
 from ._rflo import RFLO
 from ._rtrl import RTRL
 from ._rule import LearningRule
+from ._sharding import BatchSharding, shard, shard_batch, trace_bytes_per_device
 from ._snap import SnAp
 from ._three_factor import ThreeFactor
 from ._uoro import UORO
@@ -72,4 +75,11 @@ __all__ = [
     "OSTLRecurrent",
     "OSTLFeedforward",
     "ThreeFactor",
+    "FixedRandomFeedback",
+    "KappaFilter",
+    "GradExpon",
+    "shard",
+    "shard_batch",
+    "trace_bytes_per_device",
+    "BatchSharding",
 ]

@@ -68,7 +68,7 @@ class FixedRandomFeedback:
     Examples
     --------
     >>> import jax, jax.numpy as jnp
-    >>> from etp_algorithms._feedback import FixedRandomFeedback
+    >>> from etp_algorithms import FixedRandomFeedback
     >>> fb = FixedRandomFeedback(2, 5, jax.random.PRNGKey(0))
     >>> fb.matrix.shape, fb.project(jnp.ones((3, 2))).shape
     ((5, 2), (3, 5))
@@ -120,7 +120,7 @@ class KappaFilter(brainstate.nn.Module):
     Examples
     --------
     >>> import jax.numpy as jnp
-    >>> from etp_algorithms._feedback import KappaFilter
+    >>> from etp_algorithms import KappaFilter
     >>> f = KappaFilter(jnp.zeros(2), 0.5)
     >>> _ = f(jnp.ones(2)); f(jnp.ones(2)).tolist()
     [1.5, 1.5]

@@ -49,7 +49,7 @@ class GradExpon(brainstate.nn.Module):
     Examples
     --------
     >>> import jax.numpy as jnp
-    >>> from etp_algorithms._grad_expon import GradExpon
+    >>> from etp_algorithms import GradExpon
     >>> acc = GradExpon({"w": jnp.zeros(2)}, 0.5)
     >>> _ = acc.update({"w": jnp.ones(2)}); acc.update({"w": jnp.ones(2)})["w"].tolist()
     [1.5, 1.5]

@@ -302,6 +302,14 @@ class ETraceAlgorithm(SequenceDriverMixin, brainstate.nn.Module):
                 f"{[s for s, _ in self._arg_shapes]}; to change the batch size call reset_state(batch_size=...) "
                 f"first, or compile_graph(...) with the new inputs.{hint}"
             )
+        for index, ((_, got), (_, want)) in enumerate(zip(given, self._arg_shapes, strict=True)):
+            # a float of another precision runs the step in mixed precision, or fails deep in a rule
+            if got != want and jnp.issubdtype(got, jnp.floating) and jnp.issubdtype(want, jnp.floating):
+                raise TypeError(
+                    f"{type(self).__name__}: input {index} is {jnp.dtype(got).name}, but the learner was compiled "
+                    f"for {jnp.dtype(want).name} inputs; cast it (x.astype(jnp.{jnp.dtype(want).name})) or "
+                    "compile_graph(...) with inputs of the new dtype."
+                )
 
     def _step_modulator(self, modulator: Any) -> list[Any] | None:
         """The modulator input of this call's step (one array per hidden state), or ``None`` for a plain step.

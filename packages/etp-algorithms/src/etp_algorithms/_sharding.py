@@ -211,7 +211,7 @@ def shard(learner: Any, mesh: Mesh, batch_axis: str = "data", *, batch_size: int
     --------
     >>> import jax, jax.numpy as jnp, numpy as np, etp_nn
     >>> import etp_algorithms
-    >>> from etp_algorithms._sharding import shard
+    >>> from etp_algorithms import shard
     >>> learner = etp_algorithms.compile(etp_nn.GRUCell(3, 4), "d_rtrl", jnp.zeros((2, 3)), batch_size=2)
     >>> mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
     >>> placed = shard(learner, mesh, "data")
@@ -284,7 +284,7 @@ def shard_batch(tree: Any, mesh: Mesh, batch_axis: str = "data", *, axis: int = 
     Examples
     --------
     >>> import jax, jax.numpy as jnp, numpy as np
-    >>> from etp_algorithms._sharding import shard_batch
+    >>> from etp_algorithms import shard_batch
     >>> mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
     >>> xs = shard_batch(jnp.ones((5, 2, 3)), mesh, "data", axis=1)
     >>> xs.shape, tuple(xs.sharding.spec)
@@ -317,7 +317,7 @@ def trace_bytes_per_device(learner: Any) -> dict[int, int]:
     --------
     >>> import jax.numpy as jnp, etp_nn
     >>> import etp_algorithms
-    >>> from etp_algorithms._sharding import trace_bytes_per_device
+    >>> from etp_algorithms import trace_bytes_per_device
     >>> learner = etp_algorithms.compile(etp_nn.GRUCell(3, 4), "d_rtrl", jnp.zeros((2, 3)), batch_size=2)
     >>> sum(trace_bytes_per_device(learner).values()) == learner.trace_bytes()
     True
