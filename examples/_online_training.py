@@ -47,6 +47,7 @@ class LearnerSpec:
     algorithm: str | None
     options: dict[str, Any] = field(default_factory=dict)
     exact: str = ""  # what the learner computes exactly, for the table
+    default: bool = True  # in a default run (expensive learners are run with --learners, and in --quick)
 
 
 BPTT = LearnerSpec("BPTT", None, exact="the gradient (memory grows with T)")
@@ -87,6 +88,13 @@ def available(specs: Sequence[LearnerSpec]) -> tuple[list[LearnerSpec], list[str
         else:
             notes.append(f"{spec.name}: learner {spec.algorithm!r} is not registered in this installation, skipped")
     return keep, notes
+
+
+def select(specs: Sequence[LearnerSpec], wanted: Sequence[str], quick: bool) -> list[LearnerSpec]:
+    """The learners asked for by name; without names, the default ones (every one with ``--quick``)."""
+    if wanted:
+        return [s for s in specs if s.name in wanted]
+    return [s for s in specs if s.default or quick]
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, n_classes: int) -> jax.Array:
@@ -301,7 +309,7 @@ def run(
     unknown = sorted(set(wanted) - {s.name for s in specs})
     if unknown:
         raise SystemExit(f"unknown learner(s) {unknown}; choose from {[s.name for s in specs]}")
-    chosen, notes = available([s for s in specs if not wanted or s.name in wanted])
+    chosen, notes = available(select(specs, wanted, args.quick))
     for note in notes:
         print(note)
     results = [train(spec, make_model, data, args) for spec in chosen]

@@ -11,7 +11,8 @@ keep all of it; ``D_RTRL`` keeps the diagonal with the ETP outputs held fixed; `
 
 The network, ``GRUCell(symbols + 2, H)`` + ``Linear(H, symbols)``, is trained by every learner from
 the same initial weights on the same mini-batches with the same optimizer (``_online_training.py``)
-at each delay of ``--delays``; the table gives the held-out accuracy per delay (chance is
+at each delay of ``--delays`` (``RTRL`` and ``SnAp-2`` with ``--learners``: their cost per step grows with
+the parameter count); the table gives the held-out accuracy per delay (chance is
 1/symbols), the trace memory and the time per step.
 
 Run: ``uv run python examples/copy_task.py [--delays 5,10,20] [--quick] [--out results]``; writes
@@ -32,7 +33,17 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _online_training import BPTT, LearnerSpec, Result, Split, available, common_arguments, fmt_bytes, train
+from _online_training import (
+    BPTT,
+    LearnerSpec,
+    Result,
+    Split,
+    available,
+    common_arguments,
+    fmt_bytes,
+    select,
+    train,
+)
 
 import braintrace
 
@@ -40,8 +51,8 @@ LEARNERS = [
     BPTT,
     LearnerSpec("D_RTRL", "d_rtrl", exact="no (diagonal of dh/dh, ETP outputs fixed)"),
     LearnerSpec("ES_D_RTRL", "es_d_rtrl", {"decay_or_rank": 0.9}, exact="no (low-rank, decayed)"),
-    LearnerSpec("RTRL", "rtrl", exact="the gradient"),
-    LearnerSpec("SnAp-2", "snap", {"n": 2}, exact="no (2-step sparsity)"),
+    LearnerSpec("RTRL", "rtrl", exact="the gradient", default=False),
+    LearnerSpec("SnAp-2", "snap", {"n": 2}, exact="no (2-step sparsity)", default=False),
     LearnerSpec("UORO", "uoro", exact="unbiased rank-1 estimate"),
     LearnerSpec("KF_RTRL", "kf_rtrl", exact="unbiased Kronecker estimate"),
     LearnerSpec("RFLO", "rflo", exact="no (leak-only trace, random feedback)"),
@@ -96,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict[int, list[Result]]:
     unknown = sorted(set(wanted) - {s.name for s in LEARNERS})
     if unknown:
         raise SystemExit(f"unknown learner(s) {unknown}; choose from {[s.name for s in LEARNERS]}")
-    specs, notes = available([s for s in LEARNERS if not wanted or s.name in wanted])
+    specs, notes = available(select(LEARNERS, wanted, args.quick))
     for note in notes:
         print(note)
     print(
