@@ -129,3 +129,41 @@ def test_etrace_grad_benchmark_quick_run(tmp_path: Path) -> None:
         # the GRU gives every parameter a gradient (the LIF network's spike-driven ones can be zero here)
         if check["model"] == "gru":
             assert len(check["grad_norm"]) == 8 and all(norm > 0 for norm in check["grad_norm"].values()), check
+
+
+def test_learners_benchmark_quick_run(tmp_path: Path) -> None:
+    # GRU only, RTRL beside BPTT and D_RTRL; RTRL given a tiny influence limit, so that it refuses
+    options = json.dumps({"rtrl": {"max_influence_bytes": 1000}})
+    command = [sys.executable, str(ROOT / "benchmarks" / "learners.py"), "--quick", "--models", "gru"]
+    command += ["--learners", "rtrl", "--options", options, "--out", str(tmp_path)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "| learner | ms/step | / D_RTRL | trace MiB | XLA temp MiB | status |" in proc.stdout
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["stack"]["jax"] == version("jax") and results["quick"] is True
+    # --learners keeps the named learners and the D_RTRL baseline
+    assert results["learners"] == {"d_rtrl": "D_RTRL", "rtrl": "RTRL"}
+    rows = {r["method"]: r for r in results["rows"]}
+    assert set(rows) == {"bptt", "d_rtrl", "rtrl"}
+    for method in ("bptt", "d_rtrl"):
+        assert rows[method]["status"] == "ok" and rows[method]["ms_per_step"] > 0, rows[method]
+        assert rows[method]["temp_size_in_bytes"] >= 0
+    assert rows["d_rtrl"]["ratio_to_d_rtrl"] == 1.0
+    # GRU(8 -> 8), B=4: Wz and Wh carry (B, I + H, H) weight traces plus (B, H) bias traces, float32
+    assert rows["d_rtrl"]["trace_bytes"] == 2 * 4 * (4 * (8 + 8) * 8 + 4 * 8)
+    # the refusal is a row with the byte count, not a crash
+    assert rows["rtrl"]["status"].startswith("compile failed: CompilationError: RTRL: the influence matrix")
+    assert "above max_influence_bytes=1000" in rows["rtrl"]["status"]
+    assert "ms_per_step" not in rows["rtrl"]
+
+
+def test_learners_benchmark_one_row_per_class() -> None:
+    spec = importlib.util.spec_from_file_location("learners", ROOT / "benchmarks" / "learners.py")
+    assert spec is not None and spec.loader is not None
+    learners = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(learners)
+    registered = {"pp_prop": "ES_D_RTRL", "esd_rtrl": "ES_D_RTRL", "es_d_rtrl": "ES_D_RTRL", "snap": "SnAp"}
+    registered |= {"ostl_recurrent": "OSTLRecurrent", "d_rtrl": "D_RTRL"}
+    order, aliases = learners.learner_names(registered)
+    assert order == ["d_rtrl", "es_d_rtrl", "ostl_recurrent", "snap"]
+    assert aliases["es_d_rtrl"] == ["esd_rtrl", "pp_prop"] and aliases["snap"] == []
