@@ -45,9 +45,9 @@ from ._executor import StepValues
 from ._learner import ETraceAlgorithm
 from ._rtrl import _floating_paths
 from ._rule import HiddenCotangents, LearningRule, RelationGradients, RuleContext
-from ._rule_helpers import as_scalar, host_zeros
+from ._rule_helpers import host_zeros
 from ._transition import hidden_transition
-from ._uoro import as_key_data
+from ._uoro import as_key_data, checked_epsilon
 
 __all__ = ["KF_RTRL", "KF_RTRLTrace", "kf_rtrl"]
 
@@ -128,9 +128,7 @@ def _x_hat(relation: HiddenParamOpRelation, x: jax.Array) -> jax.Array:
 def kf_rtrl(projection_key: Any = 42, epsilon: float = 1e-7) -> LearningRule:
     """The KF-RTRL rule over the dense relations' trainable inputs (see the module docstring)."""
     key_data, impl = as_key_data(projection_key, "kf_rtrl")
-    eps = as_scalar(epsilon, "kf_rtrl: epsilon")
-    if not eps >= 0:
-        raise ValueError(f"kf_rtrl: epsilon must be >= 0, got {epsilon!r}.")
+    eps = checked_epsilon(epsilon, "kf_rtrl")
 
     def init_traces(ctx: RuleContext) -> KF_RTRLTrace:
         relations = ctx.graph.hidden_param_op_relations

@@ -54,7 +54,7 @@ from ._rule import HiddenCotangents, LearningRule, RuleContext
 from ._rule_helpers import as_scalar, host_zeros
 from ._transition import hidden_transition, trainable_inputs
 
-__all__ = ["UORO", "UOROTrace", "as_key_data", "uoro"]
+__all__ = ["UORO", "UOROTrace", "as_key_data", "checked_epsilon", "uoro"]
 
 
 @jax.tree_util.register_dataclass
@@ -106,6 +106,14 @@ def as_key_data(projection_key: Any, label: str) -> tuple[np.ndarray, str]:
     )
 
 
+def checked_epsilon(epsilon: Any, label: str) -> float:
+    """The guard of a projection rule's scales as a float, ``>= 0`` (a ValueError naming ``label`` otherwise)."""
+    eps = as_scalar(epsilon, f"{label}: epsilon")
+    if not eps >= 0:
+        raise ValueError(f"{label}: epsilon must be >= 0, got {epsilon!r}.")
+    return float(eps)
+
+
 def _norm(arrays: Any) -> jax.Array:
     """The Euclidean norm of all the arrays together."""
     return jnp.sqrt(sum(jnp.sum(jnp.square(a)) for a in arrays))
@@ -114,9 +122,7 @@ def _norm(arrays: Any) -> jax.Array:
 def uoro(projection_key: Any = 42, epsilon: float = 1e-7) -> LearningRule:
     """The UORO rule over the ParamState leaves (see the module docstring)."""
     key_data, impl = as_key_data(projection_key, "uoro")
-    eps = as_scalar(epsilon, "uoro: epsilon")
-    if not eps >= 0:
-        raise ValueError(f"uoro: epsilon must be >= 0, got {epsilon!r}.")
+    eps = checked_epsilon(epsilon, "uoro")
 
     def init_traces(ctx: RuleContext) -> UOROTrace:
         thetas = _theta_avals(ctx, "weights")
