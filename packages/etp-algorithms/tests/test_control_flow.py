@@ -120,20 +120,47 @@ def test_es_d_rtrl_sees_the_same_step_as_straight_line_code(
     assert _rel(grads[0][("w",)], grads[1][("w",)]) < 1e-12
 
 
-def test_learners_take_the_policy(rng: np.random.Generator) -> None:
-    """``control_flow=`` on D_RTRL / ES_D_RTRL reaches the compiler: a limit below the sub-steps refuses the scan."""
+#: Constructor options of the registered learners that need one.
+OPTIONS: dict[str, dict[str, Any]] = {"es_d_rtrl": {"decay_or_rank": 0.8}}
+
+
+def _registered() -> list[tuple[str, type]]:
+    from etp_algorithms import registered_learners
+
+    seen: dict[type, str] = {}
+    for name, cls in registered_learners().items():
+        seen.setdefault(cls, name)  # an alias (pp_prop, esd_rtrl) is tested under its first name
+    return sorted((name, cls) for cls, name in seen.items())
+
+
+@pytest.mark.parametrize(("name", "cls"), _registered(), ids=[n for n, _ in _registered()])
+def test_every_learner_takes_the_policy(name: str, cls: type, rng: np.random.Generator) -> None:
+    """``control_flow=`` on every registered learner reaches the compiler: a limit below the sub-steps refuses."""
     from etp_compiler import CompilationError, ControlFlowPolicy
 
     xs, _ = _data(rng)
-    for make in (lambda m, p: D_RTRL(m, control_flow=p), lambda m, p: ES_D_RTRL(m, 0.8, control_flow=p)):
-        model = Model("scan", inside=True)
-        brainstate.nn.init_all_states(model)
-        with pytest.raises(CompilationError, match=f"length {K}, above ControlFlowPolicy.scan_unroll_limit=2"):
-            make(model, ControlFlowPolicy(scan_unroll_limit=2)).compile_graph(xs[0])
-        learner = make(model, ControlFlowPolicy(scan_unroll_limit=K))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            learner.compile_graph(xs[0])
-        assert len(learner.graph.hidden_param_op_relations) == K
+    model = Model("scan", inside=True)
+    brainstate.nn.init_all_states(model)
+    options = OPTIONS.get(name, {})
+    with pytest.raises(CompilationError, match=f"length {K}, above ControlFlowPolicy.scan_unroll_limit=2"):
+        cls(model, **options, control_flow=ControlFlowPolicy(scan_unroll_limit=2)).compile_graph(xs[0])
+    learner = cls(model, **options, control_flow=ControlFlowPolicy(scan_unroll_limit=K))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        learner.compile_graph(xs[0])
+    assert len(learner.graph.hidden_param_op_relations) == K
     with pytest.raises(TypeError, match="control_flow must be an etp_compiler.ControlFlowPolicy"):
-        D_RTRL(Model("scan", inside=True), control_flow={"scan_unroll_limit": 2})  # type: ignore[arg-type]
+        cls(model, **options, control_flow={"scan_unroll_limit": 2})
+
+
+@pytest.mark.parametrize(("construct", "inside"), CASES)
+def test_rtrl_with_control_flow_equals_bptt(construct: str, inside: bool, rng: np.random.Generator) -> None:
+    """Exact RTRL (the full influence) equals BPTT on every construct, as D_RTRL does on these integrators."""
+    from etp_algorithms import RTRL
+
+    xs, target = _data(rng)
+    model = Model(construct, inside)
+    brainstate.nn.init_all_states(model)
+    want = _bptt_of(model, xs, target)
+    got = _online(model, RTRL(model), xs, target)
+    assert _rel(got[("w",)], want[("w",)]) < 1e-10

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 
 import etp_primitives as etp
-from etp_compiler import CompilationError, HiddenParamOpRelation, StatePath
+from etp_compiler import CompilationError, ControlFlowPolicy, HiddenParamOpRelation, StatePath
 
 from ._executor import StepValues
 from ._learner import ETraceAlgorithm
@@ -271,6 +271,9 @@ class KF_RTRL(ETraceAlgorithm):
         The guard :math:`\epsilon` of :math:`p_1, p_2`.
     projection_eps : float, optional
         braintrace 0.2.8's name for ``epsilon``; when given, it is the guard used.
+    control_flow : etp_compiler.ControlFlowPolicy, optional
+        What the compiler does with ``cond`` / ``scan`` / ``while`` in the model's step (see
+        :class:`~etp_algorithms.ETraceAlgorithm`).
 
     Examples
     --------
@@ -295,8 +298,11 @@ class KF_RTRL(ETraceAlgorithm):
         epsilon: float = 1e-7,
         *,
         projection_eps: float | None = None,
+        control_flow: ControlFlowPolicy | None = None,
     ) -> None:
         if projection_eps is not None:  # braintrace 0.2.8's name for the guard
             epsilon = projection_eps
-        super().__init__(model, kf_rtrl(projection_key, epsilon), name=name, vjp_method=vjp_method)
+        super().__init__(
+            model, kf_rtrl(projection_key, epsilon), name=name, vjp_method=vjp_method, control_flow=control_flow
+        )
         self.epsilon = epsilon

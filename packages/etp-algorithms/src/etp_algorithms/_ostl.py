@@ -52,6 +52,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from etp_compiler import ControlFlowPolicy
+
 from ._d_rtrl import d_rtrl
 from ._es_d_rtrl import _decay_from, es_d_rtrl
 from ._learner import ETraceAlgorithm
@@ -103,6 +105,9 @@ class OSTLRecurrent(ETraceAlgorithm):
     name : str, optional
     vjp_method : {'single-step', 'multi-step'}
         ``'multi-step'``: windows of steps (:class:`MultiStepData`), exact inside.
+    control_flow : etp_compiler.ControlFlowPolicy, optional
+        What the compiler does with ``cond`` / ``scan`` / ``while`` in the model's step (see
+        :class:`~etp_algorithms.ETraceAlgorithm`).
 
     Examples
     --------
@@ -116,8 +121,15 @@ class OSTLRecurrent(ETraceAlgorithm):
     ('OSTLRecurrent', (7, 4, 1))
     """
 
-    def __init__(self, model: Any, name: str | None = None, vjp_method: str = "single-step") -> None:
-        super().__init__(model, ostl_recurrent(), name=name, vjp_method=vjp_method)
+    def __init__(
+        self,
+        model: Any,
+        name: str | None = None,
+        vjp_method: str = "single-step",
+        *,
+        control_flow: ControlFlowPolicy | None = None,
+    ) -> None:
+        super().__init__(model, ostl_recurrent(), name=name, vjp_method=vjp_method, control_flow=control_flow)
 
 
 class OSTLFeedforward(ETraceAlgorithm):
@@ -145,6 +157,9 @@ class OSTLFeedforward(ETraceAlgorithm):
         meaning :math:`a = (r-1)/(r+1)`.
     name : str, optional
     vjp_method : {'single-step', 'multi-step'}
+    control_flow : etp_compiler.ControlFlowPolicy, optional
+        What the compiler does with ``cond`` / ``scan`` / ``while`` in the model's step (see
+        :class:`~etp_algorithms.ETraceAlgorithm`).
 
     Examples
     --------
@@ -166,6 +181,10 @@ class OSTLFeedforward(ETraceAlgorithm):
         decay_or_rank: Any = DEFAULT_DECAY,
         name: str | None = None,
         vjp_method: str = "single-step",
+        *,
+        control_flow: ControlFlowPolicy | None = None,
     ) -> None:
         self.decay = _checked_decay(decay_or_rank)
-        super().__init__(model, ostl_feedforward(self.decay), name=name, vjp_method=vjp_method)
+        super().__init__(
+            model, ostl_feedforward(self.decay), name=name, vjp_method=vjp_method, control_flow=control_flow
+        )

@@ -62,7 +62,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from etp_compiler import CompilationError, ETraceGraph, NotSupportedError, StatePath
+from etp_compiler import CompilationError, ControlFlowPolicy, ETraceGraph, NotSupportedError, StatePath
 
 from . import _d_rtrl
 from ._compat import is_tracer
@@ -342,6 +342,9 @@ class RFLO(ETraceAlgorithm):
         ``'multi-step'`` only with ``feedback='symmetric'`` (a window's exact reverse mode sends the true signal).
     random_feedback_key : int or jax.random key, optional
         braintrace's name for ``feedback_key``; when given, it is the key used.
+    control_flow : etp_compiler.ControlFlowPolicy, optional
+        What the compiler does with ``cond`` / ``scan`` / ``while`` in the model's step (see
+        :class:`~etp_algorithms.ETraceAlgorithm`).
 
     Raises
     ------
@@ -383,6 +386,8 @@ class RFLO(ETraceAlgorithm):
         name: str | None = None,
         vjp_method: str = "single-step",
         random_feedback_key: Any = None,
+        *,
+        control_flow: ControlFlowPolicy | None = None,
     ) -> None:
         if random_feedback_key is not None:  # braintrace's keyword for the feedback matrices' key
             feedback_key = random_feedback_key
@@ -393,7 +398,7 @@ class RFLO(ETraceAlgorithm):
                 "reverse mode would send the true signal. Use vjp_method='single-step'."
             )
         rule, matrices = _build(mode, feedback_key, feedback_scale)
-        super().__init__(model, rule, name=name, vjp_method=vjp_method)
+        super().__init__(model, rule, name=name, vjp_method=vjp_method, control_flow=control_flow)
         self.feedback = mode
         self._matrices = matrices
 

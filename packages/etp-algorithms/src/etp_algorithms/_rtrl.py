@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from etp_compiler import CompilationError, StatePath
+from etp_compiler import CompilationError, ControlFlowPolicy, StatePath
 
 from ._executor import StepValues
 from ._learner import ETraceAlgorithm
@@ -289,6 +289,9 @@ class RTRL(ETraceAlgorithm):
     max_influence_bytes : int
         The largest influence matrix accepted (default 1 GiB); a larger one is refused at compile
         with :class:`etp_compiler.CompilationError` giving its byte count.
+    control_flow : etp_compiler.ControlFlowPolicy, optional
+        What the compiler does with ``cond`` / ``scan`` / ``while`` in the model's step (see
+        :class:`~etp_algorithms.ETraceAlgorithm`).
 
     Examples
     --------
@@ -310,7 +313,15 @@ class RTRL(ETraceAlgorithm):
         name: str | None = None,
         vjp_method: str = "single-step",
         max_influence_bytes: int = DEFAULT_MAX_INFLUENCE_BYTES,
+        *,
+        control_flow: ControlFlowPolicy | None = None,
     ) -> None:
         limit = check_max_bytes(max_influence_bytes, "RTRL")
-        super().__init__(model, rtrl(limit, model_name=type(model).__name__), name=name, vjp_method=vjp_method)
+        super().__init__(
+            model,
+            rtrl(limit, model_name=type(model).__name__),
+            name=name,
+            vjp_method=vjp_method,
+            control_flow=control_flow,
+        )
         self.max_influence_bytes = limit

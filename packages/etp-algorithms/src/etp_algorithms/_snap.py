@@ -55,7 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from etp_compiler import CompilationError, ETraceGraph, StatePath
+from etp_compiler import CompilationError, ControlFlowPolicy, ETraceGraph, StatePath
 
 from ._executor import StepValues, execute_step
 from ._learner import ETraceAlgorithm
@@ -319,6 +319,9 @@ class SnAp(ETraceAlgorithm):
     vjp_method : {'single-step', 'multi-step'}
     max_influence_bytes : int
         The largest dense influence accepted (computed transiently each step); default 1 GiB.
+    control_flow : etp_compiler.ControlFlowPolicy, optional
+        What the compiler does with ``cond`` / ``scan`` / ``while`` in the model's step (see
+        :class:`~etp_algorithms.ETraceAlgorithm`).
 
     Examples
     --------
@@ -341,10 +344,18 @@ class SnAp(ETraceAlgorithm):
         name: str | None = None,
         vjp_method: str = "single-step",
         max_influence_bytes: int = DEFAULT_MAX_INFLUENCE_BYTES,
+        *,
+        control_flow: ControlFlowPolicy | None = None,
     ) -> None:
         n = check_n(n)
         limit = check_max_bytes(max_influence_bytes, "SnAp")
-        super().__init__(model, snap(n, limit, model_name=type(model).__name__), name=name, vjp_method=vjp_method)
+        super().__init__(
+            model,
+            snap(n, limit, model_name=type(model).__name__),
+            name=name,
+            vjp_method=vjp_method,
+            control_flow=control_flow,
+        )
         self.n = n
         self.max_influence_bytes = limit
 

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from etp_compiler import ETraceGraph, StatePath
+from etp_compiler import ControlFlowPolicy, ETraceGraph, StatePath
 
 from ._d_rtrl import _contract, init_traces, trace_of, update_traces, window_start_gradients
 from ._d_rtrl import trace_gradients as d_rtrl_trace_gradients
@@ -175,6 +175,9 @@ class ThreeFactor(ETraceAlgorithm):
         or a callable ``modulator(output, hidden)`` of the step's model output and
         ``hidden path -> new value``, called in the backward pass (e.g. a reward times the output error);
         ``None``: without a call's modulator the rule is D-RTRL.
+    control_flow : etp_compiler.ControlFlowPolicy, optional
+        What the compiler does with ``cond`` / ``scan`` / ``while`` in the model's step (see
+        :class:`~etp_algorithms.ETraceAlgorithm`).
 
     Examples
     --------
@@ -197,9 +200,11 @@ class ThreeFactor(ETraceAlgorithm):
         name: str | None = None,
         vjp_method: str = "single-step",
         modulator: Any = None,
+        *,
+        control_flow: ControlFlowPolicy | None = None,
     ) -> None:
         function = modulator if callable(modulator) and not hasattr(modulator, "shape") else None
-        super().__init__(model, three_factor(function), name=name, vjp_method=vjp_method)
+        super().__init__(model, three_factor(function), name=name, vjp_method=vjp_method, control_flow=control_flow)
         self.default_modulator = None if function is not None else modulator
 
     def _step_modulator(self, modulator: Any) -> list[Any] | None:

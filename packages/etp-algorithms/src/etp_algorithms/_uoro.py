@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from etp_compiler import StatePath
+from etp_compiler import ControlFlowPolicy, StatePath
 
 from ._executor import StepValues
 from ._learner import ETraceAlgorithm
@@ -240,6 +240,9 @@ class UORO(ETraceAlgorithm):
         The guard :math:`\epsilon` of :math:`\rho_0, \rho_1`.
     projection_eps : float, optional
         braintrace 0.2.8's name for ``epsilon``; when given, it is the guard used.
+    control_flow : etp_compiler.ControlFlowPolicy, optional
+        What the compiler does with ``cond`` / ``scan`` / ``while`` in the model's step (see
+        :class:`~etp_algorithms.ETraceAlgorithm`).
 
     Examples
     --------
@@ -265,8 +268,11 @@ class UORO(ETraceAlgorithm):
         epsilon: float = 1e-7,
         *,
         projection_eps: float | None = None,
+        control_flow: ControlFlowPolicy | None = None,
     ) -> None:
         if projection_eps is not None:  # braintrace 0.2.8's name for the guard
             epsilon = projection_eps
-        super().__init__(model, uoro(projection_key, epsilon), name=name, vjp_method=vjp_method)
+        super().__init__(
+            model, uoro(projection_key, epsilon), name=name, vjp_method=vjp_method, control_flow=control_flow
+        )
         self.epsilon = epsilon
