@@ -32,13 +32,16 @@ B, I, H, K, T = 2, 3, 4, 3, 5
 class Model(brainstate.nn.Module):
     """A leaky integrator whose step uses one construct; ``straight=True`` writes the same step without it."""
 
-    def __init__(self, construct: str, inside: bool, straight: bool = False) -> None:
+    def __init__(self, construct: str, inside: bool, straight: bool = False, batch: int | None = B) -> None:
         super().__init__()
         rng = np.random.default_rng(7)
         self.construct, self.inside, self.straight = construct, inside, straight
         self.w = brainstate.ParamState(jnp.asarray(rng.normal(size=(I, H))) * 0.5)
         self.leak = jnp.asarray(rng.uniform(0.5, 0.9, size=H))
-        self.h = brainstate.HiddenState(jnp.zeros((B, H)))
+        self.h = brainstate.HiddenState(jnp.zeros((H,) if batch is None else (batch, H)))
+
+    def init_state(self, batch_size: int | None = None, **kwargs: Any) -> None:
+        self.h = brainstate.HiddenState(jnp.zeros((H,) if batch_size is None else (batch_size, H)))
 
     def _sub_steps(self, h: Array, x: Array, y: Array | None) -> Array:
         def body(h: Array) -> Array:
@@ -94,7 +97,6 @@ def test_d_rtrl_on_leaky_integrators_with_control_flow_equals_bptt(
 ) -> None:
     xs, target = _data(rng)
     model = Model(construct, inside)
-    brainstate.nn.init_all_states(model)
     want = _bptt_of(model, xs, target)
     learner = D_RTRL(model)
     got = _online(model, learner, xs, target)
@@ -115,7 +117,6 @@ def test_es_d_rtrl_sees_the_same_step_as_straight_line_code(
     grads = []
     for straight in (False, True):
         model = Model(construct, inside, straight)
-        brainstate.nn.init_all_states(model)
         grads.append(_online(model, ES_D_RTRL(model, 0.8), xs, target))
     assert _rel(grads[0][("w",)], grads[1][("w",)]) < 1e-12
 
@@ -140,7 +141,7 @@ def test_every_learner_takes_the_policy(name: str, cls: type, rng: np.random.Gen
 
     xs, _ = _data(rng)
     model = Model("scan", inside=True)
-    brainstate.nn.init_all_states(model)
+    brainstate.nn.init_all_states(model, batch_size=B)
     options = OPTIONS.get(name, {})
     with pytest.raises(CompilationError, match=f"length {K}, above ControlFlowPolicy.scan_unroll_limit=2"):
         cls(model, **options, control_flow=ControlFlowPolicy(scan_unroll_limit=2)).compile_graph(xs[0])
@@ -160,7 +161,51 @@ def test_rtrl_with_control_flow_equals_bptt(construct: str, inside: bool, rng: n
 
     xs, target = _data(rng)
     model = Model(construct, inside)
-    brainstate.nn.init_all_states(model)
+    brainstate.nn.init_all_states(model, batch_size=B)
     want = _bptt_of(model, xs, target)
     got = _online(model, RTRL(model), xs, target)
     assert _rel(got[("w",)], want[("w",)]) < 1e-10
+
+
+@pytest.mark.parametrize(("construct", "inside"), CASES)
+@pytest.mark.parametrize("kind", ["d_rtrl", "es_d_rtrl"])
+def test_etrace_vmap_of_control_flow_models(construct: str, inside: bool, kind: str, rng: np.random.Generator) -> None:
+    """A per-sample learner vmapped over the batch: each sample takes its own ``cond`` branch.
+
+    D_RTRL equals the sum of per-sample BPTT gradients (each sample a model of its own, float64);
+    ES_D_RTRL equals its own per-sample learners run one by one (the conversion commutes with vmap).
+    """
+    from etp_algorithms import ETraceVmap, compile
+
+    xs, target = _data(rng)
+    options = OPTIONS.get(kind, {})
+
+    def quiet(fn: Any) -> Any:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return fn()
+
+    def online(call: Any, model: Model, xs: Array, target: Array) -> Any:
+        params = model.states(brainstate.ParamState)
+        total: Any = None
+        for t in range(T):
+            g = brainstate.transform.grad(lambda x, y=target[t]: jnp.sum((call(x) - y) ** 2), params)(xs[t])
+            total = g if total is None else jax.tree.map(jnp.add, total, g)
+        return total
+
+    vmapped = quiet(
+        lambda: compile(Model(construct, inside, batch=None), kind, xs[0], batch_size=B, vmap=True, **options)
+    )
+    assert isinstance(vmapped, ETraceVmap)
+    got = online(vmapped, vmapped.module.model, xs, target)
+    if kind == "d_rtrl":
+        parts = [_bptt_of(Model(construct, inside, batch=None), xs[:, b], target[:, b]) for b in range(B)]
+    else:
+        parts = []
+        for b in range(B):
+            model = Model(construct, inside, batch=None)
+            learner = quiet(lambda m=model: compile(m, kind, xs[0, 0], **options))
+            parts.append(online(learner, model, xs[:, b], target[:, b]))
+    want = jax.tree.map(lambda *a: sum(a), *parts)
+    assert _rel(got[("w",)], want[("w",)]) < 1e-10
+    assert float(jnp.abs(want[("w",)]).max()) > 0
