@@ -39,15 +39,14 @@ import jax
 import jax.numpy as jnp
 
 import etp_primitives as etp
-from etp_compiler import CompilationError, ControlFlowPolicy, HiddenParamOpRelation, StatePath
+from etp_compiler import CompilationError, HiddenParamOpRelation, StatePath
 
 from ._executor import StepValues
-from ._learner import ETraceAlgorithm
 from ._rtrl import _floating_paths
 from ._rule import HiddenCotangents, LearningRule, RelationGradients, RuleContext
 from ._rule_helpers import host_zeros
 from ._transition import hidden_transition
-from ._uoro import as_key_data, checked_epsilon
+from ._uoro import RandomProjectionLearner, as_key_data, checked_epsilon
 
 __all__ = ["KF_RTRL", "KF_RTRLTrace", "kf_rtrl"]
 
@@ -228,7 +227,7 @@ def kf_rtrl(projection_key: Any = 42, epsilon: float = 1e-7) -> LearningRule:
     )
 
 
-class KF_RTRL(ETraceAlgorithm):
+class KF_RTRL(RandomProjectionLearner):
     r"""Kronecker-factored RTRL: an unbiased estimate :math:`u\otimes A` of each dense relation's influence.
 
     For every relation :math:`y = \hat x W` (``etp.matmul``, :math:`\hat x = [x, 1]` with a bias, so
@@ -289,20 +288,4 @@ class KF_RTRL(ETraceAlgorithm):
     ((4, 6), (4, 3, 3))
     """
 
-    def __init__(
-        self,
-        model: Any,
-        name: str | None = None,
-        vjp_method: str = "single-step",
-        projection_key: Any = 42,
-        epsilon: float = 1e-7,
-        *,
-        projection_eps: float | None = None,
-        control_flow: ControlFlowPolicy | None = None,
-    ) -> None:
-        if projection_eps is not None:  # braintrace 0.2.8's name for the guard
-            epsilon = projection_eps
-        super().__init__(
-            model, kf_rtrl(projection_key, epsilon), name=name, vjp_method=vjp_method, control_flow=control_flow
-        )
-        self.epsilon = epsilon
+    _rule_factory = staticmethod(kf_rtrl)

@@ -38,6 +38,7 @@ replays the same draws.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,7 +55,7 @@ from ._rule import HiddenCotangents, LearningRule, RuleContext
 from ._rule_helpers import as_scalar, host_zeros
 from ._transition import hidden_transition, trainable_inputs
 
-__all__ = ["UORO", "UOROTrace", "as_key_data", "checked_epsilon", "uoro"]
+__all__ = ["UORO", "RandomProjectionLearner", "UOROTrace", "as_key_data", "checked_epsilon", "uoro"]
 
 
 @jax.tree_util.register_dataclass
@@ -190,7 +191,35 @@ def uoro(projection_key: Any = 42, epsilon: float = 1e-7) -> LearningRule:
     )
 
 
-class UORO(ETraceAlgorithm):
+class RandomProjectionLearner(ETraceAlgorithm):
+    """The constructor UORO and KF_RTRL share: a rule factory ``(projection_key, epsilon) -> LearningRule``."""
+
+    _rule_factory: Callable[[Any, float], LearningRule]
+
+    def __init__(
+        self,
+        model: Any,
+        name: str | None = None,
+        vjp_method: str = "single-step",
+        projection_key: Any = 42,
+        epsilon: float = 1e-7,
+        *,
+        projection_eps: float | None = None,
+        control_flow: ControlFlowPolicy | None = None,
+    ) -> None:
+        if projection_eps is not None:  # braintrace 0.2.8's name for the guard
+            epsilon = projection_eps
+        super().__init__(
+            model,
+            self._rule_factory(projection_key, epsilon),
+            name=name,
+            vjp_method=vjp_method,
+            control_flow=control_flow,
+        )
+        self.epsilon = epsilon
+
+
+class UORO(RandomProjectionLearner):
     r"""Unbiased online recurrent optimization: a rank-one estimate of the RTRL influence.
 
     Carries :math:`\tilde h` (the hidden states' shape) and :math:`\tilde\theta` (the
@@ -259,20 +288,4 @@ class UORO(ETraceAlgorithm):
     >>> grads = brainstate.transform.grad(lambda: jnp.sum(learner(jnp.ones((4, 2)))), cell.states(brainstate.ParamState))()
     """
 
-    def __init__(
-        self,
-        model: Any,
-        name: str | None = None,
-        vjp_method: str = "single-step",
-        projection_key: Any = 42,
-        epsilon: float = 1e-7,
-        *,
-        projection_eps: float | None = None,
-        control_flow: ControlFlowPolicy | None = None,
-    ) -> None:
-        if projection_eps is not None:  # braintrace 0.2.8's name for the guard
-            epsilon = projection_eps
-        super().__init__(
-            model, uoro(projection_key, epsilon), name=name, vjp_method=vjp_method, control_flow=control_flow
-        )
-        self.epsilon = epsilon
+    _rule_factory = staticmethod(uoro)
