@@ -333,3 +333,19 @@ def test_a_per_unit_time_constant_is_not_derived() -> None:
     brainstate.nn.init_all_states(model)
     with pytest.raises(ValueError, match=r"inp\.weight.*scalar tau.*pass decay="):
         OTTT(model).compile_graph(jnp.zeros(I))
+
+
+def test_compile_with_vmap_over_a_batch_equals_the_batched_learner(rng: np.random.Generator) -> None:
+    from etp_algorithms import compile as etp_compile
+
+    op, weights, xs, _, h_shape = _cases(np.random.default_rng(0))["mm+bias"]
+    r = jnp.asarray(rng.normal(size=h_shape))
+    batched = _compiled(OTTT(Driven(op, dict(weights), jnp.asarray(0.8), h_shape), decay=0.8), xs[0])
+    want = batched.etrace_grad(xs[:4], step_fn=lambda x: jnp.sum(r * jnp.sin(batched(x))), reduction="sum")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = Driven(op, dict(weights), jnp.asarray(0.8), h_shape[1:])
+        vmapped = etp_compile(model, OTTT, xs[0], batch_size=xs.shape[1], vmap=True, decay=0.8)
+    got = vmapped.etrace_grad(xs[:4], step_fn=lambda x: jnp.sum(r * jnp.sin(vmapped(x))), reduction="sum")
+    for key in ("weight", "bias"):
+        assert _rel(got[("w",)][key], want[("w",)][key]) < 1e-12, key
