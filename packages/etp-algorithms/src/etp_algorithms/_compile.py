@@ -2,7 +2,9 @@
 
 The learners are found by name in a registry (case-insensitive): ``'d_rtrl'``
 (:class:`D_RTRL`), ``'es_d_rtrl'``, ``'esd_rtrl'`` and ``'pp_prop'``
-(:class:`ES_D_RTRL`); :func:`register_learner` adds others.
+(:class:`ES_D_RTRL`); :func:`register_learner` adds others. An
+:class:`~etp_algorithms.ETraceConfig` names a learner by its rule
+(:func:`~etp_algorithms.learner_from_config`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import jax.numpy as jnp
 
 from etp_compiler import CompilationError
 
+from ._config import ETraceConfig, config_options
 from ._d_rtrl import D_RTRL
 from ._es_d_rtrl import ES_D_RTRL
 from ._kf_rtrl import KF_RTRL
@@ -103,7 +106,14 @@ for _name, _cls in (
     register_learner(_name, _cls)
 
 
-def _resolve(algorithm: Any) -> type[ETraceAlgorithm]:
+def _resolve(algorithm: Any, options: dict[str, Any]) -> tuple[type[ETraceAlgorithm], dict[str, Any]]:
+    """The learner class and its constructor options (a config's own options added to ``options``)."""
+    if isinstance(algorithm, ETraceConfig):
+        return config_options(algorithm, options, "compile")
+    return _resolve_class(algorithm), options
+
+
+def _resolve_class(algorithm: Any) -> type[ETraceAlgorithm]:
     if isinstance(algorithm, str):
         try:
             return _LEARNERS[_key(algorithm)]
@@ -115,8 +125,8 @@ def _resolve(algorithm: Any) -> type[ETraceAlgorithm]:
     if isinstance(algorithm, type) and issubclass(algorithm, ETraceAlgorithm):
         return algorithm
     raise TypeError(
-        "compile: algorithm must be a learner class (a subclass of ETraceAlgorithm) or one of the names "
-        f"{', '.join(sorted(_LEARNERS))}; got {algorithm!r}."
+        "compile: algorithm must be a learner class (a subclass of ETraceAlgorithm), an ETraceConfig or one of "
+        f"the names {', '.join(sorted(_LEARNERS))}; got {algorithm!r}."
     )
 
 
@@ -165,7 +175,7 @@ def _check_vmap_inputs(example_inputs: tuple[Any, ...], batch_size: int) -> None
 
 def compile(
     model: brainstate.nn.Module,
-    algorithm: str | type[ETraceAlgorithm],
+    algorithm: str | ETraceConfig | type[ETraceAlgorithm],
     *example_inputs: Any,
     batch_size: int | None = None,
     seed: int | None = None,
@@ -180,11 +190,13 @@ def compile(
     model : brainstate.nn.Module
         One step of the model. Its states are (re)initialised here, with
         ``brainstate.nn.init_all_states(model, batch_size=batch_size)``.
-    algorithm : str or type
-        A learner class (a subclass of :class:`ETraceAlgorithm`), or a
+    algorithm : str, ETraceConfig or type
+        A learner class (a subclass of :class:`ETraceAlgorithm`), a
         registered name (case-insensitive): ``'d_rtrl'``, ``'es_d_rtrl'`` /
         ``'esd_rtrl'`` / ``'pp_prop'``, and those added by :func:`register_learner`
-        (:func:`registered_learners` lists them).
+        (:func:`registered_learners` lists them), or an :class:`ETraceConfig`:
+        the learner that implements its rule, with the options its axes set
+        (e.g. ``decay_or_rank`` from ``decay``; see :func:`learner_from_config`).
     *example_inputs
         Inputs of one call of the learner (at least one), as it will be called.
     batch_size : int, optional
@@ -217,11 +229,15 @@ def compile(
     Raises
     ------
     ValueError
-        An unknown algorithm name (the message lists the valid ones), no
+        An unknown algorithm name (the message lists the valid ones), an
+        option that the ETraceConfig sets, no
         example input, ``verbose`` not in 0-3, ``vmap=True`` without
         ``batch_size`` or with inputs whose axis 0 is not ``batch_size``.
     TypeError
-        ``algorithm`` neither a learner class nor a string, or options the learner does not take.
+        ``algorithm`` neither a learner class, a config nor a string, or options the learner does not take.
+    etp_compiler.NotSupportedError
+        An ETraceConfig that no registered learner implements (the axis, the
+        value and the nearest supported config are named).
     etp_compiler.CompilationError
         If no weight of ``model`` gets an eligibility trace (no ETP primitive
         drives a hidden state): the message names the model and the ops that
@@ -241,8 +257,12 @@ def compile(
     ...                                  decay_or_rank=0.9)
     >>> batched(jnp.ones((2, 3))).shape, type(batched.module).__name__
     ((2, 4), 'ES_D_RTRL')
+    >>> from etp_algorithms._config import ETraceConfig
+    >>> config = ETraceConfig(trace_factorization="io_factorized", decay=0.9)
+    >>> type(etp_algorithms.compile(cell, config, jnp.zeros((2, 3)), batch_size=2)).__name__
+    'ES_D_RTRL'
     """
-    cls = _resolve(algorithm)
+    cls, options = _resolve(algorithm, options)
     if not isinstance(model, brainstate.nn.Module):
         raise TypeError(f"compile: model must be a brainstate.nn.Module, got {type(model).__name__}.")
     if not example_inputs:
