@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import saiunit as u
 from algorithms_testing import Driven, _bptt, _cases, _rel
+from test_ostl import _train_snn
 
 import etp_nn
 import etp_primitives as etp
@@ -227,75 +228,17 @@ def test_bad_input_gets_clear_errors() -> None:
         OTTT(if_layer).compile_graph(jnp.zeros(I))
 
 
-class SNN(brainstate.nn.Module):
-    """Linear -> etp_nn.LIF with recurrent spikes -> leaky readout (as test_ostl's)."""
-
-    def __init__(self, n_in: int, n_hidden: int, n_out: int) -> None:
-        super().__init__()
-        self.n_hidden = n_hidden
-        self.inp = etp_nn.Linear(n_in, n_hidden, w_init=brainstate.nn.init.KaimingNormal(3.0))
-        self.rec = etp_nn.Linear(n_hidden, n_hidden, b_init=None)
-        self.lif = etp_nn.LIF(n_hidden, tau=4.0 * u.ms, V_th=0.5 * u.mV)
-        self.out = etp_nn.LeakyRateReadout(n_hidden, n_out, tau=3.0 * u.ms)
-
-    def init_state(self, batch_size: int | None = None, **kwargs: Any) -> None:
-        shape = (self.n_hidden,) if batch_size is None else (batch_size, self.n_hidden)
-        self.spikes = brainstate.HiddenState(jnp.zeros(shape))
-
-    def update(self, x: Array) -> Array:
-        self.spikes.value = self.lif((self.inp(x) + self.rec(self.spikes.value)) * u.mV)
-        return self.out(self.spikes.value)
-
-
 def test_an_snn_trained_online_reduces_its_loss() -> None:
-    """A 3-class Poisson spike-pattern task; Adam (written out) every step, online."""
-    n_in, n_classes, steps, batch, iters = 12, 3, 12, 16, 30
-    rng = np.random.default_rng(0)
-    templates = rng.uniform(0.05, 0.5, size=(n_classes, n_in))
-    brainstate.random.seed(1)
-    model = SNN(n_in, 16, n_classes)
-    brainstate.nn.init_all_states(model, batch_size=batch)
-    learner = _compiled(OTTT(model), jnp.zeros((batch, n_in)))
-    assert learner.decays == pytest.approx((0.75, 0.75, float(np.exp(-1 / 3))))
-    params = learner.param_states
-    zeros = {k: jax.tree.map(jnp.zeros_like, s.value) for k, s in params.items()}
-    opt = brainstate.ShortTermState((zeros, zeros, jnp.zeros(())))
+    """test_ostl's 3-class Poisson spike-pattern task (Linear + recurrent LIF + leaky readout), Adam online."""
+    made: list[OTTT] = []
 
-    def adam(grads: Any) -> None:
-        m, v, t = opt.value
-        t = t + 1
-        m = jax.tree.map(lambda a, g: 0.9 * a + 0.1 * g, m, grads)
-        v = jax.tree.map(lambda a, g: 0.999 * a + 0.001 * g * g, v, grads)
-        for k, s in params.items():
-            step = jax.tree.map(
-                lambda mk, vk: 2e-2 * (mk / (1 - 0.9**t)) / (jnp.sqrt(vk / (1 - 0.999**t)) + 1e-8), m[k], v[k]
-            )
-            s.value = jax.tree.map(lambda p, d: p - d, s.value, step)
-        opt.value = (m, v, t)
+    def make(model: brainstate.nn.Module) -> OTTT:
+        made.append(OTTT(model))
+        return made[-1]
 
-    def loss_fn(x: Array, labels: Array) -> Array:
-        logits = learner(x)
-        return -jnp.mean(jnp.sum(jax.nn.log_softmax(logits) * jax.nn.one_hot(labels, n_classes), -1))
-
-    @brainstate.transform.jit
-    def trial(xs: Array, labels: Array) -> Array:
-        brainstate.nn.reset_all_states(model, batch_size=batch)
-        learner.reset_state()
-
-        def one(x: Array) -> Array:
-            grads, loss = brainstate.transform.grad(loss_fn, params, return_value=True)(x, labels)
-            adam(grads)
-            return loss
-
-        return jnp.mean(brainstate.transform.for_loop(one, xs))
-
-    losses = []
-    for _ in range(iters):
-        labels = rng.integers(0, n_classes, size=batch)
-        xs = jnp.asarray(rng.uniform(size=(steps, batch, n_in)) < templates[labels], jnp.float64)
-        losses.append(float(trial(xs, jnp.asarray(labels))))
-    first, last = float(np.mean(losses[:5])), float(np.mean(losses[-5:]))
+    first, last = _train_snn(make)
     assert np.isfinite(last) and last < 0.8 * first, (first, last)
+    assert made[0].decays == pytest.approx((0.75, 0.75, float(np.exp(-1 / 3))))  # LIF's twice, the readout's
 
 
 class Stack(brainstate.nn.Module):
