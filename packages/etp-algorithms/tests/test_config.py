@@ -79,7 +79,7 @@ CASES: dict[str, tuple[ETraceConfig, str, dict[str, Any], dict[str, Any]]] = {
     "eprop": (ETraceConfig(trace_filter="kappa", kappa=0.5), "eprop", {"feedback": "symmetric", "kappa_filter_decay": 0.5}, {}),
     "eprop-random": (
         ETraceConfig(learning_signal="random_feedback", trace_filter="kappa", kappa=0.5), "eprop",
-        {"feedback": "random", "kappa_filter_decay": 0.5}, {},
+        {"feedback": "random", "kappa_filter_decay": 0.5}, {"random_feedback_key": 1},
     ),
     "ottt": (ETraceConfig(trace_factorization=IO, decay=(0.7, 0.0)), "ottt", {"decay": 0.7}, {}),
     "dni": (ETraceConfig(learning_signal="bootstrapped"), "dni", {}, {}),
