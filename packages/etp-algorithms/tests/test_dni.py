@@ -16,7 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import saiunit as u
 
+import etp_nn
 import etp_primitives as etp
 from etp_algorithms import MultiStepData, SingleStepData
 from etp_algorithms._dni import DNI, train_synthetic_gradient
@@ -354,3 +356,82 @@ def test_bad_input(rng: np.random.Generator) -> None:
         train_synthetic_gradient(learner, xs, loss_fn=jnp.sum)  # TanhRNN resets unbatched: not the compiled shape
     losses = train_synthetic_gradient(learner, (xs, jnp.zeros((4, B, H))), epochs=2, batch_size=B)
     assert len(losses) == 8 and np.all(np.isfinite(losses)) and model.h.value.shape == (B, H)
+
+
+class SNN(brainstate.nn.Module):
+    """Linear -> LIF (surrogate spikes) -> leaky readout: two hidden groups."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = etp_nn.Linear(3, 5)
+        self.lif = etp_nn.LIF(5, tau=4.0 * u.ms, V_th=0.5 * u.mV)
+        self.out = etp_nn.LeakyRateReadout(5, 2, tau=3.0 * u.ms)
+
+    def update(self, x: Array) -> Array:
+        return self.out(self.lif(self.inp(x) * u.mV))
+
+
+def _model_oracle(model: brainstate.nn.Module, learner: DNI, xs: Array, target: Array, synthetic: bool = True) -> Any:
+    """brainstate.transform.grad through the model's own code over the window, plus <sg(g_hat(h_T)), h_T> summed over
+    every hidden state (g_hat from the synthesizer on each group's stacked end states); the states are restored."""
+    params = model.states(brainstate.ParamState)
+    saved = {p: s.value for p, s in model.states().items()}
+    hidden = learner.hidden_states
+    synthesizer, q = learner.synthesizer, learner.synthesizer.param_values()
+
+    def loss() -> Array:
+        total = jnp.zeros(())
+        for t in range(xs.shape[0]):
+            total = total + jnp.sum((model(xs[t]) - target[t]) ** 2)
+        for g in learner.graph.hidden_groups if synthetic else ():
+            ends = [u.get_mantissa(hidden[p].value) for p in g.hidden_paths]
+            g_hat = jax.lax.stop_gradient(synthesizer.apply(q, {g.index: jnp.stack(ends, -1)})[g.index])
+            total = total + sum(jnp.sum(g_hat[..., s] * end) for s, end in enumerate(ends))
+        return total
+
+    grads = brainstate.transform.grad(loss, params)()
+    for p, s in model.states().items():
+        s.value = saved[p]
+    return grads
+
+
+@pytest.mark.parametrize("kind", ["gru", "snn"])
+def test_window_on_etp_nn_models_equals_their_bptt_plus_the_synthetic_term(kind: str, rng: np.random.Generator) -> None:
+    with brainstate.environ.context(dt=1.0 * u.ms):
+        model = etp_nn.GRUCell(3, 4) if kind == "gru" else SNN()
+        brainstate.nn.init_all_states(model, batch_size=B)
+        out_size = 4 if kind == "gru" else 2
+        xs = jnp.asarray(rng.normal(size=(4, B, 3))) * (1.0 if kind == "gru" else 3.0)
+        target = jnp.asarray(rng.normal(size=(4, B, out_size)))
+        learner = DNI(model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            learner.compile_graph(xs[0])
+        shapes = learner.group_signal_shapes()
+        assert len(shapes) == (1 if kind == "gru" else 2)
+        learner.attach_synthesizer(SyntheticGradient(shapes, scale=1.0, seed=9))  # the whole batch's signal per group
+        brainstate.nn.reset_all_states(model, batch_size=B)
+        _ = learner(MultiStepData(xs[:2]))  # a non-zero start state
+        want = _model_oracle(model, learner, xs, target)
+        bptt = _model_oracle(model, learner, xs, target, synthetic=False)
+        params = model.states(brainstate.ParamState)
+        got = brainstate.transform.grad(lambda c: jnp.sum((learner(MultiStepData(c)) - target) ** 2), params)(xs)
+    assert set(got) == set(want)
+    for path in want:
+        _close(got[path], want[path], 1e-10)
+    # the synthetic term is not negligible here
+    assert max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(bptt), jax.tree.leaves(want))) > 1e-3
+
+
+def test_compile_builds_a_dni_with_its_synthesizer(rng: np.random.Generator) -> None:
+    import etp_algorithms
+
+    model = etp_nn.GRUCell(3, 4)
+    sg = SyntheticGradient({0: (4, 1)}, hidden_width=3, scale=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the compiler's notes on eligibility traces do not concern DNI
+        learner = etp_algorithms.compile(model, DNI, jnp.zeros((B, 3)), batch_size=B, synthesizer=sg)
+    assert isinstance(learner, DNI) and learner.is_compiled and learner.synthesizer is sg
+    assert learner.trace_bytes() == 0  # no eligibility traces
+    out = learner(MultiStepData(jnp.asarray(rng.normal(size=(3, B, 3)))))
+    assert out.shape == (3, B, 4)

@@ -33,6 +33,8 @@ target).
 
 from __future__ import annotations
 
+import re
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 
@@ -49,6 +51,9 @@ from ._rule import HiddenCotangents, LearningRule, RelationGradients, RuleContex
 from ._synthetic_gradient import SyntheticGradient
 
 __all__ = ["DNI", "train_synthetic_gradient", "truncated"]
+
+#: The compiler's warnings about eligibility traces (irrelevant to DNI, which keeps none).
+_TRACE_NOTE = re.compile(r"ETP primitive|eligibility trace")
 
 #: ``synthesize(param values, hidden path -> value) -> hidden path -> synthetic dL/dh``.
 Synthesize = Callable[[Any, Mapping[StatePath, Any]], dict[StatePath, jax.Array]]
@@ -283,8 +288,17 @@ class DNI(ETraceAlgorithm):
         self._synth = _Synth(synthesizer, default=False)
 
     def compile_graph(self, *args: Any) -> ETraceGraph:
-        """Compile the model's step (see :meth:`ETraceAlgorithm.compile_graph`) and check or make the synthesizer."""
-        graph = super().compile_graph(*args)
+        """Compile the model's step (see :meth:`ETraceAlgorithm.compile_graph`) and check or make the synthesizer.
+
+        The compiler's notes on which weights get eligibility traces are dropped: DNI uses none (every weight
+        learns by reverse mode over the window).
+        """
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            graph = super().compile_graph(*args)
+        for note in caught:
+            if not (issubclass(note.category, UserWarning) and _TRACE_NOTE.search(str(note.message))):
+                warnings.warn_explicit(note.message, note.category, note.filename, note.lineno)
         shapes = self.group_signal_shapes()
         current = self._synth.synthesizer
         if current is not None:
