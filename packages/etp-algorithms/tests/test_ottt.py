@@ -292,3 +292,23 @@ def test_compile_with_vmap_over_a_batch_equals_the_batched_learner(rng: np.rando
     got = vmapped.etrace_grad(xs[:4], step_fn=lambda x: jnp.sum(r * jnp.sin(vmapped(x))), reduction="sum")
     for key in ("weight", "bias"):
         assert _rel(got[("w",)][key], want[("w",)][key]) < 1e-12, key
+
+
+def test_a_loss_of_the_stored_potential_reaches_the_weight_through_dL_dh(rng: np.random.Generator) -> None:
+    """L^t = sum(r * V^t) of the state after the reset: dL/dV' = r (the reset is detached), delta = c r."""
+    w, b = jnp.asarray(rng.normal(size=(I, H))) * 2.0, jnp.asarray(rng.normal(size=H)) * 0.5
+    xs, r = _spikes(rng), jnp.asarray(rng.normal(size=(B, H)))
+    model = LIFLayer(w, b)
+    brainstate.nn.init_all_states(model, batch_size=B)
+    learner = _compiled(OTTT(model), xs[0])
+
+    def loss(x: Array) -> Array:
+        learner(x)
+        return jnp.sum(r * model.lif.V.value.mantissa)
+
+    a_hat, count = jnp.zeros((B, I)), 0.0
+    for t in range(T):
+        got = brainstate.transform.grad(loss, learner.param_states)(xs[t])[("inp", "weight")]
+        a_hat, count = 0.75 * a_hat + xs[t], 0.75 * count + 1.0
+        np.testing.assert_allclose(got["weight"], a_hat.T @ (0.25 * r), rtol=1e-10, atol=1e-13)
+        np.testing.assert_allclose(got["bias"], count * 0.25 * r.sum(0), rtol=1e-10, atol=1e-13)
