@@ -278,10 +278,14 @@ def test_embedding_transforms_and_marker(rng: np.random.Generator) -> None:
     _close(jax.jit(lambda v: layer(v))(ids), table[np.asarray(ids)])
     _close(jax.vmap(layer)(ids), table[np.asarray(ids)])
     assert set(layer.weight.value) == {"weight"}
-    assert param_leaves_reaching_etp(layer, ids) == {("weight", "weight"): {"etp_mm"}}
-    assert param_leaves_reaching_etp(layer, ids[0]) == {("weight", "weight"): {"etp_mv"}}
-    # under jit the ids are not concrete: an out-of-range id gives the documented zero vector
-    _close(jax.jit(lambda v: layer(v))(jnp.array([1, 2, 3, 7])), np.concatenate([table[[1, 2, 3]], np.zeros((1, 5))]))
+    assert param_leaves_reaching_etp(layer, ids) == {("weight", "weight"): {"etp_embedding"}}
+    assert param_leaves_reaching_etp(layer, ids[0]) == {("weight", "weight"): {"etp_embedding"}}
+    # under jit the ids are not concrete: an out-of-range id is clamped (mode='clip', as JAX's gather)
+    _close(jax.jit(lambda v: layer(v))(jnp.array([1, 2, -1, 7])), table[[1, 2, 0, 6]])
+    checked = etp_nn.Embedding(7, 5, w_init=table, mode="check")
+    _close(jax.jit(lambda v: checked(v))(jnp.array([1, 6])), table[[1, 6]])
+    with pytest.raises(Exception, match=r"indices must lie in \[0, 7\) .* from 1 to 7"):
+        jax.jit(lambda v: checked(v))(jnp.array([1, 7])).block_until_ready()
 
 
 def test_embedding_errors() -> None:
@@ -294,6 +298,8 @@ def test_embedding_errors() -> None:
         layer(jnp.array([0.0, 1.0]))
     with pytest.raises(ValueError, match=r"Embedding: num_embeddings must be a positive int, got 0"):
         etp_nn.Embedding(0, 5)
+    with pytest.raises(ValueError, match=r"Embedding: mode must be one of \('clip', 'check'\), got 'wrap'"):
+        etp_nn.Embedding(3, 5, mode="wrap")
 
 
 def test_default_initialisers() -> None:

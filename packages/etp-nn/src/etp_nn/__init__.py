@@ -5,7 +5,7 @@ Every trainable weight of these layers passes through an ETP primitive of
 work; recurrent and neuronal state lives in ``brainstate.HiddenState``.
 
 - Dense: :class:`Linear`, :class:`SignedWLinear`, :class:`ScaledWSLinear`,
-  :class:`SparseLinear`, :class:`LoRA`, :class:`Embedding`.
+  :class:`SparseLinear`, :class:`LoRA`, :class:`GroupedLinear`, :class:`Embedding`.
 - Convolution: :class:`Conv1d`, :class:`Conv2d`, :class:`Conv3d` (channels-last).
 - Recurrent cells: :class:`VanillaRNNCell` (also as :class:`ValinaRNNCell`, its historical spelling),
   :class:`GRUCell`, :class:`LSTMCell`, :class:`MGUCell`, :class:`MinimalRNNCell`,
@@ -26,8 +26,10 @@ from importlib.metadata import version as _distribution_version
 
 from . import surrogate
 from ._conv import Conv1d, Conv2d, Conv3d
+from ._embedding import Embedding
 from ._gated_rnn import GRUCell, LSTMCell, MGUCell, URLSTMCell
-from ._linear import Embedding, Linear, LoRA, ScaledWSLinear, SignedWLinear, SparseLinear
+from ._grouped import GroupedLinear
+from ._linear import Linear, LoRA, ScaledWSLinear, SignedWLinear, SparseLinear
 from ._lru import LRUCell
 from ._minimal_rnn import MiniGRU, MiniLSTM, MinimalRNNCell
 from ._neurons import ALIF, IF, LIF
@@ -54,6 +56,7 @@ __all__ = [
     "SparseLinear",
     "LoRA",
     "Embedding",
+    "GroupedLinear",
     "Conv1d",
     "Conv2d",
     "Conv3d",

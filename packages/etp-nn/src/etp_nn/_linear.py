@@ -1,4 +1,4 @@
-"""Dense layers whose weights flow through the ETP dense primitives."""
+"""Dense layers whose weights flow through the ETP dense primitives (the embedding is in :mod:`._embedding`)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import etp_primitives as etp
 
 from ._utils import check_last_dim, layer_name
 
-__all__ = ["Linear", "SignedWLinear", "ScaledWSLinear", "SparseLinear", "LoRA", "Embedding"]
+__all__ = ["Linear", "SignedWLinear", "ScaledWSLinear", "SparseLinear", "LoRA"]
 
 #: An initializer (called with the shape), or a ready array / scalar.
 Initializer = Callable[..., Any] | jax.Array | np.ndarray[Any, Any] | u.Quantity | float
@@ -518,79 +518,3 @@ class LoRA(brainstate.nn.Module):
         if self.base_module is not None:
             y = y + self.base_module(x)
         return y
-
-
-class Embedding(brainstate.nn.Module):
-    r"""Lookup table :math:`y = \mathrm{onehot}(i)\, W` through :func:`etp_primitives.matmul`.
-
-    Row :math:`W_{i}` of :math:`W \in \mathbb{R}^{N \times D}` is returned
-    for each integer id :math:`i`. The lookup is written as a one-hot
-    product so the table is a dense ETP weight (``etp_mm``, or ``etp_mv``
-    for a scalar id); this costs :math:`O(N)` memory per id.
-
-    Parameters
-    ----------
-    num_embeddings : int
-        :math:`N`, the number of ids; valid ids are ``0 .. N-1``.
-    embedding_size : int
-        :math:`D`.
-    w_init : initializer or array
-        :math:`W` ``(N, D)``; default standard normal.
-    name : str, optional
-
-    Attributes
-    ----------
-    weight : brainstate.ParamState
-        ``{'weight': (N, D)}``.
-
-    Notes
-    -----
-    ``indices`` may have any shape ``S`` (a scalar included); the output has
-    shape ``(*S, D)``. Concrete out-of-range ids raise ``ValueError``;
-    under ``jit`` they cannot be checked and give a zero vector.
-
-    Examples
-    --------
-    >>> import jax.numpy as jnp
-    >>> import etp_nn
-    >>> layer = etp_nn.Embedding(10, 4)
-    >>> layer(jnp.array([[1, 2, 3], [4, 5, 6]])).shape
-    (2, 3, 4)
-    """
-
-    def __init__(
-        self,
-        num_embeddings: int,
-        embedding_size: int,
-        w_init: Initializer = STANDARD_NORMAL,
-        name: str | None = None,
-    ) -> None:
-        super().__init__(name=name)  # type: ignore[call-arg]
-        self.num_embeddings = _positive_int(self, num_embeddings, "num_embeddings")
-        self.embedding_size = _positive_int(self, embedding_size, "embedding_size")
-        self.out_size = self.embedding_size
-        shape = (self.num_embeddings, self.embedding_size)
-        self.weight = brainstate.ParamState({"weight": _init_param(self, w_init, shape, "w_init")})
-
-    def update(self, indices: Any) -> Any:
-        n = self.num_embeddings
-        if isinstance(indices, Sequence) or isinstance(indices, (int, np.integer, np.ndarray)):
-            indices = jnp.asarray(indices)
-        dtype = getattr(indices, "dtype", None)
-        if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
-            raise TypeError(
-                f"{layer_name(self)}: indices must be an integer array of ids in [0, {n}) (num_embeddings={n}), "
-                f"got {type(indices).__name__} with dtype {dtype}."
-            )
-        if not isinstance(indices, jax.core.Tracer) and np.size(indices) > 0:
-            concrete = np.asarray(indices)
-            low, high = int(concrete.min()), int(concrete.max())
-            if low < 0 or high >= n:
-                raise ValueError(
-                    f"{layer_name(self)}: indices must lie in [0, {n}) (num_embeddings={n}); got ids from {low} to "
-                    f"{high} in indices of shape {tuple(concrete.shape)}."
-                )
-        params: dict[str, Any] = self.weight.value
-        table = params["weight"]
-        one_hot = jax.nn.one_hot(indices, n, dtype=u.get_mantissa(table).dtype)
-        return etp.matmul(one_hot, table)
