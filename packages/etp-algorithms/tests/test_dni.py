@@ -435,3 +435,28 @@ def test_compile_builds_a_dni_with_its_synthesizer(rng: np.random.Generator) -> 
     assert learner.trace_bytes() == 0  # no eligibility traces
     out = learner(MultiStepData(jnp.asarray(rng.normal(size=(3, B, 3)))))
     assert out.shape == (3, B, 4)
+
+
+def test_vmapped_per_sample_dni_equals_the_batched_one(rng: np.random.Generator) -> None:
+    """ETraceVmap of a per-sample DNI (the synthesizer shared by the samples) gives the batched DNI's gradients."""
+    import etp_algorithms
+
+    xs = jnp.asarray(rng.normal(size=(3, B, 3)))
+    grads = []
+    for vmap, scale in ((True, 1.0), (False, 1.0), (False, 0.0)):
+        brainstate.random.seed(0)
+        cell = etp_nn.GRUCell(3, 4)
+        sg = SyntheticGradient({0: (4, 1)}, scale=scale, seed=2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            learner = etp_algorithms.compile(cell, DNI, jnp.zeros((B, 3)), batch_size=B, vmap=vmap, synthesizer=sg)
+        params = cell.states(brainstate.ParamState)
+        total = None
+        for t in range(3):
+            g = brainstate.transform.grad(lambda x, f=learner: jnp.sum(jnp.sin(f(x))), params)(xs[t])
+            total = g if total is None else jax.tree.map(jnp.add, total, g)
+        grads.append(total)
+    _close(grads[0], grads[1])
+    assert (
+        max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(grads[1]), jax.tree.leaves(grads[2]))) > 1e-3
+    )
