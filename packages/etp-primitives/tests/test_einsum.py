@@ -193,3 +193,22 @@ def test_equation_type_units_and_weight_fn(rng: np.random.Generator) -> None:
     np.testing.assert_allclose(dw, jax.grad(lambda w: jnp.sum((x @ jnp.tanh(w)) ** 2))(w), rtol=1e-12)
     with pytest.raises(TypeError, match="weight_fn must be callable"):
         etp.einsum("bi,io->bo", x, w, weight_fn=3)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("equation", "xs", "ws"), EQUATIONS, ids=IDS)
+def test_es_drtrl_rule_is_exact_at_one_step(
+    equation: str, xs: tuple[int, ...], ws: tuple[int, ...], rng: np.random.Generator
+) -> None:
+    """ES-D-RTRL after a reset: eps_x = x (the bound x), eps_f = (1 - a) D_f, corrected by 1 / (1 - a)."""
+    x, w = _data(rng, xs, ws)
+    eqn = _eqn(equation, x, w)
+    y_shape = eqn.outvars[0].aval.shape
+    c, r, decay = jnp.asarray(rng.uniform(0.2, 1.0, size=y_shape)), jnp.asarray(rng.normal(size=y_shape)), 0.6
+    eps_f = etp.ETP_RULES_INIT_PP[etp.etp_einsum_p](eqn.invars[0], eqn.outvars[0], {}, 1)[..., 0]
+    assert eps_f.shape == y_shape
+    eps_f = decay * eps_f + (1 - decay) * c
+    g = r * jnp.cos(c * jnp.einsum(equation, x, w))
+    rule = etp.ETP_RULES_XY_TO_DW[etp.etp_einsum_p]
+    got = rule(_bound_x(equation, x, w), g * eps_f, {"weight": w}, **eqn.params)["weight"] / (1 - decay)
+    want = jax.grad(lambda w: jnp.sum(r * jnp.sin(c * jnp.einsum(equation, x, w))))(w)
+    np.testing.assert_allclose(got, want, rtol=1e-11, atol=1e-12)
