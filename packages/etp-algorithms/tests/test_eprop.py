@@ -77,8 +77,11 @@ def _psi(v: Array) -> Array:
 SPIKES = {"count": 0.0}
 
 
-def _by_hand(kind: str, W: Array, b: Array, xs: Array, kappa: float, signal: Any) -> list[tuple[Array, Array]]:
-    """e-prop written out: per step (dW, db) = sum_b L_j ebar_ji, ebar = F_kappa(psi/n * local eps)."""
+def _by_hand(
+    kind: str, W: Array, b: Array, xs: Array, kappa: float, signal: Any, filter_first: bool = False
+) -> list[tuple[Array, Array]]:
+    """e-prop written out: per step (dW, db) = sum_b L_j ebar_ji, ebar = F_kappa(psi/n * local eps);
+    ``filter_first``: braintrace 0.2.8's psi * F_kappa(local eps) instead."""
     alpha, c, rho, n = 1 - 1 / TAU, 1 / TAU, np.exp(-1 / TAU_A), V_TH
     V, a = jnp.zeros((B, H)), jnp.zeros((B, H))
     eV, ea = jnp.zeros((B, I + 1, H)), jnp.zeros((B, I + 1, H))  # [inputs, 1 (bias)] per unit
@@ -94,9 +97,9 @@ def _by_hand(kind: str, W: Array, b: Array, xs: Array, kappa: float, signal: Any
         psi = _psi((Vp - thr) / n)[:, None, :] / n
         local = alpha * eV + c * pre - (BETA * ea if kind == "alif" else 0.0)  # d(V' - thr)/dW, own dynamics
         e = psi * local  # the paper's e = psi * eps
-        ebar = kappa * ebar + e
+        ebar = kappa * ebar + (local if filter_first else e)
         L = signal(z)[:, None, :]
-        grad = jnp.sum(L * ebar, axis=0)
+        grad = jnp.sum(L * (psi * ebar if filter_first else ebar), axis=0)
         out.append((grad[:I], grad[I]))
         # the stored states' eligibility vectors (the reset's spike detached)
         eV = alpha * eV + c * pre - (BETA * z[:, None, :] * ea if kind == "alif" else 0.0)
@@ -124,6 +127,9 @@ def test_symmetric_eprop_is_the_equations_by_hand(kind: str, kappa: float, rng: 
         np.testing.assert_allclose(got[("inp", "weight")]["weight"], want[t][0], rtol=1e-10, atol=1e-12)
         np.testing.assert_allclose(got[("inp", "weight")]["bias"], want[t][1], rtol=1e-10, atol=1e-12)
     assert SPIKES["count"] > 0  # the reset (and, for ALIF, the adaptation) was exercised
+    if kappa > 0:  # the paper's F(psi eps) is not braintrace 0.2.8's psi F(eps): the check tells them apart
+        other = _by_hand(kind, W, b, xs, kappa, lambda z: 2 * (z - target), filter_first=True)
+        assert max(_rel(o[0], w[0]) for o, w in zip(other, want, strict=True)) > 1e-3
     assert any(float(jnp.max(jnp.abs(w[0]))) > 1e-6 for w in want[1:])  # history reached the gradient
 
 
@@ -171,11 +177,23 @@ def _sequence_grads(learner: ETraceAlgorithm, xs: Array, ys: Array) -> Any:
     return learner.etrace_grad(xs, ys, step_fn=lambda x, y: jnp.sum((learner(x) - y) ** 2), reduction="sum")
 
 
-def test_with_spikes_stored_as_hidden_states_eprop_is_d_rtrl(rng: np.random.Generator) -> None:
-    """kappa = 0, symmetric: when units reach the loss only through stored hidden states, e = eps, L = dL/dh."""
-    xs, ys = jnp.asarray(rng.normal(size=(6, B, I))), jnp.asarray(rng.normal(size=(6, B, 2)))
-    want = _sequence_grads(_compiled(D_RTRL(_snn()), xs[0]), xs, ys)
-    got = _sequence_grads(_compiled(EProp(_snn()), xs[0]), xs, ys)
+@pytest.mark.parametrize("kind", ["snn", "gru"])
+def test_units_read_through_stored_states_make_eprop_d_rtrl(kind: str, rng: np.random.Generator) -> None:
+    """kappa = 0, symmetric: when units reach the loss only through stored hidden states (a spike kept as a
+    HiddenState, a GRU's h), e = eps and L = dL/dh: D-RTRL's estimate."""
+    n_out = 2 if kind == "snn" else 5
+    xs, ys = jnp.asarray(rng.normal(size=(6, B, I))), jnp.asarray(rng.normal(size=(6, B, n_out)))
+
+    def model() -> brainstate.nn.Module:
+        if kind == "snn":
+            return _snn()
+        brainstate.random.seed(3)
+        gru = etp_nn.GRUCell(I, 5)
+        brainstate.nn.init_all_states(gru, batch_size=B)
+        return gru
+
+    want = _sequence_grads(_compiled(D_RTRL(model()), xs[0]), xs, ys)
+    got = _sequence_grads(_compiled(EProp(model()), xs[0]), xs, ys)
     assert set(got) == set(want)
     for path in want:
         for a, b in zip(jax.tree.leaves(got[path]), jax.tree.leaves(want[path]), strict=True):
