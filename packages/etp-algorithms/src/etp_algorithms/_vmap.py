@@ -128,6 +128,8 @@ class ETraceVmap(SequenceDriverMixin, brainstate.nn.Vmap):
         mapped = self._mapped_states(module, vmap_states)
         mapped_out = None if vmap_out_states is None else self._mapped_states(module, vmap_out_states)
         self._batching = _Batching(mapped)
+        self._vmap_args = (in_axes, out_axes, _by_axis(mapped), None if mapped_out is None else _by_axis(mapped_out))
+        self._modulated: dict[Any, Any] = {}
         # The states declared by instance, {axis: [states]} (brainstate.nn.Vmap's own filter form maps a
         # single {filter: axis} entry wrongly on brainstate 0.5.4 and 0.6).
         self.vmapped_fn = brainstate.transform.vmap(
@@ -220,7 +222,40 @@ class ETraceVmap(SequenceDriverMixin, brainstate.nn.Vmap):
         raise ValueError("ETraceVmap: cannot tell the batch size from these inputs and in_axes; pass axis_size=... .")
 
     def update(self, *args: Any, **kwargs: Any) -> Any:
-        """Run the module on each sample of the batch; return the outputs with their batch axis."""
+        """Run the module on each sample of the batch; return the outputs with their batch axis.
+
+        ``modulator=`` (a :class:`~etp_algorithms.ThreeFactor` learner's third factor) is split per
+        sample: each leaf with a leading axis of the batch size is mapped along it, the others
+        (a scalar reward, a per-unit array) go to every sample whole.
+        """
         size = self._batching.size if self._batching.size is not None else self._batch_size_of(args)
         self._batch_states(size)
-        return self.vmapped_fn(*args, **kwargs)
+        modulator = kwargs.pop("modulator", None)
+        if modulator is None:
+            return self.vmapped_fn(*args, **kwargs)
+        if not isinstance(self.module, ETraceAlgorithm):
+            raise TypeError(f"ETraceVmap: modulator= is for a learner; the module is a {type(self.module).__name__}.")
+        return self._modulated_fn(args, modulator, size)(*args, modulator, **kwargs)
+
+    def _modulated_fn(self, args: tuple[Any, ...], modulator: Any, size: int) -> Any:
+        """A vmapped call of the learner with the modulator as a last positional input (built once per layout)."""
+        in_axes, out_axes, in_states, out_states = self._vmap_args
+        per_arg = [in_axes] * len(args) if in_axes is None or isinstance(in_axes, int) else list(in_axes)
+        mod_axes = jax.tree.map(lambda v: 0 if jnp.ndim(v) >= 1 and jnp.shape(v)[0] == size else None, modulator)
+        key = (len(args), jax.tree.structure(modulator), tuple(jax.tree.leaves(mod_axes)), size)
+        if key not in self._modulated:
+            module = self.module
+
+            def call(*inputs: Any, **kwargs: Any) -> Any:
+                return module(*inputs[:-1], modulator=inputs[-1], **kwargs)
+
+            self._modulated[key] = brainstate.transform.vmap(
+                call,
+                in_axes=(*per_arg, mod_axes),
+                out_axes=out_axes,
+                in_states=in_states,
+                out_states=out_states,
+                axis_name=self.axis_name,
+                axis_size=size,
+            )
+        return self._modulated[key]
