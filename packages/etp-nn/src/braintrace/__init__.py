@@ -7,6 +7,9 @@ compiler stages of :mod:`etp_compiler`, every public name of
 :mod:`etp_nn`. Each name is the very object of its package.
 """
 
+import warnings as _warnings
+from importlib.metadata import PackageNotFoundError as _PackageNotFoundError
+from importlib.metadata import distribution as _distribution
 from importlib.metadata import version as _distribution_version
 
 import etp_algorithms as _etp_algorithms
@@ -63,6 +66,50 @@ from . import _etrace_op as _etrace_op
 from . import nn as nn
 
 __version__ = _distribution_version("etp-nn")  # one source: the distribution's pyproject
+
+
+class BraintraceDistributionWarning(UserWarning):
+    """Two installed distributions provide the ``braintrace`` import: ours (etp-nn) and another."""
+
+
+_SHADOW_WARNED = False
+
+
+def _released_distribution() -> str | None:
+    """``name version`` of the released ``braintrace`` distribution when one is installed, else ``None``.
+
+    Looked up by name: ``importlib.metadata.packages_distributions()`` scans every installed
+    distribution (seconds on a large environment) and does not see editable installs.
+    """
+    try:
+        dist = _distribution("braintrace")
+    except _PackageNotFoundError:
+        return None
+    return f"braintrace {dist.version}"
+
+
+def _warn_if_shadowed(other: str | None = None) -> bool:
+    """Warn once (``BraintraceDistributionWarning``) when another distribution also provides ``braintrace``.
+
+    ``other``: the other distribution (default: looked up). Returns whether it warned.
+    """
+    global _SHADOW_WARNED
+    other = _released_distribution() if other is None else other
+    if other is None or _SHADOW_WARNED:
+        return False
+    _SHADOW_WARNED = True
+    _warnings.warn(
+        f"Two installed distributions provide the `braintrace` import: etp-nn {__version__} (the ETP libraries) and "
+        f"{other} (the released library). The active one is etp-nn ({__file__}); which one Python imports depends on "
+        "the order of sys.path, and installing one over the other mixes their files. Keep them in separate "
+        "environments (uninstall one: `pip uninstall braintrace` or `pip uninstall etp-nn`).",
+        BraintraceDistributionWarning,
+        stacklevel=3,
+    )
+    return True
+
+
+_warn_if_shadowed()
 
 __all__ = [
     "__version__",
