@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import saiunit as u
+from test_multi_step import SNN  # Linear -> LIF (surrogate spikes) -> leaky readout: two hidden groups
 
 import etp_nn
 import etp_primitives as etp
@@ -350,25 +351,14 @@ def test_bad_input(rng: np.random.Generator) -> None:
         train_synthetic_gradient(learner, (xs, jnp.zeros((3, B, H))))
     with pytest.raises(TypeError, match="optax-style"):
         train_synthetic_gradient(learner, (xs, xs), optimizer="adam")
+    with pytest.raises(RuntimeError, match="call it outside jit"):
+        jax.jit(lambda x: train_synthetic_gradient(learner, (x, x)))(xs)
     with pytest.raises(ValueError, match="must return a scalar"):
         train_synthetic_gradient(learner, xs, loss_fn=lambda out: out, reset=False)
     with pytest.raises(ValueError, match="pass batch_size="):
         train_synthetic_gradient(learner, xs, loss_fn=jnp.sum)  # TanhRNN resets unbatched: not the compiled shape
     losses = train_synthetic_gradient(learner, (xs, jnp.zeros((4, B, H))), epochs=2, batch_size=B)
     assert len(losses) == 8 and np.all(np.isfinite(losses)) and model.h.value.shape == (B, H)
-
-
-class SNN(brainstate.nn.Module):
-    """Linear -> LIF (surrogate spikes) -> leaky readout: two hidden groups."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.inp = etp_nn.Linear(3, 5)
-        self.lif = etp_nn.LIF(5, tau=4.0 * u.ms, V_th=0.5 * u.mV)
-        self.out = etp_nn.LeakyRateReadout(5, 2, tau=3.0 * u.ms)
-
-    def update(self, x: Array) -> Array:
-        return self.out(self.lif(self.inp(x) * u.mV))
 
 
 def _model_oracle(model: brainstate.nn.Module, learner: DNI, xs: Array, target: Array, synthetic: bool = True) -> Any:

@@ -45,6 +45,7 @@ import numpy as np
 
 from etp_compiler import ControlFlowPolicy, ETraceGraph, ModuleInfo, NotSupportedError, StatePath, run_step
 
+from ._compat import inside_staging
 from ._executor import KeyedValues, StepValues
 from ._learner import ETraceAlgorithm
 from ._rule import HiddenCotangents, LearningRule, RelationGradients, RuleContext
@@ -520,6 +521,8 @@ def train_synthetic_gradient(
     ------
     TypeError
         ``learner`` not a DNI; an optimizer of another kind.
+    RuntimeError
+        Called inside ``jit`` (it runs eagerly, window by window).
     ValueError
         Bad ``chunk_size``/``epochs``, inputs without a common time axis, no ``loss_fn`` and no targets, a
         non-scalar loss, states reset to another shape than compiled.
@@ -538,6 +541,11 @@ def train_synthetic_gradient(
     """
     if not isinstance(learner, DNI):
         raise TypeError(f"train_synthetic_gradient expects a DNI learner, got {type(learner).__name__}.")
+    if inside_staging():
+        raise RuntimeError(
+            "train_synthetic_gradient runs eagerly (each window one compiled program, the losses returned as floats); "
+            "call it outside jit."
+        )
     chunk = _positive_int(chunk_size, "chunk_size")
     epochs = _positive_int(epochs, "epochs")
     xs, targets = _split_inputs(inputs)
