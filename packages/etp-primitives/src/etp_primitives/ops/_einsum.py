@@ -45,11 +45,10 @@ import jax
 import jax.numpy as jnp
 
 from .._checks import as_array
-from .._primitive import register_primitive_spec, set_batching_rule
-from .._spec import ETPPrimitiveSpec
-from .._trace import aval_of, derive_xy_to_dw, init_pp_like_output
+from .._primitive import set_batching_rule
+from .._trace import aval_of
 from .._units import attach_unit, product_unit, split_unit
-from ._common import apply_weight_fn, weight_dtype, zeros_with_state_axis
+from ._common import apply_weight_fn, register_builtin, weight_dtype, zeros_with_state_axis
 
 __all__ = ["etp_einsum_p", "einsum", "EinsumLayout", "einsum_layout"]
 
@@ -227,20 +226,15 @@ def _init_drtrl(x_var: Any, y_var: Any, weight_vars: dict[str, Any], num_hidden_
 
 
 #: Two-operand einsum with a weight; the static ``equation`` is canonical (``x`` = batch + shared subscripts).
-etp_einsum_p = register_primitive_spec(
-    ETPPrimitiveSpec(
-        name="etp_einsum",
-        impl=_einsum_impl,
-        yw_to_w=_yw_to_w,
-        xy_to_dw=derive_xy_to_dw(_einsum_impl, _trainable, 0),
-        init_drtrl=_init_drtrl,
-        init_pp=init_pp_like_output,
-        trainable_invars_fn=_trainable,
-        x_invar_index=0,
-        batched=False,
-        drtrl_seed=_seed,
-        drtrl_grad=_grad,
-    )
+etp_einsum_p = register_builtin(
+    "etp_einsum",
+    _einsum_impl,
+    _trainable,
+    batched=False,  # the trace's batch axes are not x's axis 0: the rules below handle them
+    yw_to_w=_yw_to_w,
+    init_drtrl=_init_drtrl,
+    drtrl_seed=_seed,
+    drtrl_grad=_grad,
 )
 
 
