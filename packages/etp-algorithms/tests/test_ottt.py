@@ -312,3 +312,15 @@ def test_a_loss_of_the_stored_potential_reaches_the_weight_through_dL_dh(rng: np
         a_hat, count = 0.75 * a_hat + xs[t], 0.75 * count + 1.0
         np.testing.assert_allclose(got["weight"], a_hat.T @ (0.25 * r), rtol=1e-10, atol=1e-13)
         np.testing.assert_allclose(got["bias"], count * 0.25 * r.sum(0), rtol=1e-10, atol=1e-13)
+
+
+def test_without_dt_a_plain_model_is_asked_for_decay(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No dt set: a model without etp_nn neurons is asked for decay= (not brainstate's KeyError about dt)."""
+    leaky = Driven(lambda x, w: etp.matmul(x, w["weight"]), {"weight": jnp.ones((I, H))}, jnp.asarray(0.5), (H,))
+
+    def no_dt() -> Any:
+        raise KeyError("Key 'dt' not found in environment.")
+
+    monkeypatch.setattr(brainstate.environ, "get_dt", no_dt)
+    with pytest.raises(ValueError, match=r"weight w .*pass decay="):
+        OTTT(leaky).compile_graph(jnp.zeros(I))

@@ -244,3 +244,31 @@ def test_sequence_drivers_equal_the_batched_learners(kind: str, rng: np.random.G
     _close(model_s.h.value, model_b.h.value)
     with pytest.raises(ValueError, match="not supported on a vmapped learner"):
         wrapped.etrace_evolve(xs, chunk_size=2)
+
+
+def test_compile_vmap_of_a_model_whose_states_carry_units(rng: np.random.Generator) -> None:
+    """States in mV (etp_nn.LIF): the lanes start as the batched model and step as the batched learner does."""
+    import saiunit as u
+
+    import etp_nn
+
+    class Net(brainstate.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp = etp_nn.Linear(I, O)
+            self.lif = etp_nn.LIF(O)
+
+        def update(self, x: Array) -> Array:
+            return self.lif(self.inp(x) * u.mV)
+
+    with brainstate.environ.context(dt=1.0 * u.ms):
+        x0 = jnp.asarray(rng.normal(size=(B, I)))
+        model_b, model_s = Net(), Net()
+        model_s.inp.weight.value = jax.tree.map(lambda a: a, model_b.inp.weight.value)
+        learner_b = _quiet(lambda: etp_algorithms.compile(model_b, "d_rtrl", x0, batch_size=B))
+        wrapped = _quiet(lambda: etp_algorithms.compile(model_s, "d_rtrl", x0, batch_size=B, vmap=True))
+        assert u.get_unit(model_s.lif.V.value) == u.mV and model_s.lif.V.value.shape == (B, O)
+        for _ in range(3):
+            x = jnp.asarray(rng.normal(size=(B, I))) * 3.0
+            _close(wrapped(x), learner_b(x))
+            _close(model_s.lif.V.value.mantissa, model_b.lif.V.value.mantissa)

@@ -22,8 +22,11 @@ from etp_compiler import CompilationReport
 
 from . import extend
 from ._compile import compile, register_learner, registered_learners
+from ._config import ETraceConfig, learner_from_config
 from ._d_rtrl import D_RTRL, ParamDimVjpAlgorithm
+from ._dni import DNI, train_synthetic_gradient
 from ._driver import SequenceDriverMixin
+from ._eprop import EProp
 from ._es_d_rtrl import ES_D_RTRL, IODimVjpAlgorithm, pp_prop
 from ._executor import ETraceGraphExecutor, StepValues
 from ._feedback import FixedRandomFeedback, KappaFilter
@@ -33,11 +36,13 @@ from ._jit_in_place import jit_in_place
 from ._kf_rtrl import KF_RTRL
 from ._learner import EligibilityTrace, ETraceAlgorithm, NoEligibilityTraceWarning
 from ._ostl import OSTLFeedforward, OSTLRecurrent
+from ._ottt import OTTT
 from ._rflo import RFLO
 from ._rtrl import RTRL
 from ._rule import LearningRule
 from ._sharding import BatchSharding, shard, shard_batch, trace_bytes_per_device
 from ._snap import SnAp
+from ._synthetic_gradient import SyntheticGradient
 from ._three_factor import ThreeFactor
 from ._uoro import UORO
 from ._vmap import ETraceVmap
@@ -75,6 +80,13 @@ __all__ = [
     "OSTLRecurrent",
     "OSTLFeedforward",
     "ThreeFactor",
+    "EProp",
+    "OTTT",
+    "DNI",
+    "SyntheticGradient",
+    "train_synthetic_gradient",
+    "ETraceConfig",
+    "learner_from_config",
     "FixedRandomFeedback",
     "KappaFilter",
     "GradExpon",

@@ -22,10 +22,13 @@ from etp_compiler import CompilationError
 
 from ._config import ETraceConfig, config_options
 from ._d_rtrl import D_RTRL
+from ._dni import DNI
+from ._eprop import EProp
 from ._es_d_rtrl import ES_D_RTRL
 from ._kf_rtrl import KF_RTRL
 from ._learner import OPT_IN, ETraceAlgorithm, NoEligibilityTraceWarning
 from ._ostl import OSTLFeedforward, OSTLRecurrent
+from ._ottt import OTTT
 from ._rflo import RFLO
 from ._rtrl import RTRL
 from ._snap import SnAp
@@ -102,6 +105,9 @@ for _name, _cls in (
     ("ostl_recurrent", OSTLRecurrent),
     ("ostl_feedforward", OSTLFeedforward),
     ("three_factor", ThreeFactor),
+    ("eprop", EProp),
+    ("ottt", OTTT),
+    ("dni", DNI),
 ):
     register_learner(_name, _cls)
 
@@ -159,8 +165,14 @@ def _restore(model: brainstate.nn.Module, saved: dict[Any, tuple[brainstate.Stat
 def _start_lanes(model: brainstate.nn.Module, lanes: dict[Any, Any]) -> None:
     """Give each lane the initial value the batched model's ``init_all_states`` gave it (when the shapes agree)."""
     for path, state in _all_states(model).items():
-        if path in lanes and jax.tree.map(jnp.shape, lanes[path]) == jax.tree.map(jnp.shape, state.value):
+        if path in lanes and _layout(lanes[path]) == _layout(state.value):
             state.value = lanes[path]
+
+
+def _layout(value: Any) -> tuple[Any, list[tuple[int, ...]]]:
+    """The tree structure (a saiunit Quantity's unit included) and the leaf shapes of a state's value."""
+    leaves, structure = jax.tree.flatten(value)
+    return structure, [tuple(jnp.shape(leaf)) for leaf in leaves]
 
 
 def _check_vmap_inputs(example_inputs: tuple[Any, ...], batch_size: int) -> None:

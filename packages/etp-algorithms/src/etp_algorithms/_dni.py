@@ -221,7 +221,7 @@ class DNI(ETraceAlgorithm):
     --------
     >>> import brainstate, jax.numpy as jnp, etp_nn
     >>> from etp_algorithms import MultiStepData
-    >>> from etp_algorithms._dni import DNI
+    >>> from etp_algorithms import DNI
     >>> cell = etp_nn.VanillaRNNCell(3, 4)
     >>> _ = brainstate.nn.init_all_states(cell)
     >>> learner = DNI(cell)
@@ -530,7 +530,7 @@ def train_synthetic_gradient(
     Examples
     --------
     >>> import brainstate, jax.numpy as jnp, etp_nn
-    >>> from etp_algorithms._dni import DNI, train_synthetic_gradient
+    >>> from etp_algorithms import DNI, train_synthetic_gradient
     >>> cell = etp_nn.VanillaRNNCell(2, 3)
     >>> _ = brainstate.nn.init_all_states(cell)
     >>> learner = DNI(cell)

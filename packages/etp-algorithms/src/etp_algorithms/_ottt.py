@@ -144,14 +144,24 @@ def _scalar(value: Any) -> float | None:
 def _module_leak(module: Any, attribute: Any) -> float | None:
     """The leak of the etp_nn neuron/readout ``module``'s state ``attribute``, or ``None`` if not one of them."""
     names = {cls.__name__ for cls in type(module).__mro__ if cls.__module__.startswith("etp_nn")}
-    dt = brainstate.environ.get_dt()
     if names & {"LIF", "ALIF"} and attribute == "V":
-        ratio = _scalar(dt / module.tau)
+        ratio = _scalar(_dt(module, attribute) / module.tau)
         return None if ratio is None else 1.0 - ratio  # forward Euler of tau dV/dt = V_rest - V + x
     if "LeakyRateReadout" in names and attribute == "r":
-        ratio = _scalar(dt / module.tau)
+        ratio = _scalar(_dt(module, attribute) / module.tau)
         return None if ratio is None else float(np.exp(-ratio))
     return None
+
+
+def _dt(module: Any, attribute: Any) -> Any:
+    """``brainstate.environ.get_dt()``, or a clear error saying that the leak of ``module.attribute`` needs it."""
+    try:
+        return brainstate.environ.get_dt()
+    except KeyError:
+        raise ValueError(
+            f"OTTT: the leak of {type(module).__name__}.{attribute} is derived from dt/tau, and no dt is set; "
+            "compile inside brainstate.environ.context(dt=...) (or brainstate.environ.set(dt=...)), or pass decay=."
+        ) from None
 
 
 def leak_of(model: brainstate.nn.Module, graph: ETraceGraph) -> tuple[float, ...]:
@@ -258,7 +268,7 @@ def ottt(decay: Any) -> LearningRule:
 
     Examples
     --------
-    >>> from etp_algorithms._ottt import ottt
+    >>> from etp_algorithms.extend import ottt
     >>> rule = ottt(0.8)
     >>> rule.name, rule.supports_windows
     ('OTTT', False)
@@ -366,7 +376,7 @@ class OTTT(ETraceAlgorithm):
     Examples
     --------
     >>> import brainstate, jax.numpy as jnp, saiunit as u, etp_nn
-    >>> from etp_algorithms._ottt import OTTT
+    >>> from etp_algorithms import OTTT
     >>> class Net(brainstate.nn.Module):
     ...     def __init__(self):
     ...         super().__init__()

@@ -90,7 +90,7 @@ class SyntheticGradient:
     Examples
     --------
     >>> import jax.numpy as jnp
-    >>> from etp_algorithms._synthetic_gradient import SyntheticGradient
+    >>> from etp_algorithms import SyntheticGradient
     >>> sg = SyntheticGradient({0: (3, 1)}, scale=1.0, seed=0)
     >>> sorted(sg.param_values()["group_0"])
     ['bias', 'weight']

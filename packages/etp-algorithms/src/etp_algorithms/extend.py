@@ -25,6 +25,7 @@ from ._d_rtrl import D_RTRLTrace, d_rtrl
 from ._es_d_rtrl import ES_D_RTRLTrace, ES_D_RTRLTraces, es_d_rtrl
 from ._executor import KeyedValues, StepValues, execute_step
 from ._hidden_only import hidden_only_keys, reach
+from ._ottt import OTTTTrace, leak_of, ottt, relation_cotangents
 from ._rule import HiddenCotangents, LearningRule, RelationGradients, RuleContext, WeightGradients
 from ._rule_helpers import (
     as_scalar,
@@ -61,6 +62,11 @@ __all__ = [
     # the built-in three-factor rule and its modulator
     "three_factor",
     "modulator_values",
+    # OTTT's rule, its trace record, the leak it derives and the relation-output cotangents it uses
+    "ottt",
+    "OTTTTrace",
+    "leak_of",
+    "relation_cotangents",
     # the full transition, for rules carrying a total influence dh/dtheta
     "hidden_transition",
     "trainable_inputs",
