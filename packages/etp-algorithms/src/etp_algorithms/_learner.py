@@ -32,6 +32,17 @@ import jax.numpy as jnp
 
 from etp_compiler import CompilationReport, ControlFlowPolicy, ETraceGraph, NotSupportedError, StatePath
 
+from ._checks import (
+    InputSignature,
+    StateSignature,
+    check_finite,
+    check_layout,
+    is_batched,
+    model_states,
+    refuse_inside_staging,
+    tree_layout,
+)
+from ._compat import inside_staging
 from ._driver import SequenceDriverMixin
 from ._executor import ETraceGraphExecutor
 from ._hidden_only import hidden_only_keys
@@ -89,6 +100,20 @@ class ETraceAlgorithm(SequenceDriverMixin, brainstate.nn.Module):
     control_flow : etp_compiler.ControlFlowPolicy, optional
         What the compiler does with ``cond`` / ``scan`` / ``while`` inside the model's step
         (default ``ControlFlowPolicy()``: if-convert, unroll up to 16 sub-steps, refuse data-dependent loops).
+    check_finite : bool
+        Debug mode: every step checks its new hidden states and traces for NaN / inf and raises
+        :class:`~etp_algorithms._checks.NonFiniteError` naming the first bad one, before storing
+        anything (also settable later: ``learner.check_finite = True``). Costs one reduction per state.
+
+    Notes
+    -----
+    Every call checks its inputs against the compiled ones (shapes, float dtypes, saiunit units:
+    a Quantity of a compatible unit is converted to the compiled unit, a missing or extra unit
+    raises) and the model's states: states replaced since compiling (``brainstate.nn.init_all_states``
+    creates new objects) make the learner recompile for them, with zero traces; a state value of
+    another shape or structure raises naming it. A copy (``copy.deepcopy``, ``brainstate.graph.clone``)
+    recompiles for its own model at its first use and keeps the copied traces. See the
+    "Pitfalls and checks" page.
 
     Examples
     --------
@@ -111,6 +136,7 @@ class ETraceAlgorithm(SequenceDriverMixin, brainstate.nn.Module):
         vjp_method: str = "single-step",
         *,
         control_flow: ControlFlowPolicy | None = None,
+        check_finite: bool = False,
     ) -> None:
         super().__init__(name=name)  # type: ignore[call-arg]
         label = type(self).__name__
@@ -130,6 +156,10 @@ class ETraceAlgorithm(SequenceDriverMixin, brainstate.nn.Module):
         self.vjp_method = vjp_method
         self._executor = ETraceGraphExecutor(model, control_flow=control_flow)
         self._arg_shapes: list[tuple[tuple[int, ...], Any]] | None = None
+        self._inputs: InputSignature | None = None
+        self._state_sig: StateSignature | None = None
+        self.check_finite = bool(check_finite)
+        self._trace_layout: Any = None
         self._recompile_on_next_call = False
         self._hidden_only: frozenset[tuple[int, str]] = frozenset()
         self._built = _BuiltSteps()
@@ -144,6 +174,7 @@ class ETraceAlgorithm(SequenceDriverMixin, brainstate.nn.Module):
     @property
     def graph(self) -> ETraceGraph:
         """The compiled :class:`etp_compiler.ETraceGraph` (``RuntimeError`` before :meth:`compile_graph`)."""
+        self._own_executor()
         if not self._executor.is_compiled:
             raise RuntimeError(
                 f"{type(self).__name__}: call compile_graph(*example_args) before using the learner "
@@ -203,7 +234,13 @@ class ETraceAlgorithm(SequenceDriverMixin, brainstate.nn.Module):
         return text if return_msg else None
 
     def compile_graph(self, *args: Any) -> ETraceGraph:
-        """Compile the model's step for inputs shaped like ``args`` and initialise the traces."""
+        """Compile the model's step for inputs shaped like ``args`` and initialise the traces.
+
+        Refused inside ``jit``: compile between jitted steps.
+        """
+        refuse_inside_staging(type(self).__name__, "compile_graph(...)")
+        if self._executor.model is not self.model:  # a copy: compile its own model
+            self._executor = ETraceGraphExecutor(self.model, control_flow=self._executor.control_flow)
         graph = self._executor.compile_graph(*args)
         if self.learns_nothing_online(graph):
             warnings.warn(
@@ -217,9 +254,83 @@ class ETraceAlgorithm(SequenceDriverMixin, brainstate.nn.Module):
         self._hidden_only = hidden_only_keys(graph) if self.rule.hidden_cotangents == "new" else frozenset()
         self._built = _BuiltSteps()
         self._recompile_on_next_call = False
-        self._arg_shapes = [(tuple(jnp.shape(a)), jnp.result_type(a)) for a in jax.tree.leaves(args)]
+        self._inputs = InputSignature.of(args, type(self).__name__)
+        self._arg_shapes = self._inputs.shapes
+        self._state_sig = StateSignature(type(self).__name__, self.path_to_states)
         self.init_etrace_state()
         return graph
+
+    def _own_executor(self) -> None:
+        """Recompile a copy of a learner (deepcopy / ``brainstate.graph.clone``) for its own model.
+
+        A copy shares the original's compiled graph, whose states are the original model's; it gets
+        its own graph here, keeping the copied traces.
+        """
+        if self._executor.model is self.model or self._inputs is None:
+            return
+        label = type(self).__name__
+        if inside_staging():
+            raise RuntimeError(
+                f"{label}: this learner is a copy (copy.deepcopy / brainstate.graph.clone) still bound to the "
+                "original model's states; call it once outside jit (or compile_graph(...)) so it compiles its own."
+            )
+        kept = self.etrace.value
+        self.compile_graph(*self._inputs.example_args())
+        if tree_layout(kept) == self._trace_layout:
+            self.etrace.value = kept
+
+    def _check_model_states(self, args: tuple[Any, ...]) -> None:
+        """Follow re-initialised or replaced states (recompile) and check the state values' shapes."""
+        sig = self._state_sig
+        if sig is None:
+            return
+        replaced = sig.replaced(self.model)
+        if replaced:
+            if inside_staging():
+                raise RuntimeError(
+                    f"{type(self).__name__}: the model's states {', '.join(replaced)} were replaced since "
+                    "compile_graph (brainstate.nn.init_all_states creates new state objects; so does replacing a "
+                    "sub-module) inside a jitted function; call learner.compile_graph(*inputs) outside jit, or "
+                    "reset values with brainstate.nn.reset_all_states(model) / learner.reset_state(), which keep them."
+                )
+            self.compile_graph(*args)
+            sig = self._state_sig
+            assert sig is not None
+        sig.check_values()
+        check_layout(
+            type(self).__name__,
+            "the eligibility traces (learner.etrace)",
+            self.etrace.value,
+            self._trace_layout,
+            "traces restored from a learner of another batch size or model? Restore traces of this learner's "
+            "compiled shapes, or call learner.reset_state() for zero traces.",
+        )
+        self._check_mapped(args)
+
+    def _check_mapped(self, args: tuple[Any, ...]) -> None:
+        """Under ``vmap`` with batched inputs, every state the step writes must be mapped too."""
+        if not any(is_batched(leaf) for leaf in jax.tree.leaves(args)):
+            return
+        minfo = self.graph.module_info
+        written = {p: minfo.state_at(p) for p in minfo.state_outvars}
+        unmapped = [_text(p) for p, s in written.items() if not any(is_batched(v) for v in jax.tree.leaves(s.value))]
+        if jax.tree.leaves(self.etrace.value) and not any(is_batched(v) for v in jax.tree.leaves(self.etrace.value)):
+            unmapped.append("etrace (the learner's EligibilityTrace)")
+        if unmapped:
+            raise ValueError(
+                f"{type(self).__name__} is called under vmap with batched inputs, but the states it writes "
+                f"{', '.join(unmapped)} have no batch axis (vmap's in_states leave them out), so each sample would "
+                "write into one shared value. Wrap the per-sample learner in etp_algorithms.ETraceVmap(learner), "
+                "which maps every state but the parameters, or pass in_states=learner.states(lambda p, s: not "
+                "isinstance(s, brainstate.ParamState)) (and the same out_states) to brainstate.transform.vmap."
+            )
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError(
+            f"{type(self).__name__} cannot be pickled (its compiled graph holds JAX programs and the model's state "
+            "objects); save it with etp_algorithms.save_checkpoint(learner, path) and load it into a learner "
+            "built the same way with etp_algorithms.restore_checkpoint(learner, path)."
+        )
 
     def learns_nothing_online(self, graph: ETraceGraph) -> bool:
         """Whether this learner's rule carries no history on ``graph``: a relation rule on a graph without relations."""
@@ -228,12 +339,27 @@ class ETraceAlgorithm(SequenceDriverMixin, brainstate.nn.Module):
     def init_etrace_state(self) -> None:
         """(Re)create zero traces for the compiled graph."""
         self.etrace.value = self.rule.init_traces(self.context)
+        self._trace_layout = tree_layout(self.etrace.value)
 
     def reset_state(self, batch_size: int | None = None, **kwargs: Any) -> None:
         """Reset the traces; with ``batch_size``, also re-initialise the model's states for that batch size
         (the step is recompiled at the next call)."""
         if batch_size is not None:
+            refuse_inside_staging(type(self).__name__, "reset_state(batch_size=...)")
+            compiled = self._inputs if self._executor.is_compiled else None
+            hidden = {p: jnp.shape(s.value) for p, s in self.hidden_states.items()} if compiled else {}
             brainstate.nn.init_all_states(self.model, batch_size=batch_size)
+            if compiled is not None and hidden:
+                # recompile now for the new batch (a jitted step retraces with the same trace structure)
+                path, old = next(iter(hidden.items()))
+                now = model_states(self.model)
+                new = jnp.shape(now[path].value) if path in now else old
+                old_batch = old[0] if len(new) == len(old) and old else None
+                try:
+                    self.compile_graph(*compiled.example_args((old_batch, batch_size)))
+                    return
+                except Exception:  # inputs whose batch axis is not the leading one: compile at the next call
+                    pass
             self._executor._graph = None
             self._arg_shapes = None
             self._built = _BuiltSteps()
@@ -285,31 +411,18 @@ class ETraceAlgorithm(SequenceDriverMixin, brainstate.nn.Module):
             built[key] = build_step(ctx, self.rule) if steps is None else build_window(ctx, self.rule, steps)
         return built[key]
 
-    def _check_args(self, args: tuple[Any, ...]) -> None:
-        assert self._arg_shapes is not None
-        given = [(tuple(jnp.shape(a)), jnp.result_type(a)) for a in jax.tree.leaves(args)]
-        if [s for s, _ in given] != [s for s, _ in self._arg_shapes]:
-            window = all(
-                len(g) == len(c) + 1 and g[1:] == c for (g, _), (c, _) in zip(given, self._arg_shapes, strict=False)
-            )
-            hint = (
-                " A window of steps (a leading time axis) is passed as MultiStepData(x): a plain call is one step."
-                if window and len(given) == len(self._arg_shapes)
-                else ""
-            )
-            raise ValueError(
-                f"{type(self).__name__}: input shapes {[s for s, _ in given]} differ from the compiled "
-                f"{[s for s, _ in self._arg_shapes]}; to change the batch size call reset_state(batch_size=...) "
-                f"first, or compile_graph(...) with the new inputs.{hint}"
-            )
-        for index, ((_, got), (_, want)) in enumerate(zip(given, self._arg_shapes, strict=True)):
-            # a float of another precision runs the step in mixed precision, or fails deep in a rule
-            if got != want and jnp.issubdtype(got, jnp.floating) and jnp.issubdtype(want, jnp.floating):
-                raise TypeError(
-                    f"{type(self).__name__}: input {index} is {jnp.dtype(got).name}, but the learner was compiled "
-                    f"for {jnp.dtype(want).name} inputs; cast it (x.astype(jnp.{jnp.dtype(want).name})) or "
-                    "compile_graph(...) with inputs of the new dtype."
-                )
+    def _check_args(self, args: tuple[Any, ...]) -> list[Any]:
+        """The step's argument leaves: shapes, float dtypes and units checked (units converted)."""
+        assert self._inputs is not None
+        return self._inputs.leaves(args)
+
+    def _check_finite(self, new_states: Mapping[StatePath, Any], new_traces: Any) -> None:
+        if not self.check_finite:
+            return
+        named: dict[str, Any] = {f"state {_text(p)}": v for p, v in new_states.items()}
+        for key, leaf in jax.tree_util.tree_flatten_with_path(new_traces)[0]:
+            named[f"eligibility trace {jax.tree_util.keystr(key)}"] = leaf
+        check_finite(type(self).__name__, named)
 
     def _step_modulator(self, modulator: Any) -> list[Any] | None:
         """The modulator input of this call's step (one array per hidden state), or ``None`` for a plain step.
@@ -336,18 +449,21 @@ class ETraceAlgorithm(SequenceDriverMixin, brainstate.nn.Module):
                     "reverse mode inside and takes none."
                 )
             return self._update_window(args)
+        self._own_executor()
         if not self._executor.is_compiled:
             if self._recompile_on_next_call:
                 self.compile_graph(*args)
             else:
                 _ = self.graph  # raises the clear error
-        self._check_args(args)
+        self._check_model_states(args)
+        arg_leaves = self._check_args(args)
         step_modulator = self._step_modulator(modulator)
         weight_vals, other_vals = self._current_values()
         extra = () if step_modulator is None else (step_modulator,)
         outputs, new_states, new_traces = self._built_fn(None)(
-            weight_vals, other_vals, list(jax.tree.leaves(args)), self.etrace.value, *extra
+            weight_vals, other_vals, arg_leaves, self.etrace.value, *extra
         )
+        self._check_finite(new_states, new_traces)
         self._commit(new_states, new_traces)
         return self.graph.module_info.unflatten_outputs(outputs)
 
@@ -388,10 +504,11 @@ class ETraceAlgorithm(SequenceDriverMixin, brainstate.nn.Module):
             for t in range(steps)
         ]
         _ = self.graph
-        self._check_args(per_step[0])
+        self._check_model_states(per_step[0])
+        arg_leaves = [self._check_args(a) for a in per_step]
         weight_vals, other_vals = self._current_values()
-        arg_leaves = [list(jax.tree.leaves(a)) for a in per_step]
         outputs, new_states, new_traces = self._built_fn(steps)(weight_vals, other_vals, arg_leaves, self.etrace.value)
+        self._check_finite(new_states, new_traces)
         self._commit(new_states, new_traces)
         per_step_out = [self.graph.module_info.unflatten_outputs(o) for o in outputs]
         return jax.tree.map(lambda *xs: jnp.stack(xs), *per_step_out)
