@@ -359,7 +359,8 @@ class EProp(ETraceAlgorithm):
     the spike's :math:`\psi^t` of step :math:`t`.
 
     Memory: D-RTRL's :math:`O(B\cdot\theta)` traces per relation, plus with :math:`\kappa > 0` one
-    filtered trace per observable of each unit. Compute per step: D-RTRL's, plus one linearisation
+    filtered trace per observable of each unit (kept across steps), and within a step the local
+    traces :math:`e^t_o` (one trace-sized array per observable) from the forward to the backward pass. Compute per step: D-RTRL's, plus one linearisation
     of each unit (its local Jacobians) and, in the backward pass, a VJP of the equations downstream
     of the escaping observables (a spike's uses) for their learning signal.
 
