@@ -9,12 +9,17 @@ initialisation (``fresh.npz``), restore the checkpoint (``restored.npz``), train
 (``resumed.npz``). Every ``.npz`` holds every state of the learner's module tree and the Adam
 state (the ``extra``), leaf by leaf.
 
+``python checkpoint_worker.py sharded float64 DIR`` (with 2 host devices): a checkpoint of a
+learner split over the devices (:func:`etp_algorithms.shard`) restored into a split learner and
+into an unsplit one keeps each target's placement.
+
 Training: one online step = the learner's step, the gradient of that step's squared error with
 respect to every parameter through the learner, and an Adam update written out here.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import warnings
 from pathlib import Path
@@ -122,7 +127,63 @@ def run(learner: ETraceAlgorithm, adam: dict[str, Any], steps: range) -> dict[st
     return adam
 
 
+def sharded() -> None:
+    """A learner split over 2 devices (``XLA_FLAGS`` set by the test): restored leaves keep the target's shardings.
+
+    Prints ``RESULT`` and a JSON record: how many leaves are split, whether every restored leaf has
+    the sharding the target's leaf had and the saved value, and the same for an unsharded target.
+    """
+    from etp_algorithms import shard, shard_batch
+
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("data",))
+    xs, ys = data()
+    learner, adam = build("D_RTRL", "gru", seed=1)
+    shard(learner, mesh, "data")
+    for t in range(K):
+        adam = train_step(learner, adam, shard_batch(xs[t], mesh, "data", axis=0), ys[t])
+    saved = {p: [np.asarray(x) for x in jax.tree.leaves(s.value)] for p, s in learner.states().items()}
+    save_checkpoint(ROOT / "sharded", learner, extra=adam)
+
+    def restore_into(target: ETraceAlgorithm, template: dict[str, Any]) -> dict[str, bool]:
+        before = {p: [x.sharding for x in jax.tree.leaves(s.value)] for p, s in target.states().items()}
+        restored = restore_checkpoint(ROOT / "sharded", target, extra=template)
+        after = {p: jax.tree.leaves(s.value) for p, s in target.states().items()}
+        return {
+            "kept": all(
+                x.sharding.is_equivalent_to(old, x.ndim)
+                for p in after
+                for x, old in zip(after[p], before[p], strict=True)
+            ),
+            "equal": all(
+                np.asarray(x).tobytes() == want.tobytes()
+                for p in after
+                for x, want in zip(after[p], saved[p], strict=True)
+            )
+            and all(
+                np.asarray(a).tobytes() == np.asarray(b).tobytes()
+                for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(adam), strict=True)
+            ),
+        }
+
+    target, template = build("D_RTRL", "gru", seed=2)
+    shard(target, mesh, "data")
+    split = sum(
+        len(x.sharding.device_set) == 2 and not x.sharding.is_fully_replicated
+        for s in target.states().values()
+        for x in jax.tree.leaves(s.value)
+    )
+    into_sharded = restore_into(target, template)
+    plain, template = build("D_RTRL", "gru", seed=3)
+    into_plain = restore_into(plain, template)
+    one_device = all(len(x.sharding.device_set) == 1 for s in plain.states().values() for x in jax.tree.leaves(s.value))
+    record = {"split": split, "sharded": into_sharded, "plain": into_plain, "plain_one_device": one_device}
+    print("RESULT " + json.dumps(record))
+
+
 def main() -> None:
+    if PHASE == "sharded":
+        sharded()
+        return
     for learner_name, kind in CONFIGS:
         where = ROOT / f"{learner_name}-{kind}"
         where.mkdir(parents=True, exist_ok=True)

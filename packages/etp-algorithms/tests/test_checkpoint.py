@@ -12,6 +12,8 @@ nothing; series of steps; typed PRNG keys; bad calls.
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 import warnings
@@ -80,6 +82,23 @@ def test_restore_writes_every_state_of_the_saved_learner(runs: tuple[str, Path],
     assert [key for key in must_change if _bit_identical(at_k[key], fresh[key])] == []
     if config.startswith("ES_D_RTRL"):
         assert int(restored["etrace.steps"]) == K and int(fresh["etrace.steps"]) == 0
+
+
+def test_restore_keeps_each_targets_placement_on_two_devices(tmp_path: Path) -> None:
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    done = subprocess.run(
+        [sys.executable, str(WORKER), "sharded", "float64", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert done.returncode == 0 and lines, f"{done.stdout}\n{done.stderr[-4000:]}"
+    result = json.loads(lines[-1][len("RESULT ") :])
+    assert result["split"] >= 3  # hidden state and traces split over the batch
+    assert result["sharded"] == {"kept": True, "equal": True}
+    assert result["plain"] == {"kept": True, "equal": True} and result["plain_one_device"]
 
 
 # ---------------------------------------------------------------------------- in this process
