@@ -29,7 +29,10 @@ LEARNERS: dict[str, dict[str, Any]] = {
     "kf_rtrl": {"projection_key": 0},
     "rflo": {"feedback": "symmetric"},
     "ostl_recurrent": {},
+    "dni": {},
 }
+#: Learners driven in windows of this many steps (DNI: exact inside a window, its synthesizer's estimate at the end).
+CHUNK: dict[str, int] = {"dni": 5}
 
 
 class Net(brainstate.nn.Module):
@@ -49,8 +52,11 @@ def _losses(name: str, options: dict[str, Any], sequences: int = 120, lr: float 
         warnings.simplefilter("ignore")
         learner = etp_algorithms.compile(model, name, jnp.zeros((B, I)), batch_size=B, **options)
     params = model.states(brainstate.ParamState)
+    chunking = {"chunk_size": CHUNK[name]} if name in CHUNK else {}
 
     def step_loss(x: jax.Array, y: jax.Array) -> jax.Array:
+        if chunking:  # a window: the inputs as MultiStepData, one loss per step of it
+            return jnp.mean((learner(etp_algorithms.MultiStepData(x)) - y) ** 2, axis=tuple(range(1, y.ndim)))
         return jnp.mean((learner(x) - y) ** 2)
 
     @brainstate.transform.jit
@@ -58,7 +64,7 @@ def _losses(name: str, options: dict[str, Any], sequences: int = 120, lr: float 
         brainstate.nn.reset_all_states(model, batch_size=B)
         learner.reset_state()
         grads, loss = learner.etrace_grad(
-            xs, ys, step_fn=step_loss, weights=params, loss_output="scalar", return_value=True
+            xs, ys, step_fn=step_loss, weights=params, loss_output="scalar", return_value=True, **chunking
         )
         for path, state in params.items():
             state.value = jax.tree.map(lambda p, g: p - lr * g, state.value, grads[path])
@@ -76,7 +82,7 @@ def _losses(name: str, options: dict[str, Any], sequences: int = 120, lr: float 
 def test_every_rnn_learner_is_listed() -> None:
     """A learner registered for recurrent networks is either trained below or named here as out of scope."""
     out_of_scope = {"esd_rtrl", "pp_prop", "ostl_feedforward", "three_factor"}  # aliases; no memory; needs a modulator
-    spiking = {"eprop", "ottt"}
+    spiking = {"eprop", "ottt"}  # trained on a spiking task in test_eprop.py / test_ottt.py
     assert set(etp_algorithms.registered_learners()) - set(LEARNERS) - out_of_scope - spiking == set()
 
 
