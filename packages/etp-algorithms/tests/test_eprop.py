@@ -21,9 +21,9 @@ import saiunit as u
 from algorithms_testing import _rel
 from test_ostl import SNN, _train_snn
 
+import etp_algorithms
 import etp_nn
-from etp_algorithms import D_RTRL, ETraceAlgorithm, ETraceVmap
-from etp_algorithms._eprop import EProp
+from etp_algorithms import D_RTRL, EProp, ETraceAlgorithm, ETraceVmap
 from etp_compiler import NotSupportedError
 
 Array = jax.Array
@@ -252,12 +252,20 @@ def test_etrace_vmap_equals_the_batched_learner(rng: np.random.Generator) -> Non
     batched = _compiled(EProp(_layer("alif", readout=True), kappa_filter_decay=0.3), xs[0])
     single = _compiled(EProp(_layer("alif", readout=True, batch=None), kappa_filter_decay=0.3), xs[0][0])
     wrapped = ETraceVmap(single, axis_size=B)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled = etp_algorithms.compile(
+            _layer("alif", readout=True, batch=None), "eprop", xs[0], batch_size=B, vmap=True, kappa_filter_decay=0.3
+        )
     for t in range(T):
         want = brainstate.transform.grad(lambda x, y=ys[t]: jnp.sum((batched(x) - y) ** 2), batched.param_states)(xs[t])
         got = brainstate.transform.grad(lambda x, y=ys[t]: jnp.sum((wrapped(x) - y) ** 2), single.param_states)(xs[t])
+        via_compile = brainstate.transform.grad(
+            lambda x, y=ys[t]: jnp.sum((compiled(x) - y) ** 2), compiled.module.param_states
+        )(xs[t])
         for path in want:
-            for a, b in zip(jax.tree.leaves(got[path]), jax.tree.leaves(want[path]), strict=True):
-                assert _rel(a, b) < 1e-10, (t, path)
+            for a, b, c in zip(*(jax.tree.leaves(g[path]) for g in (got, via_compile, want)), strict=True):
+                assert _rel(a, c) < 1e-10 and _rel(b, c) < 1e-10, (t, path)
 
 
 @pytest.mark.parametrize("mode", ["symmetric", "random"])
@@ -287,3 +295,4 @@ def test_bad_input_is_named() -> None:
     with pytest.raises(NotSupportedError, match="multi-step"):
         EProp(model, vjp_method="multi-step")
     assert EProp(model, fast_solve=False).kappa_filter_decay == 0.0
+    assert etp_algorithms.registered_learners()["eprop"] is EProp

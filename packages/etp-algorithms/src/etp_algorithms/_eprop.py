@@ -394,7 +394,7 @@ class EProp(ETraceAlgorithm):
     Examples
     --------
     >>> import brainstate, jax.numpy as jnp, saiunit as u, etp_nn
-    >>> from etp_algorithms._eprop import EProp
+    >>> from etp_algorithms import EProp
     >>> class Net(brainstate.nn.Module):
     ...     def __init__(self):
     ...         super().__init__()
