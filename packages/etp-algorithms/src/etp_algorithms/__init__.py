@@ -48,12 +48,23 @@ from ._uoro import UORO
 from ._vmap import ETraceVmap
 
 __version__ = _distribution_version("etp-algorithms")  # one source: the distribution's pyproject
+#: ``__version__`` as a tuple of its leading integer parts, e.g. ``(0, 4, 0)`` (braintrace 0.2.8's name).
+__version_info__ = tuple(int(part) for part in __version__.split(".")[:3] if part.isdigit())
+
+#: braintrace 0.2.8's names of the learner base class, the executor and the random-projection learner.
+ETraceVjpAlgorithm = ETraceAlgorithm
+ETraceVjpGraphExecutor = ETraceGraphExecutor
+RandomProjectionVjpAlgorithm = UORO
 
 __all__ = [
     "__version__",
+    "__version_info__",
     "ETraceGraphExecutor",
     "StepValues",
     "ETraceAlgorithm",
+    "ETraceVjpAlgorithm",
+    "ETraceVjpGraphExecutor",
+    "RandomProjectionVjpAlgorithm",
     "SequenceDriverMixin",
     "LearningRule",
     "extend",
