@@ -36,19 +36,6 @@ K = 3  # the worker's checkpoint step
 
 
 # ---------------------------------------------------------------------------- across processes
-@pytest.fixture(scope="module", params=["float64", "float32"])
-def runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
-    """Both worker processes of one dtype, run once for all configurations."""
-    dtype = request.param
-    root = tmp_path_factory.mktemp(f"checkpoints-{dtype}")
-    for phase in ("first", "resume"):
-        done = subprocess.run(
-            [sys.executable, str(WORKER), phase, dtype, str(root)], capture_output=True, text=True, timeout=600
-        )
-        assert done.returncode == 0, f"worker {phase} {dtype} failed:\n{done.stdout}\n{done.stderr[-4000:]}"
-    return dtype, root
-
-
 def _load(path: Path) -> dict[str, np.ndarray]:
     with np.load(path) as data:
         return {key: data[key] for key in data.files}
@@ -58,30 +45,41 @@ def _bit_identical(a: np.ndarray, b: np.ndarray) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
 
 
-@pytest.mark.parametrize("config", CONFIGS)
-def test_resumed_run_is_bit_identical_to_the_uninterrupted_run(runs: tuple[str, Path], config: str) -> None:
-    dtype, root = runs
-    full, resumed = _load(root / config / "full.npz"), _load(root / config / "resumed.npz")
-    assert set(full) == set(resumed)
+def _check_config(root: Path, config: str, dtype: str) -> None:
+    full, at_k, fresh, restored, resumed = (
+        _load(root / config / f"{name}.npz") for name in ("full", "at_k", "fresh", "restored", "resumed")
+    )
+    assert set(full) == set(resumed) == set(at_k) == set(restored) == set(fresh)
     assert any(key.startswith("etrace") for key in full) and any(key.startswith("adam") for key in full)
-    different = [key for key in full if not _bit_identical(full[key], resumed[key])]
-    assert different == [], (config, dtype, different)
     floats = [v for v in full.values() if v.dtype.kind == "f"]
     assert floats and all(v.dtype == np.dtype(dtype) for v in floats)
-
-
-@pytest.mark.parametrize("config", CONFIGS)
-def test_restore_writes_every_state_of_the_saved_learner(runs: tuple[str, Path], config: str) -> None:
-    _, root = runs
-    at_k, fresh, restored = (_load(root / config / f"{name}.npz") for name in ("at_k", "fresh", "restored"))
-    assert set(at_k) == set(restored) == set(fresh)
+    # the continuation: every state leaf and the Adam state as the uninterrupted run's, bit for bit
+    assert [key for key in full if not _bit_identical(full[key], resumed[key])] == []
+    # the restore wrote every state of the saved learner ...
     assert [key for key in at_k if not _bit_identical(at_k[key], restored[key])] == []
-    # the target started elsewhere: parameters, traces and the optimizer state all had to be written
+    # ... into a target that started elsewhere: parameters, traces and the optimizer state all had to be written
     must_change = [key for key in at_k if key.startswith(("etrace", "adam")) or ".weight" in key]
     assert len(must_change) >= 8
     assert [key for key in must_change if _bit_identical(at_k[key], fresh[key])] == []
     if config.startswith("ES_D_RTRL"):
         assert int(restored["etrace.steps"]) == K and int(fresh["etrace.steps"]) == 0
+
+
+# one test per dtype (not per configuration): its two worker processes run once, on one xdist worker
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_resumed_in_a_fresh_process_is_bit_identical_to_the_uninterrupted_run(dtype: str, tmp_path: Path) -> None:
+    for phase in ("first", "resume"):
+        done = subprocess.run(
+            [sys.executable, str(WORKER), phase, dtype, str(tmp_path)], capture_output=True, text=True, timeout=600
+        )
+        assert done.returncode == 0, f"worker {phase} {dtype} failed:\n{done.stdout}\n{done.stderr[-4000:]}"
+    failures = {}
+    for config in CONFIGS:
+        try:
+            _check_config(tmp_path, config, dtype)
+        except AssertionError as error:
+            failures[config] = str(error)
+    assert failures == {}, failures
 
 
 def test_restore_keeps_each_targets_placement_on_two_devices(tmp_path: Path) -> None:
@@ -102,17 +100,13 @@ def test_restore_keeps_each_targets_placement_on_two_devices(tmp_path: Path) -> 
 
 
 # ---------------------------------------------------------------------------- in this process
-@pytest.fixture(autouse=True)
-def _float64() -> Any:
-    with brainstate.environ.context(precision=64):
-        yield
-
-
 def _learner(cls: type = D_RTRL, hidden: int = 4, batch: int = 2, seed: int = 0, dtype: Any = jnp.float64) -> Any:
     brainstate.random.seed(seed)
+    # the session runs in float64 (the root conftest); leaving this context restores that precision
     with brainstate.environ.context(precision=64 if dtype == jnp.float64 else 32):
         cell = etp_nn.GRUCell(3, hidden)
         brainstate.nn.init_all_states(cell, batch_size=batch)
+    assert jax.config.read("jax_enable_x64"), "a float32 model must not switch the session's float64 off"
     learner = cls(cell) if cls is D_RTRL else cls(cell, 0.6)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -277,7 +277,24 @@ def save_checkpoint(
 
 
 def checkpoint_steps(directory: str | os.PathLike[str]) -> list[int]:
-    """The steps saved in ``directory`` by :func:`save_checkpoint` with ``step=...``, oldest first."""
+    """The steps saved in ``directory`` by :func:`save_checkpoint` with ``step=...``, oldest first.
+
+    Examples
+    --------
+    >>> import tempfile, brainstate, jax.numpy as jnp, etp_nn
+    >>> from etp_algorithms import ES_D_RTRL
+    >>> from etp_algorithms._checkpoint import checkpoint_steps, save_checkpoint
+    >>> cell = etp_nn.VanillaRNNCell(3, 4)
+    >>> _ = brainstate.nn.init_all_states(cell)
+    >>> learner = ES_D_RTRL(cell, 0.9)
+    >>> _ = learner.compile_graph(jnp.zeros(3))
+    >>> run = tempfile.mkdtemp()
+    >>> for step in range(1, 5):
+    ...     _ = learner(jnp.ones(3))
+    ...     _ = save_checkpoint(run, learner, step=step, max_to_keep=2)
+    >>> checkpoint_steps(run)
+    [3, 4]
+    """
     root = Path(directory).absolute()
     if not root.is_dir():
         raise FileNotFoundError(f"checkpoint_steps: no directory {root}.")
@@ -434,6 +451,28 @@ def restore_checkpoint(
         with its shape or dtype, the learner class, rule or compiled inputs.
     FileNotFoundError
         No checkpoint (or no such step) at ``directory``.
+
+    Examples
+    --------
+    A checkpoint of a learner compiled for a batch of 2, restored into one compiled for 3:
+
+    >>> import tempfile, brainstate, jax.numpy as jnp, etp_nn
+    >>> from etp_algorithms import D_RTRL
+    >>> from etp_algorithms._checkpoint import restore_checkpoint, save_checkpoint
+    >>> def learner(batch):
+    ...     cell = etp_nn.VanillaRNNCell(3, 4)
+    ...     _ = brainstate.nn.init_all_states(cell, batch_size=batch)
+    ...     out = D_RTRL(cell)
+    ...     _ = out.compile_graph(jnp.zeros((batch, 3)))
+    ...     return out
+    >>> path = save_checkpoint(tempfile.mkdtemp() + "/ckpt", learner(2))
+    >>> restore_checkpoint(path, learner(3))
+    Traceback (most recent call last):
+    ...
+    etp_algorithms._checkpoint.CheckpointMismatchError: restore_checkpoint: the checkpoint does not fit this D_RTRL (nothing was restored):
+      compiled inputs: [(2, 3) float...] in the checkpoint, [(3, 3) float...] in the target (another batch size ...)
+      ...
+      state model.h: shape (2, 4) in the checkpoint, (3, 4) in the target
     """
     learner = _require_compiled(learner, "restore_checkpoint")
     ocp, read = _reader(Path(directory).absolute(), step)
