@@ -348,3 +348,56 @@ def test_etrace_vmap_gives_a_scalar_modulator_to_every_sample() -> None:
         grads.append(brainstate.transform.grad(lambda b=batched, m=modulator: jnp.sum(b(xs, modulator=m)), params)())
     close(grads[0], grads[1])
     assert float(jnp.abs(grads[0][("proj", "w")]["weight"]).sum()) > 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. gradients w.r.t. hidden states
+
+
+def test_a_gradient_wrt_hidden_states_warns_and_is_zero() -> None:
+    from etp_algorithms._step import HiddenStateGradientWarning
+
+    learner = learner_of(made(), jnp.zeros(I))
+    learner(X)
+    with pytest.warns(
+        HiddenStateGradientWarning,
+        match=r"hidden states or traces entering this step \(h, traces\) are differentiated.*returns zero",
+    ):
+        grads = brainstate.transform.grad(lambda: jnp.sum(learner(X) ** 2), learner.model.states())()
+    np.testing.assert_array_equal(np.asarray(grads[("h",)]), np.zeros(O))
+
+
+def test_parameter_gradients_over_steps_do_not_warn() -> None:
+    import warnings
+
+    learner = learner_of(made(), jnp.zeros(I))
+    params = learner.model.states(brainstate.ParamState)
+
+    def unrolled() -> Array:  # two steps in one gradient: the second reads the first's stored hidden value
+        return jnp.sum(learner(X) ** 2) + jnp.sum(learner(-X) ** 2)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        grads = brainstate.transform.grad(unrolled, params)()
+        jax.grad(lambda w: jnp.sum(w["weight"]))(params[("proj", "w")].value)
+    assert float(jnp.abs(grads[("proj", "w")]["weight"]).sum()) > 0
+
+
+def test_a_loop_of_steps_inside_one_gradient_warns_and_sums_the_online_gradients() -> None:
+    from etp_algorithms._step import HiddenStateGradientWarning
+
+    xs = jnp.stack([X, -X, 0.5 * X])
+    looped = learner_of(made(), jnp.zeros(I))
+    params = looped.model.states(brainstate.ParamState)
+
+    def loop() -> Array:
+        return jnp.sum(brainstate.transform.for_loop(lambda x: looped(x), xs) ** 2)
+
+    with pytest.warns(HiddenStateGradientWarning, match=r"sum of the per-step online gradients"):
+        got = brainstate.transform.grad(loop, params)()
+    stepwise = learner_of(made(), jnp.zeros(I))  # one gradient per step, summed
+    total: Any = None
+    for x in xs:
+        g = grads_of(stepwise, x)
+        total = g if total is None else jax.tree.map(jnp.add, total, g)
+    close(got, total)

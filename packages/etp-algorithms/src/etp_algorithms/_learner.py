@@ -79,6 +79,9 @@ class _BuiltSteps:
 
     def __init__(self) -> None:
         self.functions: dict[Any, Any] = {}
+        #: ids of the hidden-state leaves the last call stored (a value not among them is "fresh")
+        self.committed: frozenset[int] = frozenset()
+        self.fresh = False
 
 
 class ETraceAlgorithm(SequenceDriverMixin, brainstate.nn.Module):
@@ -403,13 +406,21 @@ class ETraceAlgorithm(SequenceDriverMixin, brainstate.nn.Module):
 
     # ---------------------------------------------------------------- the step
     def _built_fn(self, steps: int | None) -> Any:
-        """The step (``steps=None``) or a window of ``steps``, built once per graph and VJP shortcuts."""
-        key = (id(self.graph), self._hidden_only, steps)
+        """The step (``steps=None``) or a window of ``steps``, built once per graph and VJP shortcuts.
+
+        A step is built apart for hidden values that are not the ones this learner stored last
+        (``self._built.fresh``, set by :meth:`update`; see :func:`build_step`).
+        """
+        fresh = self._built.fresh and steps is None
+        key = (id(self.graph), self._hidden_only, steps, fresh)
         built = self._built.functions
         if key not in built:
             ctx = self.context
-            built[key] = build_step(ctx, self.rule) if steps is None else build_window(ctx, self.rule, steps)
+            built[key] = build_step(ctx, self.rule, fresh) if steps is None else build_window(ctx, self.rule, steps)
         return built[key]
+
+    def _hidden_leaves(self) -> list[Any]:
+        return [leaf for s in self.graph.module_info.hidden_states.values() for leaf in jax.tree.leaves(s.value)]
 
     def _check_args(self, args: tuple[Any, ...]) -> list[Any]:
         """The step's argument leaves: shapes, float dtypes and units checked (units converted)."""
@@ -460,6 +471,7 @@ class ETraceAlgorithm(SequenceDriverMixin, brainstate.nn.Module):
         step_modulator = self._step_modulator(modulator)
         weight_vals, other_vals = self._current_values()
         extra = () if step_modulator is None else (step_modulator,)
+        self._built.fresh = any(id(leaf) not in self._built.committed for leaf in self._hidden_leaves())
         outputs, new_states, new_traces = self._built_fn(None)(
             weight_vals, other_vals, arg_leaves, self.etrace.value, *extra
         )
@@ -475,6 +487,7 @@ class ETraceAlgorithm(SequenceDriverMixin, brainstate.nn.Module):
         """Write a successful call's results back (nothing is written before everything succeeded)."""
         self.graph.module_info.write_states(new_states)
         self.etrace.value = new_traces
+        self._built.committed = frozenset(id(leaf) for leaf in self._hidden_leaves())
 
     def _is_window(self, args: tuple[Any, ...]) -> bool:
         # as braintrace 0.2.8: a window only when asked for with MultiStepData; a plain call is one step,

@@ -25,18 +25,43 @@ order); :meth:`etp_compiler.ModuleInfo.flatten_inputs` puts them in the step's i
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
 from etp_compiler import ETraceGraph, HiddenParamOpRelation, ModuleInfo, StatePath, read_atom, run_step
 
 from ._executor import KeyedValues, execute_step
 from ._rule import LearningRule, RelationGradients, RuleContext
 
-__all__ = ["ModulatedCotangents", "build_step", "build_window"]
+__all__ = ["HiddenStateGradientWarning", "ModulatedCotangents", "build_step", "build_window"]
+
+
+class HiddenStateGradientWarning(UserWarning):
+    """A gradient was taken w.r.t. a learner's hidden states or traces, for which its step returns zero."""
+
+
+def _primal(tree: Any) -> Any:
+    """The values of a tree of ``jax.custom_vjp`` primals (``symbolic_zeros=True`` wraps each leaf)."""
+    return jax.tree.map(lambda p: p.value, tree, is_leaf=lambda p: isinstance(p, CustomVJPPrimal))
+
+
+def _perturbed(tree: Any) -> bool:
+    leaves = jax.tree.leaves(tree, is_leaf=lambda p: isinstance(p, CustomVJPPrimal))
+    return any(bool(p.perturbed) for p in leaves if isinstance(p, CustomVJPPrimal))
+
+
+def _instantiate(tree: Any) -> Any:
+    """Cotangents with every symbolic zero made an array of zeros."""
+    return jax.tree.map(
+        lambda c: jnp.zeros(cast(Any, c.aval).shape, cast(Any, c.aval).dtype) if isinstance(c, SymbolicZero) else c,
+        tree,
+        is_leaf=lambda c: isinstance(c, SymbolicZero),
+    )
 
 
 class ModulatedCotangents(dict[StatePath, Any]):
@@ -49,12 +74,16 @@ class ModulatedCotangents(dict[StatePath, Any]):
         self.modulator = dict(modulator)
 
 
-def build_step(ctx: RuleContext, rule: LearningRule) -> Any:
+def build_step(ctx: RuleContext, rule: LearningRule, fresh_hidden: bool = False) -> Any:
     """The ``custom_vjp`` step of ``ctx.graph`` learning by ``rule`` (see the module docstring).
 
     An optional fifth input, a list of modulator arrays (one per hidden state, in
     ``module_info.hidden_path_to_outvar`` order, each of the state's shape), is handed to the rule's
     ``trace_gradients`` as ``dL_dh.modulator`` (a :class:`ModulatedCotangents`); it gets a zero cotangent.
+
+    ``fresh_hidden``: the hidden values entering this call are not the outputs of the learner's previous
+    step; if such a value (or a trace) is differentiated, the step warns (:class:`HiddenStateGradientWarning`):
+    its gradient w.r.t. hidden states and traces is zero, not :math:`\\partial L/\\partial h^{t-1}`.
     """
     graph = ctx.graph
     minfo = graph.module_info
@@ -80,12 +109,28 @@ def build_step(ctx: RuleContext, rule: LearningRule) -> Any:
         return forward(weight_vals, other_vals, arg_leaves, traces)[0]
 
     def step_fwd(weight_vals: Any, other_vals: Any, arg_leaves: Any, traces: Any, *modulator: Any) -> Any:
+        hidden_in = [other_vals[slot] for slot in hidden_slots]
+        if fresh_hidden and (_perturbed(hidden_in) or _perturbed(traces)):
+            warnings.warn(
+                f"{rule.name}: the hidden states or traces entering this step "
+                f"({', '.join('.'.join(map(str, p)) for p in hidden_paths)}, traces) are differentiated, and the "
+                "step returns zero for them, not dL/dh: an online learner holds the hidden state entering a step "
+                "fixed and carries its dependence on the parameters in the traces. For a gradient w.r.t. hidden "
+                "states or traces, take it w.r.t. the parameters only (model.states(brainstate.ParamState)); for "
+                "dL/dh differentiate the model without a learner. Steps in a loop inside one gradient give the sum "
+                "of the per-step online gradients; take one gradient per step (or etrace_grad) to avoid this warning.",
+                HiddenStateGradientWarning,
+                stacklevel=2,
+            )
+        weight_vals, other_vals, arg_leaves, traces, modulator = _primal(
+            (weight_vals, other_vals, arg_leaves, traces, modulator)
+        )
         out, (values, residual) = forward(weight_vals, other_vals, arg_leaves, traces)
         return out, (weight_vals, other_vals, arg_leaves, traces, values, residual, modulator)
 
     def step_bwd(res: Any, cotangents: Any) -> Any:
         weight_vals, other_vals, arg_leaves, traces, values, residual, modulator = res
-        ct_outputs, ct_states, _ = cotangents
+        ct_outputs, ct_states, _ = _instantiate(cotangents)
         w_diff = [[v for v, k in zip(vals, row, strict=True) if k] for vals, row in zip(weight_vals, keep, strict=True)]
 
         def merge(w_sub: Any) -> list[list[Any]]:
@@ -129,7 +174,7 @@ def build_step(ctx: RuleContext, rule: LearningRule) -> Any:
         zero = jax.tree.map(jnp.zeros_like, (other_vals, traces))
         return (g_weights, zero[0], g_args, zero[1], *jax.tree.map(jnp.zeros_like, modulator))
 
-    step.defvjp(step_fwd, step_bwd)
+    step.defvjp(step_fwd, step_bwd, symbolic_zeros=True)
     return step
 
 
