@@ -21,6 +21,7 @@ from importlib.metadata import version as _distribution_version
 from etp_compiler import CompilationReport
 
 from . import extend
+from ._checkpoint import CheckpointMismatchError, checkpoint_steps, restore_checkpoint, save_checkpoint
 from ._compile import compile, register_learner, registered_learners
 from ._config import ETraceConfig, learner_from_config
 from ._d_rtrl import D_RTRL, ParamDimVjpAlgorithm
@@ -105,4 +106,8 @@ __all__ = [
     "shard_batch",
     "trace_bytes_per_device",
     "BatchSharding",
+    "save_checkpoint",
+    "restore_checkpoint",
+    "checkpoint_steps",
+    "CheckpointMismatchError",
 ]

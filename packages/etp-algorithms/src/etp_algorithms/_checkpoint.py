@@ -215,7 +215,7 @@ def save_checkpoint(
     --------
     >>> import tempfile, brainstate, jax.numpy as jnp, etp_nn
     >>> from etp_algorithms import D_RTRL
-    >>> from etp_algorithms._checkpoint import save_checkpoint, restore_checkpoint
+    >>> from etp_algorithms import save_checkpoint, restore_checkpoint
     >>> cell = etp_nn.VanillaRNNCell(3, 4)
     >>> _ = brainstate.nn.init_all_states(cell, batch_size=2)
     >>> learner = D_RTRL(cell)
@@ -283,7 +283,7 @@ def checkpoint_steps(directory: str | os.PathLike[str]) -> list[int]:
     --------
     >>> import tempfile, brainstate, jax.numpy as jnp, etp_nn
     >>> from etp_algorithms import ES_D_RTRL
-    >>> from etp_algorithms._checkpoint import checkpoint_steps, save_checkpoint
+    >>> from etp_algorithms import checkpoint_steps, save_checkpoint
     >>> cell = etp_nn.VanillaRNNCell(3, 4)
     >>> _ = brainstate.nn.init_all_states(cell)
     >>> learner = ES_D_RTRL(cell, 0.9)
@@ -458,7 +458,7 @@ def restore_checkpoint(
 
     >>> import tempfile, brainstate, jax.numpy as jnp, etp_nn
     >>> from etp_algorithms import D_RTRL
-    >>> from etp_algorithms._checkpoint import restore_checkpoint, save_checkpoint
+    >>> from etp_algorithms import restore_checkpoint, save_checkpoint
     >>> def learner(batch):
     ...     cell = etp_nn.VanillaRNNCell(3, 4)
     ...     _ = brainstate.nn.init_all_states(cell, batch_size=batch)
