@@ -22,6 +22,7 @@ from etp_compiler import CompilationReport
 
 from . import extend
 from ._checkpoint import CheckpointMismatchError, checkpoint_steps, restore_checkpoint, save_checkpoint
+from ._checks import NonFiniteError
 from ._compile import compile, register_learner, registered_learners
 from ._config import ETraceConfig, learner_from_config
 from ._d_rtrl import D_RTRL, ParamDimVjpAlgorithm
@@ -43,6 +44,7 @@ from ._rtrl import RTRL
 from ._rule import LearningRule
 from ._sharding import BatchSharding, shard, shard_batch, trace_bytes_per_device
 from ._snap import SnAp
+from ._step import HiddenStateGradientWarning
 from ._synthetic_gradient import SyntheticGradient
 from ._three_factor import ThreeFactor
 from ._uoro import UORO
@@ -84,6 +86,8 @@ __all__ = [
     "ETraceVmap",
     "CompilationReport",
     "NoEligibilityTraceWarning",
+    "HiddenStateGradientWarning",
+    "NonFiniteError",
     "RTRL",
     "SnAp",
     "RFLO",

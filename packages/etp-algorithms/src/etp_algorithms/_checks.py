@@ -184,14 +184,6 @@ def check_layout(label: str, name: str, tree: Any, layout: tuple[Any, Any], hint
         )
 
 
-def is_batched(value: Any) -> bool:
-    """Whether ``value`` is being mapped by ``vmap`` right now (a batching tracer).
-
-    Told by the tracer's class name: JAX exports no public batching-tracer type on every supported version.
-    """
-    return isinstance(value, jax.core.Tracer) and type(value).__name__ == "BatchTracer"
-
-
 def model_states(model: brainstate.nn.Module) -> Mapping[Any, brainstate.State[Any]]:
     """``path -> state`` of every state of ``model``, as it holds them now."""
     return cast(Mapping[Any, brainstate.State[Any]], model.states())

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 __all__ = [
     "assign_state_values",
     "inside_staging",
+    "is_batched",
     "is_tracer",
     "read_state_values",
     "stateful_function",
@@ -60,3 +61,12 @@ def inside_staging() -> bool:
 def is_tracer(value: object) -> bool:
     """Whether ``value`` is a traced (abstract) JAX value rather than a concrete one."""
     return isinstance(value, jax.core.Tracer)
+
+
+def is_batched(value: Any) -> bool:
+    """Whether ``value`` is being mapped by ``vmap`` right now (a batching tracer).
+
+    Told by the tracer's class name: JAX exports no public batching-tracer type on every supported
+    version (``jax.interpreters.batching.BatchTracer`` is gone from jax 0.12's public names).
+    """
+    return isinstance(value, jax.core.Tracer) and type(value).__name__ == "BatchTracer"

@@ -37,12 +37,11 @@ from ._checks import (
     StateSignature,
     check_finite,
     check_layout,
-    is_batched,
     model_states,
     refuse_inside_staging,
     tree_layout,
 )
-from ._compat import inside_staging
+from ._compat import inside_staging, is_batched
 from ._driver import SequenceDriverMixin
 from ._executor import ETraceGraphExecutor
 from ._hidden_only import hidden_only_keys
