@@ -450,3 +450,13 @@ def test_vmapped_per_sample_dni_equals_the_batched_one(rng: np.random.Generator)
     assert (
         max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(grads[1]), jax.tree.leaves(grads[2]))) > 1e-3
     )
+
+
+def test_dni_trained_online_on_the_snn_task_reduces_its_loss() -> None:
+    """test_ostl's Poisson spike-pattern task, one step per call (a one-step window), Adam every step."""
+    from test_ostl import _train_snn
+
+    from etp_algorithms import DNI
+
+    first, last = _train_snn(lambda model: DNI(model))
+    assert np.isfinite(last) and last < 0.8 * first, (first, last)
