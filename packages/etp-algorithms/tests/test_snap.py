@@ -270,3 +270,23 @@ def test_snap_float32_is_close_to_float64(rng: np.random.Generator) -> None:
     a, b = got32[("w",)]["weight"], got64[("w",)]["weight"]
     assert a.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(a)))
     assert _rel(a, b) < 1e-4
+
+
+def test_an_integer_indexed_op_is_refused_with_the_relation_named() -> None:
+    """An embedding's sampled pattern would cover only the rows its sample read: refused, not silently sparse."""
+    import etp_primitives as etp
+    from etp_compiler import CompilationError
+
+    class Embedded(brainstate.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = brainstate.ParamState(jnp.ones((5, 3)))
+            self.h = brainstate.HiddenState(jnp.zeros((2, 3)))
+
+        def update(self, ids: jax.Array) -> jax.Array:
+            self.h.value = 0.5 * jnp.tanh(self.h.value) + etp.embedding(ids, self.w.value)
+            return self.h.value
+
+    model = Embedded()
+    with pytest.raises(CompilationError, match=r"SnAp: relation 0 \(etp_embedding, weight w\) takes integer inputs"):
+        SnAp(model).compile_graph(jnp.zeros((2,), jnp.int32))

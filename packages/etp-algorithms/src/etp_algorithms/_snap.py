@@ -126,6 +126,23 @@ def _flat(blocks: Mapping[Any, Mapping[Any, Any]], rows: list[Any], cols: list[A
     )
 
 
+def _refuse_integer_inputs(ctx: RuleContext) -> None:
+    """A clear error for a relation whose input is integer (an embedding's indices): no sample covers every index.
+
+    The pattern is sampled at random points of the step; an integer-indexed op (a gather of rows) reaches other
+    entries of its weight for other indices, so a sampled pattern would silently drop entries of the influence.
+    """
+    for index, relation in enumerate(ctx.graph.hidden_param_op_relations):
+        aval = getattr(relation.x_var, "aval", None)
+        if aval is not None and not jnp.issubdtype(aval.dtype, jnp.inexact):
+            weight = ".".join(map(str, relation.weight_path))
+            raise CompilationError(
+                f"SnAp: relation {index} ({relation.primitive.name}, weight {weight}) takes integer inputs "
+                f"(dtype {aval.dtype}); its static sparsity pattern, sampled at random points of the step, cannot "
+                "cover every index such an op may read. Use RTRL (exact), D_RTRL or UORO for this model."
+            )
+
+
 def snap_pattern(ctx: RuleContext, n: int, points: int = PATTERN_POINTS) -> Pattern:
     r"""The SnAp-n pattern :math:`\mathcal{P}_n` of ``ctx.graph``: ``(relation, key) -> {path: bool mask}``.
 
@@ -133,6 +150,7 @@ def snap_pattern(ctx: RuleContext, n: int, points: int = PATTERN_POINTS) -> Patt
     ``jax.jacfwd`` of the step at ``points`` random points (OR-ed; see the module docstring).
     """
     n = check_n(n)
+    _refuse_integer_inputs(ctx)
     shapes = influence_shapes(ctx, "relations")
     keys, paths = list(shapes), list(_floating_paths(ctx))
     minfo = ctx.graph.module_info
