@@ -122,7 +122,7 @@ def test_es_d_rtrl_sees_the_same_step_as_straight_line_code(
 
 
 #: Constructor options of the registered learners that need one.
-OPTIONS: dict[str, dict[str, Any]] = {"es_d_rtrl": {"decay_or_rank": 0.8}}
+OPTIONS: dict[str, dict[str, Any]] = {"es_d_rtrl": {"decay_or_rank": 0.8}, "ottt": {"decay": 0.7}}
 
 
 def _registered() -> list[tuple[str, type]]:
