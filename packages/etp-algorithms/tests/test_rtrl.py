@@ -214,3 +214,21 @@ def test_a_vmapped_per_sample_rtrl_equals_bptt(rng: np.random.Generator) -> None
         g = brainstate.transform.grad(lambda t=t: jnp.sum((wrapped(xs[t]) - target[t]) ** 2), params)()
         total = g if total is None else jax.tree.map(jnp.add, total, g)
     _assert_equal(total, want, 1e-10)
+
+
+@pytest.mark.parametrize(("name", "warned"), [("rtrl", False), ("uoro", False), ("d_rtrl", True)])
+def test_the_excluded_weight_warning_follows_the_learner(name: str, warned: bool) -> None:
+    """The compiler keeps a GRU's reset-gate weight out of its relations and warns that it learns from its
+    instantaneous gradient: true for a relations learner (D_RTRL), untrue for RTRL and UORO, which carry every
+    weight's history (RTRL's gradient of it equals BPTT's: test_rtrl_equals_bptt_by_the_driver on the GRU)."""
+    from etp_algorithms import compile as compile_learner
+
+    brainstate.random.seed(1)
+    model = etp_nn.GRUCell(3, 4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compile_learner(model, name, jnp.zeros((2, 3)), batch_size=2)
+    excluded = [w for w in caught if "only through another trainable ETP primitive" in str(w.message)]
+    assert len(excluded) == (1 if warned else 0), [str(w.message) for w in caught]
+    if warned:
+        assert "'Wr'" in str(excluded[0].message)

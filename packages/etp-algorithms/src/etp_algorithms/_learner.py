@@ -30,7 +30,15 @@ import brainstate
 import jax
 import jax.numpy as jnp
 
-from etp_compiler import CompilationReport, ControlFlowPolicy, ETraceGraph, NotSupportedError, StatePath
+from etp_compiler import (
+    CompilationReport,
+    ControlFlowPolicy,
+    DiagnosticKind,
+    DiagnosticLevel,
+    ETraceGraph,
+    NotSupportedError,
+    StatePath,
+)
 
 from ._checks import (
     InputSignature,
@@ -235,6 +243,24 @@ class ETraceAlgorithm(SequenceDriverMixin, brainstate.nn.Module):
             print(text)
         return text if return_msg else None
 
+    def _emit_compiler_warnings(self, graph: ETraceGraph) -> None:
+        """The compiler's warnings, each once, less those this learner's rule makes untrue.
+
+        A rule with ``gradient_targets='weights'`` (RTRL, UORO) carries the history of every
+        ParamState leaf, so a weight the compiler keeps out of its relations (one that reaches a hidden
+        state only through another weight, a GRU's reset-gate weight) still gets its full online
+        gradient: the compiler's "gets its instantaneous gradient" does not hold for it.
+        """
+        whole_history = self.rule.gradient_targets == "weights"
+        seen: set[str] = set()
+        for record in graph.diagnostics:
+            if record.level is not DiagnosticLevel.WARNING or record.message in seen:
+                continue
+            if whole_history and record.kind is DiagnosticKind.RELATION_EXCLUDED_WEIGHT_TO_WEIGHT:
+                continue
+            seen.add(record.message)
+            warnings.warn(record.message, UserWarning, stacklevel=3)
+
     def compile_graph(self, *args: Any) -> ETraceGraph:
         """Compile the model's step for inputs shaped like ``args`` and initialise the traces.
 
@@ -243,7 +269,8 @@ class ETraceAlgorithm(SequenceDriverMixin, brainstate.nn.Module):
         refuse_inside_staging(type(self).__name__, "compile_graph(...)")
         if self._executor.model is not self.model:  # a copy: compile its own model
             self._executor = ETraceGraphExecutor(self.model, control_flow=self._executor.control_flow)
-        graph = self._executor.compile_graph(*args)
+        graph = self._executor.compile_graph(*args, emit=False)
+        self._emit_compiler_warnings(graph)
         if self.learns_nothing_online(graph):
             warnings.warn(
                 f"{type(self).__name__}: no weight of {type(self.model).__name__} gets an eligibility trace (no ETP "
