@@ -47,6 +47,7 @@ from _online_training import (
 
 import braintrace
 
+HIDDEN = 32
 LEARNERS = [
     BPTT,
     LearnerSpec("D_RTRL", "d_rtrl", exact="no (diagonal of dh/dh, ETP outputs fixed)"),
@@ -95,12 +96,19 @@ def main(argv: list[str] | None = None) -> dict[int, list[Result]]:
     common_arguments(parser, "copy_task")
     parser.add_argument("--delays", default="5,10,20", help="comma-separated delays (distractor steps)")
     parser.add_argument("--symbols", type=int, default=4)
-    parser.add_argument("--hidden", type=int, default=32)
+    parser.add_argument(
+        "--hidden",
+        type=int,
+        default=HIDDEN,
+        help=f"GRU units (default {HIDDEN}; another size is "
+        "written as copy_task_h<size>.json, beside the default run's)",
+    )
     parser.add_argument("--samples", type=int, default=2560, help="sequences per delay (80%% train)")
     parser.set_defaults(epochs=15, readout_steps=1)
     args = parser.parse_args(argv)
     args.readout_steps = 1
     delays = [int(d) for d in args.delays.split(",") if d.strip()]
+    name = "copy_task" + ("" if args.hidden == HIDDEN else f"_h{args.hidden}")
     if args.quick:
         delays, args.hidden, args.batch, args.epochs, args.samples = [1, 3], 8, 16, 2, 160
     wanted = [s.strip() for s in args.learners.split(",") if s.strip()]
@@ -147,9 +155,9 @@ def main(argv: list[str] | None = None) -> dict[int, list[Result]]:
     meta = {"task": "delayed recall", "symbols": args.symbols, "delays": delays, "hidden": args.hidden, "model": "GRU"}
     meta.update(epochs=args.epochs, batch=args.batch, lr=args.lr, seed=args.seed, quick=args.quick)
     payload = {"meta": meta, "results": {str(d): [asdict(r) for r in rs] for d, rs in by_delay.items()}}
-    (args.out / "copy_task.json").write_text(json.dumps(payload, indent=1))
-    _plot(by_delay, specs, args.out / "copy_task.png", args.symbols)
-    print(f"\nresults: {args.out / 'copy_task.json'}, {args.out / 'copy_task.png'}")
+    (args.out / f"{name}.json").write_text(json.dumps(payload, indent=1))
+    _plot(by_delay, specs, args.out / f"{name}.png", args.symbols)
+    print(f"\nresults: {args.out / f'{name}.json'}, {args.out / f'{name}.png'}")
     return by_delay
 
 

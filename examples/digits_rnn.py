@@ -35,6 +35,7 @@ from _online_training import BPTT, LearnerSpec, Split, common_arguments, run
 
 import braintrace
 
+HIDDEN = 32
 LEARNERS = [
     BPTT,
     LearnerSpec("D_RTRL", "d_rtrl", exact="leaky integrators; diagonal of dh/dh otherwise"),
@@ -78,12 +79,17 @@ def main(argv: list[str] | None = None) -> list:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     common_arguments(parser, "digits_rnn")
     parser.add_argument("--mode", choices=("rows", "pixels"), default="rows")
-    parser.add_argument("--hidden", type=int, default=32)
+    parser.add_argument(
+        "--hidden",
+        type=int,
+        default=HIDDEN,
+        help=f"GRU units (default {HIDDEN}; another size is written as <name>_h<size>.json, beside the default run's)",
+    )
     parser.add_argument("--readout-steps", type=int, default=None, help="default: 2 (rows) or 8 (pixels)")
     parser.set_defaults(epochs=30)
     args = parser.parse_args(argv)
     args.readout_steps = args.readout_steps or (2 if args.mode == "rows" else 8)
-    args.name = f"digits_rnn_{args.mode}"
+    args.name = f"digits_rnn_{args.mode}" + ("" if args.hidden == HIDDEN else f"_h{args.hidden}")
     limit = None
     if args.quick:
         args.hidden, args.batch, args.epochs, limit = 8, 16, 2, 160

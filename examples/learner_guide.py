@@ -4,12 +4,17 @@ One command after the examples' default runs::
 
     uv run python examples/digits_rnn.py && uv run python examples/digits_rnn.py --mode pixels
     uv run python examples/digits_snn.py && uv run python examples/copy_task.py
+    # the learners too slow for the default size (RTRL, SnAp), beside BPTT and D_RTRL, at H=16:
+    uv run python examples/digits_rnn.py --hidden 16 --learners BPTT,D_RTRL,RTRL,SnAp-2
+    uv run python examples/copy_task.py --hidden 16 --delays 20 --learners BPTT,D_RTRL,RTRL,SnAp-2
     uv run python examples/learner_guide.py            # reads results/, writes docs/learner_guide.md
 
 The page holds one table, one row per learner: held-out accuracy on each task (a dash where the
 learner was not run on it), eligibility-trace memory and time per step on each network, and what
-the learner computes exactly; then a short decision guide derived from the numbers (which
-learner comes closest to BPTT on each task, at what memory).
+the learner computes exactly; a second table with the learners whose steps are too slow for the
+default size (RTRL's full influence matrix, SnAp's dense propagation) at a smaller network; then a
+short decision guide derived from the numbers (which learner comes closest to BPTT on each task, at
+what memory).
 """
 
 from __future__ import annotations
@@ -26,6 +31,11 @@ TASKS = [
     ("digits_snn.json", None, "spiking digits (ALIF)"),
     ("copy_task.json", "longest", "delayed recall (GRU)"),
 ]
+#: The smaller networks on which the expensive learners run (their own table).
+SMALL_TASKS = [
+    ("digits_rnn_rows_h16.json", None, "digits, rows (GRU H=16, T=8)"),
+    ("copy_task_h16.json", "longest", "delayed recall (GRU H=16)"),
+]
 
 
 def _fmt_bytes(n: int | None) -> str:
@@ -34,10 +44,12 @@ def _fmt_bytes(n: int | None) -> str:
     return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
 
 
-def _load(results: Path) -> list[tuple[str, dict[str, Any], list[dict[str, Any]]]]:
+def _load(
+    results: Path, tasks: list[tuple[str, str | None, str]] = TASKS
+) -> list[tuple[str, dict[str, Any], list[dict[str, Any]]]]:
     """``(task label, meta, results)`` of each example whose JSON exists (the copy task at its longest delay)."""
     found = []
-    for filename, pick, label in TASKS:
+    for filename, pick, label in tasks:
         path = results / filename
         if not path.is_file():
             continue
@@ -48,6 +60,42 @@ def _load(results: Path) -> list[tuple[str, dict[str, Any], list[dict[str, Any]]
             rows, label = rows[longest], f"{label}, delay {longest}"
         found.append((label, data["meta"], rows))
     return found
+
+
+def _small_table(results: Path) -> list[str]:
+    """The expensive learners' section: accuracy, trace memory and ms per step on the smaller networks."""
+    tasks = _load(results, SMALL_TASKS)
+    if not tasks:
+        return []
+    names: list[str] = []
+    for _, _, rows in tasks:
+        names += [r["name"] for r in rows if r["name"] not in names]
+    by = {(label, r["name"]): r for label, _, rows in tasks for r in rows}
+    labels = [label for label, _, _ in tasks]
+    head = ["learner", *labels, "trace memory (same)", "ms per step (same)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name in names:
+        runs = [by.get((t, name)) for t in labels]
+        cells = [name, *(f"{r['test_acc']:.1%}" if r else "-" for r in runs)]
+        cells.append(" / ".join(_fmt_bytes(r["trace_bytes"]) if r else "-" for r in runs))
+        cells.append(" / ".join(f"{r['ms_per_step']:.3f}" if r else "-" for r in runs))
+        lines.append("| " + " | ".join(cells) + " |")
+    metas = "; ".join(
+        f"{label}: {meta.get('epochs')} epochs, batch {meta.get('batch')}, hidden {meta.get('hidden')}"
+        for label, meta, _ in tasks
+    )
+    return [
+        "## The expensive learners, on smaller networks",
+        "",
+        "RTRL propagates the full influence matrix (memory O(B·H·θ), forward-mode work O(θ) per step)",
+        "and SnAp-2 computes a dense influence before masking it, so their default-size runs take",
+        "hours here; on a GRU of 16 units they run beside BPTT and D_RTRL with everything else the same.",
+        "",
+        *lines,
+        "",
+        f"Same machine and settings as above ({metas}).",
+        "",
+    ]
 
 
 def render(results: Path, machine: str) -> str:
@@ -111,6 +159,7 @@ def render(results: Path, machine: str) -> str:
             "one optimizer setting (learning rate, clipping, epochs), tuned for none of them: one task and one",
             "seed rank nothing; the examples' `--seed` and `--lr` reproduce or vary a row.",
             "",
+            *_small_table(results),
             "## Which learner to pick",
             "",
             *guide,

@@ -176,3 +176,26 @@ def test_learner_guide_is_written_from_the_examples_json(tmp_path: Path) -> None
         row = next(line for line in text.splitlines() if line.startswith(f"| {r['name']} |"))
         assert f"{r['test_acc']:.1%}" in row
     assert "delayed recall (GRU), delay 3" in text and "## Which learner to pick" in text
+    assert "## The expensive learners" not in text  # no smaller-network runs: no second table
+
+
+def test_learner_guide_has_the_smaller_networks_table(tmp_path: Path) -> None:
+    """The expensive learners' runs at H=16 (``digits_rnn_rows_h16.json``) get their own table with their numbers."""
+    import json
+    import shutil
+
+    _run("digits_rnn.py", "--out", str(tmp_path), "--learners", "BPTT,D_RTRL,RTRL")
+    shutil.copy(tmp_path / "digits_rnn_rows.json", tmp_path / "digits_rnn_rows_h16.json")
+    page = tmp_path / "guide.md"
+    subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "learner_guide.py"), "--results", str(tmp_path), "--out", str(page)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    text = page.read_text()
+    small = text[text.index("## The expensive learners") : text.index("## Which learner to pick")]
+    for r in json.loads((tmp_path / "digits_rnn_rows_h16.json").read_text())["results"]:
+        row = next(line for line in small.splitlines() if line.startswith(f"| {r['name']} |"))
+        assert f"{r['test_acc']:.1%}" in row and f"{r['ms_per_step']:.3f}" in row, row
+    assert "digits, rows (GRU H=16, T=8)" in small
