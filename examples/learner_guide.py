@@ -7,7 +7,8 @@ One command after the examples' default runs::
     # the learners too slow for the default size (RTRL, SnAp), beside BPTT and D_RTRL, at H=16:
     uv run python examples/digits_rnn.py --hidden 16 --learners BPTT,D_RTRL,RTRL,SnAp-2
     uv run python examples/copy_task.py --hidden 16 --delays 20 --learners BPTT,D_RTRL,RTRL,SnAp-2
-    uv run python examples/learner_guide.py            # reads results/, writes docs/learner_guide.md
+    uv run python examples/learner_guide.py --readme README.md  # reads results/, writes docs/learner_guide.md
+                                                                 # and the README's headline rows
 
 The page holds one table, one row per learner: held-out accuracy on each task (a dash where the
 learner was not run on it), eligibility-trace memory and time per step on each network, and what
@@ -31,6 +32,8 @@ TASKS = [
     ("digits_snn.json", None, "spiking digits (ALIF)"),
     ("copy_task.json", "longest", "delayed recall (GRU)"),
 ]
+README_START = "<!-- learner-guide headline: written by examples/learner_guide.py --readme README.md -->"
+README_END = "<!-- end of learner-guide headline -->"
 #: The smaller networks on which the expensive learners run (their own table).
 SMALL_TASKS = [
     ("digits_rnn_rows_h16.json", None, "digits, rows (GRU H=16, T=8)"),
@@ -98,15 +101,15 @@ def _small_table(results: Path) -> list[str]:
     ]
 
 
-def render(results: Path, machine: str) -> str:
-    tasks = _load(results)
-    if not tasks:
-        raise SystemExit(f"no example results in {results}/: run the examples first (see this script's docstring)")
+def _main_table(
+    tasks: list[tuple[str, dict[str, Any], list[dict[str, Any]]]], only: set[str] | None = None
+) -> list[str]:
+    """One row per learner of ``tasks`` (or of those in ``only``): accuracies, trace memory, ms per step, exactness."""
     names: list[str] = []
     exact: dict[str, str] = {}
     for _, _, rows in tasks:
         for r in rows:
-            if r["name"] not in names:
+            if r["name"] not in names and (only is None or r["name"] in only):
                 names.append(r["name"])
             exact.setdefault(r["name"], r.get("exact", ""))
     by = {(label, r["name"]): r for label, _, rows in tasks for r in rows}
@@ -119,14 +122,45 @@ def render(results: Path, machine: str) -> str:
         mem = " / ".join(_fmt_bytes(by[(t, name)]["trace_bytes"]) if (t, name) in by else "-" for t in mem_tasks)
         ms = " / ".join(f"{by[(t, name)]['ms_per_step']:.3f}" if (t, name) in by else "-" for t in mem_tasks)
         lines.append("| " + " | ".join([name, *accs, mem, ms, exact.get(name, "")]) + " |")
+    return lines
+
+
+def _best_online(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    return max((r for r in rows if r["name"] != "BPTT"), key=lambda r: r["test_acc"], default=None)
+
+
+def headline(results: Path) -> list[str]:
+    """The README's quote of the guide: BPTT, D_RTRL, ES_D_RTRL and each task's best online learner."""
+    tasks = _load(results)
+    if not tasks:
+        raise SystemExit(f"no example results in {results}/: run the examples first (see this script's docstring)")
+    only = {"BPTT", "D_RTRL", "ES_D_RTRL"} | {b["name"] for _, _, rows in tasks if (b := _best_online(rows))}
+    return _main_table(tasks, only)
+
+
+def update_readme(readme: Path, results: Path) -> None:
+    """Replace the block between the README's learner-guide markers with :func:`headline`'s table."""
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        raise SystemExit(f"{readme} has no {README_START} ... {README_END} block to hold the guide's headline rows")
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    readme.write_text("\n".join([head + README_START, *headline(results), README_END]) + tail)
+
+
+def render(results: Path, machine: str) -> str:
+    tasks = _load(results)
+    if not tasks:
+        raise SystemExit(f"no example results in {results}/: run the examples first (see this script's docstring)")
+    lines = _main_table(tasks)
 
     guide = []
     for label, _, rows in tasks:
         online = [r for r in rows if r["name"] != "BPTT"]
         bptt = next((r for r in rows if r["name"] == "BPTT"), None)
-        if not online:
+        best = _best_online(rows)
+        if best is None:
             continue
-        best = max(online, key=lambda r: r["test_acc"])
         smallest = min((r for r in online if r["trace_bytes"]), key=lambda r: r["trace_bytes"], default=None)
         gap = f", {100 * (best['test_acc'] - bptt['test_acc']):+.1f} points from BPTT" if bptt else ""
         text = f"- **{label}**: the best online learner is {best['name']} ({best['test_acc']:.1%}{gap}"
@@ -176,9 +210,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--results", type=Path, default=Path("results"))
     parser.add_argument("--out", type=Path, default=Path("docs/learner_guide.md"))
     parser.add_argument("--machine", default=f"{platform.machine()} CPU, {platform.system()}")
+    parser.add_argument(
+        "--readme", type=Path, default=None, help="also quote the headline rows in this README's learner-guide block"
+    )
     args = parser.parse_args(argv)
     args.out.write_text(render(args.results, args.machine))
     print(f"wrote {args.out}")
+    if args.readme is not None:
+        update_readme(args.readme, args.results)
+        print(f"updated the learner-guide headline of {args.readme}")
 
 
 if __name__ == "__main__":

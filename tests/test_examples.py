@@ -178,6 +178,26 @@ def test_learner_guide_is_written_from_the_examples_json(tmp_path: Path) -> None
     assert "delayed recall (GRU), delay 3" in text and "## Which learner to pick" in text
     assert "## The expensive learners" not in text  # no smaller-network runs: no second table
 
+    # --readme quotes the headline rows (BPTT, D_RTRL, ES_D_RTRL, each task's best) inside the README's block
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        from learner_guide import README_END, README_START
+    finally:
+        sys.path.pop(0)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# intro\n\n{README_START}\nold rows\n{README_END}\n\n## after\n")
+    cmd = [sys.executable, str(ROOT / "examples" / "learner_guide.py"), "--results", str(tmp_path), "--out", str(page)]
+    subprocess.run([*cmd, "--readme", str(readme)], capture_output=True, text=True, check=True)
+    quoted = readme.read_text()
+    assert quoted.startswith("# intro\n") and quoted.endswith("\n\n## after\n") and "old rows" not in quoted
+    block = quoted[quoted.index(README_START) : quoted.index(README_END)]
+    best = max((r for r in digits if r["name"] != "BPTT"), key=lambda r: r["test_acc"])
+    for name in {"BPTT", "D_RTRL", "ES_D_RTRL", best["name"]}:
+        assert any(line.startswith(f"| {name} |") for line in block.splitlines()), (name, block)
+    readme.write_text("# no block\n")
+    refused = subprocess.run([*cmd, "--readme", str(readme)], capture_output=True, text=True, check=False)
+    assert refused.returncode != 0 and "learner-guide" in refused.stderr, refused.stderr
+
 
 def test_learner_guide_has_the_smaller_networks_table(tmp_path: Path) -> None:
     """The expensive learners' runs at H=16 (``digits_rnn_rows_h16.json``) get their own table with their numbers."""
