@@ -3,6 +3,9 @@
 Usage: ``python _learner_worker.py '{"kind": "registry"}'`` (the learners registered in this
 installation), or ``'{"kind": "step", "model": "gru", "batch": 32, "n_in": 64, "hidden": 64,
 "method": "snap", "options": {"n": 2}, "steps": 50, "repeats": 5, "budget_s": 60}'``.
+With ``"library": "peer"`` (run by the peer environment's interpreter, ``peer_learners.py``) the
+learner is the released braintrace's class of :data:`PEER_CLASSES`; this module then imports
+only ``braintrace``, ``brainstate``, ``jax`` and ``saiunit``.
 
 ``method`` is ``"bptt"`` (``jax.grad`` through the loop, ``_workloads.make_program``) or the name
 of a registered learner, built as ``registered_learners()[method](net, **options)`` and compiled
@@ -25,7 +28,20 @@ import _workloads as work
 import jax
 import jax.numpy as jnp
 
-import etp_algorithms
+import braintrace
+
+#: The released braintrace's class for each learner both libraries have (our registered name ->
+#: the peer's public name).
+PEER_CLASSES = {
+    "d_rtrl": "D_RTRL",
+    "es_d_rtrl": "ES_D_RTRL",
+    "snap": "SnAp",
+    "uoro": "UORO",
+    "eprop": "EProp",
+    "ostl_recurrent": "OSTLRecurrent",
+    "ostl_feedforward": "OSTLFeedforward",
+    "three_factor": "ThreeFactor",
+}
 
 
 def _block(tree: Any) -> None:
@@ -39,6 +55,8 @@ def _first_line(error: BaseException) -> str:
 
 def registry(spec: dict[str, Any]) -> dict[str, Any]:
     """``name -> class name`` of every registered learner, with the module that defines the class."""
+    import etp_algorithms
+
     learners = etp_algorithms.registered_learners()
     return {
         "learners": {name: cls.__name__ for name, cls in learners.items()},
@@ -48,6 +66,7 @@ def registry(spec: dict[str, Any]) -> dict[str, Any]:
 
 def _influence(learner: Any) -> dict[str, int]:
     """The dense influence matrix dh/dtheta that RTRL keeps and SnAp computes every step before masking."""
+    import etp_algorithms
     from etp_algorithms._rtrl import influence_bytes
 
     if isinstance(learner, etp_algorithms.RTRL):
@@ -63,27 +82,74 @@ def _xla_memory(program: Any, args: tuple[Any, ...]) -> dict[str, int]:
     return {name: int(getattr(analysis, name)) for name in fields}
 
 
+def _build(spec: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
+    """``(net, learner or None for BPTT, result so far)``: the learner built and its graph compiled,
+    with its trace bytes; or ``(net, None, {"status": ...})`` naming the stage that failed."""
+    model, method, batch, n_in, hidden = spec["model"], spec["method"], spec["batch"], spec["n_in"], spec["hidden"]
+    net = work.build(model, batch, n_in, hidden)
+    result: dict[str, Any] = {}
+    if method == "bptt":
+        return net, None, result
+    peer = spec.get("library", "etp") == "peer"
+    try:
+        if peer:
+            cls = getattr(braintrace, PEER_CLASSES[method])
+        else:
+            import etp_algorithms
+
+            cls = etp_algorithms.registered_learners()[method]
+        options = dict(spec.get("options", {}))
+        unit_modulator = options.pop("unit_modulator", False)
+        if unit_modulator and not peer:
+            # ours takes a function of (output, new hidden values) giving each state's modulator
+            options["modulator"] = lambda out, hidden: {p: jnp.ones_like(v) for p, v in hidden.items()}
+        learner = cls(net, **options)
+        if unit_modulator and peer:
+            learner.modulator = 1.0  # the peer's standing modulator, broadcast to every hidden group
+    except Exception as error:
+        return net, None, {"status": f"constructor failed: {_first_line(error)}"}
+    start = time.perf_counter()
+    try:
+        learner.compile_graph(jnp.zeros((batch, n_in)))
+    except Exception as error:
+        return net, None, {"status": f"compile failed: {_first_line(error)}"}
+    result["compile_graph_s"] = time.perf_counter() - start
+    if peer:
+        traces = learner.states(braintrace.EligibilityTrace).values()
+        result["trace_bytes"] = int(sum(leaf.nbytes for t in traces for leaf in jax.tree.leaves(t.value)))
+    else:
+        result["trace_bytes"] = learner.trace_bytes()
+        result.update(_influence(learner))
+    return net, learner, result
+
+
+def cost(spec: dict[str, Any]) -> dict[str, Any]:
+    """XLA's cost analysis of one step of the learner's program (the loop body is counted once):
+    floating-point operations and bytes accessed."""
+    net, learner, result = _build(spec)
+    if "status" in result:
+        return result
+    program, args, _ = work.make_program(
+        spec["method"], net, spec["batch"], spec["n_in"], spec["steps"], online_inputs=False, learner=learner
+    )
+    analysis = program.compile(*args).cost_analysis()
+    analysis = analysis[0] if isinstance(analysis, list) else analysis
+    return {
+        **result,
+        "flops_per_step": float(analysis.get("flops", 0.0)),
+        "bytes_per_step": float(analysis.get("bytes accessed", 0.0)),
+        "status": "ok",
+    }
+
+
 def step(spec: dict[str, Any]) -> dict[str, Any]:
     """ms per step of the 50-step program (median of the repeats after two warm-up calls), the
     learner's trace bytes and XLA's memory analysis of the compiled program."""
-    model, method, batch, n_in, hidden = spec["model"], spec["method"], spec["batch"], spec["n_in"], spec["hidden"]
+    method, batch, n_in = spec["method"], spec["batch"], spec["n_in"]
     steps, repeats = spec["steps"], spec["repeats"]
-    net = work.build(model, batch, n_in, hidden)
-    result: dict[str, Any] = {}
-    learner = None
-    if method != "bptt":
-        try:
-            learner = etp_algorithms.registered_learners()[method](net, **spec.get("options", {}))
-        except Exception as error:
-            return {"status": f"constructor failed: {_first_line(error)}"}
-        start = time.perf_counter()
-        try:
-            learner.compile_graph(jnp.zeros((batch, n_in)))
-        except Exception as error:
-            return {"status": f"compile failed: {_first_line(error)}"}
-        result["compile_graph_s"] = time.perf_counter() - start
-        result["trace_bytes"] = learner.trace_bytes()
-        result.update(_influence(learner))
+    net, learner, result = _build(spec)
+    if "status" in result:
+        return result
     program, args, _ = work.make_program(method, net, batch, n_in, steps, online_inputs=False, learner=learner)
     try:
         for name in ("first_call_s", "second_call_s"):  # trace + XLA compile, then a warm call
@@ -104,12 +170,14 @@ def step(spec: dict[str, Any]) -> dict[str, Any]:
     result["repeats"] = repeats
     result["ms_per_step"] = 1e3 * statistics.median(times) / steps
     result["ms_per_step_min"] = 1e3 * min(times) / steps
+    # compile + first step: the graph, then the first call less the steps it ran at the measured speed
+    result["compile_s"] = result.get("compile_graph_s", 0.0) + result["first_call_s"] - min(times)
     result.update(_xla_memory(program, args))
     result["status"] = "ok"
     return result
 
 
-KINDS = {"registry": registry, "step": step}
+KINDS = {"registry": registry, "step": step, "cost": cost}
 
 
 if __name__ == "__main__":

@@ -235,7 +235,7 @@ def _sequence_setup(spec: dict[str, Any]) -> tuple[Any, Any, tuple[Any, Any]]:
     net = work.build(model, batch, n_in, hidden)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        learner = work.compile_learner(method, net, batch, n_in)
+        learner = work.compile_learner(method, net, batch, n_in, vjp_method=spec.get("vjp_method"))
     return net, learner, work.sequence_data(spec["steps"], batch, n_in)
 
 
@@ -247,8 +247,9 @@ def sequence_grad(spec: dict[str, Any]) -> dict[str, Any]:
     if not hasattr(learner, "etrace_grad") and spec["program"] != "hand_loop":
         return {"unavailable": f"braintrace {getattr(braintrace, '__version__', '?')} has no etrace_grad"}
     in_place = spec.get("jit") == "in_place"
+    chunk_size = spec.get("chunk_size")
     program = work.make_sequence_program(
-        spec["program"], learner, net, jit=braintrace.jit_in_place if in_place else None
+        spec["program"], learner, net, jit=braintrace.jit_in_place if in_place else None, chunk_size=chunk_size
     )
     result: dict[str, Any] = {"trace_bytes": _trace_bytes(learner)}
     for name in ("first_call_s", "second_call_s"):  # the peer's jitted programs compile again on the second call
@@ -266,7 +267,11 @@ def sequence_grad(spec: dict[str, Any]) -> dict[str, Any]:
     if spec["program"] != "etrace_grad_direct":
         # jit_in_place has no .compile: the memory of the same function under brainstate's jit
         # (donation changes only what is aliased)
-        same = program if not in_place else work.make_sequence_program(spec["program"], learner, net)
+        same = (
+            program
+            if not in_place
+            else work.make_sequence_program(spec["program"], learner, net, chunk_size=chunk_size)
+        )
         result["memory"] = _xla_memory(same, args)
     return result
 

@@ -157,9 +157,14 @@ def make_program(
     return brainstate.transform.jit(step_time), args, learner
 
 
-def compile_learner(method: str, net: brainstate.nn.Module, batch: int, n_in: int) -> Any:
-    """``braintrace.compile`` of the learner (states initialised for ``batch``, graph compiled)."""
-    options = {"decay_or_rank": ES_DECAY} if method == "es_d_rtrl" else {}
+def compile_learner(
+    method: str, net: brainstate.nn.Module, batch: int, n_in: int, vjp_method: str | None = None
+) -> Any:
+    """``braintrace.compile`` of the learner (states initialised for ``batch``, graph compiled);
+    ``vjp_method="multi-step"`` for the windows of ``etrace_grad(chunk_size=k)``."""
+    options: dict[str, Any] = {"decay_or_rank": ES_DECAY} if method == "es_d_rtrl" else {}
+    if vjp_method is not None:
+        options["vjp_method"] = vjp_method
     return braintrace.compile(net, method, jnp.zeros((batch, n_in)), batch_size=batch, seed=0, **options)
 
 
@@ -169,13 +174,18 @@ def sequence_data(steps: int, batch: int, n_in: int) -> tuple[Any, Any]:
     return jax.random.normal(kx, (steps, batch, n_in)), jax.random.normal(ky, (steps, batch, N_OUT))
 
 
-def make_sequence_program(program: str, learner: Any, net: brainstate.nn.Module, jit: Any = None) -> Any:
+def make_sequence_program(
+    program: str, learner: Any, net: brainstate.nn.Module, jit: Any = None, chunk_size: int | None = None
+) -> Any:
     """A function of ``(xs, ys)`` returning the summed online gradients of the steps' losses.
 
     ``etrace_grad``: the learner's sequence driver (``reduction='sum'``), jitted by ``jit``
-    (default ``brainstate.transform.jit``); ``etrace_grad_direct``: the driver called as is (no
-    outer jit; ours compiles and caches one program itself); ``hand_loop``: a ``scan`` over the
-    steps taking each step's gradient through the learner and summing, jitted by ``jit``.
+    (default ``brainstate.transform.jit``); with ``chunk_size=k`` it drives windows of ``k``
+    steps (``MultiStepData``; exact reverse mode inside a window, traces between windows: the
+    peer's chunked trace; the learner must be built with ``vjp_method="multi-step"``).
+    ``etrace_grad_direct``: the driver called as is (no outer jit; ours compiles and caches one
+    program itself); ``hand_loop``: a ``scan`` over the steps taking each step's gradient through
+    the learner and summing, jitted by ``jit``.
     """
     params = net.states(brainstate.ParamState)
     jit = brainstate.transform.jit if jit is None else jit
@@ -183,8 +193,13 @@ def make_sequence_program(program: str, learner: Any, net: brainstate.nn.Module,
     def step_loss(x: Any, y: Any) -> Any:
         return _loss(learner(x), y)
 
+    def window_loss(xs: Any, ys: Any) -> Any:  # one loss per step of the window: shape (k,)
+        return jnp.mean((learner(braintrace.MultiStepData(xs)) - ys) ** 2, axis=tuple(range(1, ys.ndim)))
+
     def driver(xs: Any, ys: Any) -> Any:
-        return learner.etrace_grad(xs, ys, step_fn=step_loss, weights=params, reduction="sum")
+        if chunk_size is None:
+            return learner.etrace_grad(xs, ys, step_fn=step_loss, weights=params, reduction="sum")
+        return learner.etrace_grad(xs, ys, step_fn=window_loss, weights=params, reduction="sum", chunk_size=chunk_size)
 
     def hand_loop(xs: Any, ys: Any) -> Any:
         def body(total: Any, xy: Any) -> tuple[Any, None]:

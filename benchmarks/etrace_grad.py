@@ -12,7 +12,10 @@ two warm-up calls) of the summed online gradients of the steps' losses, computed
   one program per call signature itself);
 - ``hand_loop`` (ours): a ``scan`` over the steps calling the learner and taking each step's
   gradient through it, summed, under ``braintrace.jit_in_place`` (the loop every user wrote
-  before the driver; ``performance.py``'s step time measures the same loop).
+  before the driver; ``performance.py``'s step time measures the same loop);
+- ``etrace_grad_chunked``: ``etrace_grad(..., chunk_size=10)`` on a learner built with
+  ``vjp_method='multi-step'``, ours and the peer's (the peer's chunked trace): windows of 10
+  steps, exact reverse mode inside a window, traces carried between windows.
 
 Every configuration runs in a fresh worker process (``_worker.py``), ours and the peer's
 interleaved. Also recorded: XLA's ``memory_analysis()`` of each compiled program (the hand loop's
@@ -37,12 +40,16 @@ from typing import Any
 import performance as perf
 
 METHODS = ("d_rtrl", "es_d_rtrl")
+# the window of etrace_grad_chunked (T=100 and --quick's T=10 are multiples of it, as the peer requires)
+CHUNK = 10
 # (library, program, jit) in the order they run for each (model, method): ours and the peer alternate
 PROGRAMS = (
     ("etp", "etrace_grad", "brainstate"),
     ("peer", "etrace_grad", "brainstate"),
     ("etp", "hand_loop", "in_place"),
     ("etp", "etrace_grad_direct", "none"),
+    ("etp", "etrace_grad_chunked", "brainstate"),
+    ("peer", "etrace_grad_chunked", "brainstate"),
 )
 # the gradients of etrace_grad and of the hand loop must agree to this (float32)
 AGREEMENT = 1e-4
@@ -73,8 +80,15 @@ def measure(quick: bool, peer: str | None) -> dict[str, Any]:
                 spec = perf._spec(
                     "sequence_grad", model, method=method, steps=cfg["steps"], repeats=cfg["repeats"], jit=jit
                 )
+                if program == "etrace_grad_chunked":
+                    spec = {**spec, "chunk_size": CHUNK, "vjp_method": "multi-step"}
+                    program = "etrace_grad"
+                    label = "etrace_grad_chunked"
+                else:
+                    label = program
                 jobs.append((python, {**spec, "program": program}))
-                labels.append(("time", {**row, "library": lib, "program": program, "jit": jit}))
+                chunk = {"chunk_size": CHUNK} if label == "etrace_grad_chunked" else {}
+                labels.append(("time", {**row, "library": lib, "program": label, "jit": jit, **chunk}))
     measured = perf._run_jobs(jobs, batch=quick)
     rows = [{**row, **m} for (kind, row), m in zip(labels, measured, strict=True) if kind == "time"]
     checks = [{**row, **m} for (kind, row), m in zip(labels, measured, strict=True) if kind == "check"]
@@ -111,23 +125,27 @@ def print_tables(results: dict[str, Any]) -> None:
     print(f"\nms per sequence of T={results['steps']} steps (median of {results['repeats']})")
     print(
         f"{'':<22}{'etrace_grad':>12}{'hand loop':>11}{'ours/hand':>10}{'direct':>9}"
-        f"{'peer etg':>10}{'ours/peer':>10}   XLA MB: etg / hand / peer"
+        f"{'peer etg':>10}{'ours/peer':>10}{'chunked':>9}{'peer ch.':>9}{'ours/peer':>10}"
+        "   XLA MB: etg / hand / peer"
     )
     for model, hidden, method in sorted({(r["model"], r["hidden"], r["method"]) for r in rows}):
         config = {"model": model, "hidden": hidden, "method": method}
-        ours, hand, direct, peer = (
+        ours, hand, direct, peer, chunked, peer_chunked = (
             perf._lookup(rows, **config, library=library, program=program)
             for library, program in (
                 ("etp", "etrace_grad"),
                 ("etp", "hand_loop"),
                 ("etp", "etrace_grad_direct"),
                 ("peer", "etrace_grad"),
+                ("etp", "etrace_grad_chunked"),
+                ("peer", "etrace_grad_chunked"),
             )
         )
         memory = " / ".join(_cell(r, "memory.xla_total_bytes", 1e-6) for r in (ours, hand, peer))
         print(
             f"{model} H={hidden} {method:<11}{_cell(ours):>12}{_cell(hand):>11}{_ratio(ours, hand):>10}"
-            f"{_cell(direct):>9}{_cell(peer):>10}{_ratio(ours, peer):>10}   {memory}"
+            f"{_cell(direct):>9}{_cell(peer):>10}{_ratio(ours, peer):>10}"
+            f"{_cell(chunked):>9}{_cell(peer_chunked):>9}{_ratio(chunked, peer_chunked):>10}   {memory}"
         )
     for row in rows:
         if "error" in row:

@@ -111,10 +111,13 @@ def test_etrace_grad_benchmark_quick_run(tmp_path: Path) -> None:
     rows = results["rows"]
     configs = {(m, method) for m in ("gru", "lif") for method in ("d_rtrl", "es_d_rtrl")}
     programs = {("etrace_grad", "brainstate"), ("hand_loop", "in_place"), ("etrace_grad_direct", "none")}
+    programs |= {("etrace_grad_chunked", "brainstate")}
     assert {(r["model"], r["method"], r["program"], r["jit"]) for r in rows} == {
         (*config, *program) for config in configs for program in programs
     }
     assert all(r["library"] == "etp" and r["ms_per_sequence"] > 0 for r in rows), rows
+    # the chunked driver's windows of 10 steps: one window over --quick's T=10
+    assert "chunked" in proc.stdout
     for row in rows:
         if row["program"] != "etrace_grad_direct":
             assert row["memory"]["xla_total_bytes"] > 0
@@ -167,3 +170,69 @@ def test_learners_benchmark_one_row_per_class() -> None:
     order, aliases = learners.learner_names(registered)
     assert order == ["d_rtrl", "es_d_rtrl", "ostl_recurrent", "snap"]
     assert aliases["es_d_rtrl"] == ["esd_rtrl", "pp_prop"] and aliases["snap"] == []
+
+
+def _peer_learners_module() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("peer_learners", ROOT / "benchmarks" / "peer_learners.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_peer_learners_benchmark_quick_run(tmp_path: Path) -> None:
+    # ours alone (the peer needs its own environment, made by the benchmark outside the tests)
+    command = [sys.executable, str(ROOT / "benchmarks" / "peer_learners.py"), "--quick", "--no-peer"]
+    command += ["--models", "lif", "--learners", "d_rtrl", "three_factor", "--out", str(tmp_path)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "| learner | ours ms/step | peer ms/step | ours/peer | target |" in proc.stdout
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["stack"]["peer"] is None and results["peer_classes"] == {
+        "d_rtrl": "D_RTRL",
+        "three_factor": "ThreeFactor",
+    }
+    rows = {r["method"]: r for r in results["rows"]}
+    assert set(rows) == {"d_rtrl", "three_factor"}
+    for row in rows.values():
+        assert row["library"] == "etp" and row["status"] == "ok", row
+        assert row["ms_per_step"] > 0 and row["compile_s"] > 0
+    # recurrent LIF(8 -> 8), B=4: the input and recurrent weights' (B, I, H) traces and the bias's (B, H),
+    # float32, for each of the two hidden states the weights reach (the potential and the fed-back spikes)
+    assert rows["d_rtrl"]["trace_bytes"] == 2 * 4 * 4 * (8 * 8 + 8 * 8 + 8)
+    # no peer, no ratio
+    assert all("step_ratio" not in r for r in results["ratios"])
+    # --cost: XLA's count of one step's flops and bytes instead of timings
+    command = [sys.executable, str(ROOT / "benchmarks" / "peer_learners.py"), "--quick", "--no-peer", "--cost"]
+    command += ["--models", "lif", "--learners", "d_rtrl", "--out", str(tmp_path)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (row,) = json.loads((tmp_path / "cost.json").read_text())["rows"]
+    assert row["status"] == "ok" and row["flops_per_step"] > 0 and row["bytes_per_step"] > 0
+    assert "ms_per_step" not in row and "| lif H=8 | d_rtrl |" in proc.stdout
+
+
+def test_peer_learners_ratios_and_targets() -> None:
+    module = _peer_learners_module()
+    common = {"hidden": 256, "batch": 32, "n_in": 64, "steps": 20, "status": "ok"}
+    rows = [
+        {**common, "library": "etp", "model": "gru", "method": "es_d_rtrl", "ms_per_step": 0.7, "compile_s": 1.0},
+        {**common, "library": "peer", "model": "gru", "method": "es_d_rtrl", "ms_per_step": 1.0, "compile_s": 2.0},
+        {**common, "library": "etp", "model": "gru", "method": "snap", "ms_per_step": 3.0, "compile_s": 3.0},
+        {**common, "library": "peer", "model": "gru", "method": "snap", "ms_per_step": 4.0, "compile_s": 2.0},
+        {**common, "library": "etp", "model": "gru", "method": "uoro", "ms_per_step": 1.0, "compile_s": 1.0},
+        {**common, "library": "peer", "model": "gru", "method": "uoro", "status": "run failed: RuntimeError: x"},
+    ]
+    ratios = {r["method"]: r for r in module.ratios(rows)}
+    # ES_D_RTRL on the GRU has its own target (0.8); the others 0.5; compile time at most the peer's
+    assert ratios["es_d_rtrl"]["target"] == 0.8 and ratios["es_d_rtrl"]["step_target_met"] is True
+    assert ratios["es_d_rtrl"]["compile_ratio"] == 0.5 and ratios["es_d_rtrl"]["compile_target_met"] is True
+    assert ratios["snap"]["step_ratio"] == 0.75 and ratios["snap"]["step_target_met"] is False
+    assert ratios["snap"]["compile_target_met"] is False
+    # a peer row without a time gives no ratio, and the table says why
+    assert "step_ratio" not in ratios["uoro"]
+    results = {"rows": rows, "ratios": list(ratios.values()), "quick": False}
+    lines = module.table(results, "gru", 256)
+    uoro = next(line for line in lines if line.startswith("| uoro |"))
+    assert uoro.endswith("| ok / run failed: RuntimeError: x |") and "| - |" in uoro
+    assert any(line.startswith("| es_d_rtrl | 0.700 | 1.000 | 0.70 | 0.8 |") for line in lines)

@@ -1,0 +1,249 @@
+"""Every learner both libraries have, against the released braintrace on the same stack (issue 22).
+
+One command: ``uv run python benchmarks/peer_learners.py`` on Python >= 3.12 (the peer is
+``braintrace==0.2.8`` in its own environment, made by ``performance.py``'s ``_peer_python`` with
+our exact jax, jaxlib and brainstate; on Python 3.11 it is 0.2.6). ``--quick`` is a smoke run,
+``--no-peer`` measures ours alone, ``--hidden 256`` restricts the sizes.
+
+For each workload (``_workloads.py``: GRU B=32, I=64 and recurrent LIF B=32, I=128, H in
+{256, 512}) and each learner of :data:`_learner_worker.PEER_CLASSES` (D_RTRL, ES_D_RTRL, SnAp-2,
+UORO, EProp, OSTLRecurrent, OSTLFeedforward, ThreeFactor), ours and the peer's run one after the
+other, each in a fresh process (``_learner_worker.py``): one jitted program of ``steps`` time
+steps in a ``scan``, every step's gradient through the learner, summed; ms per step = median of
+the repeats after two warm-up calls (the peer's program compiles again on its second call).
+Both get the same constructor options (:data:`OPTIONS`; the rest are each library's defaults)
+and, for ThreeFactor, a modulator of ones on every hidden state (the peer refuses to run without
+one). Compile time = ``compile_graph`` + the first call less one timed call (compile + first
+step). Trace bytes = the learner's eligibility traces. The learners the peer lacks are in
+``learners.py``. Output: one Markdown table per workload and ``results.json`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import performance as perf  # noqa: E402
+from _learner_worker import PEER_CLASSES  # noqa: E402
+
+#: Constructor options given to both libraries (the rest: each library's defaults).
+OPTIONS: dict[str, dict[str, Any]] = {
+    "es_d_rtrl": {"decay_or_rank": 0.9},
+    "snap": {"n": 2},
+    "uoro": {"projection_key": 0},
+    "three_factor": {"unit_modulator": True},
+}
+#: Learners whose step costs far more than the others' (SnAp's dense influence): fewer steps per program.
+STEPS: dict[str, int] = {"snap": 5}
+#: Targets of issue 22: our step time over the peer's (ES_D_RTRL on the GRU: 0.8).
+TARGET = 0.5
+TARGET_ES_GRU = 0.8
+
+
+def _configs(quick: bool) -> dict[str, Any]:
+    if quick:
+        return {"workloads": [("gru", 4, 8, 8), ("lif", 4, 8, 8)], "steps": 5, "repeats": 2, "budget_s": 10.0}
+    return {
+        "workloads": [("gru", 32, 64, 256), ("gru", 32, 64, 512), ("lif", 32, 128, 256), ("lif", 32, 128, 512)],
+        "steps": 20,
+        "repeats": 5,
+        "budget_s": 30.0,
+    }
+
+
+def _run(python: str, spec: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """``spec`` in a fresh ``_learner_worker.py`` process of ``python``: its result, or a row saying why none."""
+    env = dict(os.environ, PYTHONPATH=str(HERE), JAX_PLATFORMS="cpu")
+    try:
+        proc = subprocess.run(
+            [python, str(HERE / "_learner_worker.py"), json.dumps(spec)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+            cwd=HERE,  # not the repository root: the peer must not see the project's sources
+        )
+    except subprocess.TimeoutExpired:
+        return {"status": f"timed out after {timeout:.0f} s"}
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            result: dict[str, Any] = json.loads(line[len("RESULT ") :])
+            return result
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:]
+    return {"status": f"worker exited with code {proc.returncode}: {' '.join(tail)}"}
+
+
+def measure(
+    quick: bool,
+    peer: str | None,
+    learners: list[str] | None = None,
+    models: list[str] | None = None,
+    hidden: list[int] | None = None,
+    kind: str = "step",
+) -> dict[str, Any]:
+    """Every (workload, learner, library) in a fresh worker: ``kind="step"`` times it,
+    ``kind="cost"`` gives XLA's flops and bytes accessed of one step instead (compile only)."""
+    cfg = _configs(quick)
+    pythons = {"etp": sys.executable, **({"peer": peer} if peer else {})}
+    names = [n for n in PEER_CLASSES if not learners or n in learners]
+    rows = []
+    for model, batch, n_in, size in cfg["workloads"]:
+        if (models and model not in models) or (hidden and size not in hidden):
+            continue
+        for method in names:
+            for library, python in pythons.items():
+                spec = {
+                    "kind": kind,
+                    "library": library,
+                    "model": model,
+                    "batch": batch,
+                    "n_in": n_in,
+                    "hidden": size,
+                    "method": method,
+                    "options": OPTIONS.get(method, {}),
+                    "steps": cfg["steps"] if quick else STEPS.get(method, cfg["steps"]),
+                    "repeats": cfg["repeats"],
+                    "budget_s": cfg["budget_s"],
+                }
+                print(f"  {model} H={size} {method} {library}", file=sys.stderr, flush=True)
+                result = _run(python, spec, timeout=120.0 if quick else 420.0)
+                rows.append({**{k: v for k, v in spec.items() if k not in ("kind", "budget_s")}, **result})
+    return {
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        "stack": {**perf.our_stack(), "peer": f"braintrace=={perf.peer_version()}" if peer else None},
+        "quick": quick,
+        "config": {k: v for k, v in cfg.items() if k != "workloads"},
+        "peer_classes": {n: PEER_CLASSES[n] for n in names},
+        "rows": rows,
+        "ratios": ratios(rows) if kind == "step" else [],
+    }
+
+
+def _find(rows: list[dict[str, Any]], **match: Any) -> dict[str, Any] | None:
+    return next((r for r in rows if all(r.get(k) == v for k, v in match.items())), None)
+
+
+def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Ours over the peer's, per (workload, learner): step time and compile time, with the target."""
+    out = []
+    for ours in rows:
+        if ours["library"] != "etp":
+            continue
+        key = {k: ours[k] for k in ("model", "hidden", "method")}
+        peer = _find(rows, library="peer", **key)
+        target = TARGET_ES_GRU if (ours["method"], ours["model"]) == ("es_d_rtrl", "gru") else TARGET
+        entry: dict[str, Any] = {**key, "target": target}
+        if peer and "ms_per_step" in ours and "ms_per_step" in peer:
+            entry["step_ratio"] = ours["ms_per_step"] / peer["ms_per_step"]
+            entry["step_target_met"] = entry["step_ratio"] <= target
+        if peer and "compile_s" in ours and "compile_s" in peer:
+            entry["compile_ratio"] = ours["compile_s"] / peer["compile_s"]
+            entry["compile_target_met"] = entry["compile_ratio"] <= 1.0
+        out.append(entry)
+    return out
+
+
+def _num(row: dict[str, Any] | None, field: str, fmt: str = ".3f", scale: float = 1.0) -> str:
+    if row is None or row.get(field) is None:
+        return "-"
+    return f"{row[field] * scale:{fmt}}"
+
+
+def table(results: dict[str, Any], model: str, hidden: int) -> list[str]:
+    """One workload's Markdown table: ours, the peer's, the ratio and the target, per learner."""
+    rows = [r for r in results["rows"] if (r["model"], r["hidden"]) == (model, hidden)]
+    first = rows[0]
+    lines = [
+        f"\n{model} B={first['batch']} I={first['n_in']} H={hidden} ({first['steps']} steps per program;"
+        f" SnAp {STEPS['snap'] if not results['quick'] else first['steps']})\n",
+        "| learner | ours ms/step | peer ms/step | ours/peer | target | ours compile s | peer compile s"
+        " | ours/peer | ours trace MiB | peer trace MiB | status (ours / peer) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for method in dict.fromkeys(r["method"] for r in rows):
+        ours = _find(rows, library="etp", method=method)
+        peer = _find(rows, library="peer", method=method)
+        ratio = _find(results["ratios"], model=model, hidden=hidden, method=method) or {}
+        status = " / ".join((r or {}).get("status", "-").replace("|", "/") for r in (ours, peer))
+        lines.append(
+            f"| {method} | {_num(ours, 'ms_per_step')} | {_num(peer, 'ms_per_step')} | {_num(ratio, 'step_ratio', '.2f')}"
+            f" | {ratio.get('target', '-')} | {_num(ours, 'compile_s', '.2f')} | {_num(peer, 'compile_s', '.2f')}"
+            f" | {_num(ratio, 'compile_ratio', '.2f')} | {_num(ours, 'trace_bytes', '.2f', 2**-20)}"
+            f" | {_num(peer, 'trace_bytes', '.2f', 2**-20)} | {status} |"
+        )
+    return lines
+
+
+def cost_lines(results: dict[str, Any]) -> list[str]:
+    """XLA's cost analysis of one step, ours and the peer's: MFLOP and MB accessed."""
+    lines = [
+        "\n| workload | learner | ours MFLOP | peer MFLOP | ours MB accessed | peer MB accessed |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for r in results["rows"]:
+        if r["library"] != "etp":
+            continue
+        peer = _find(results["rows"], library="peer", model=r["model"], hidden=r["hidden"], method=r["method"])
+        lines.append(
+            f"| {r['model']} H={r['hidden']} | {r['method']} | {_num(r, 'flops_per_step', '.1f', 1e-6)}"
+            f" | {_num(peer, 'flops_per_step', '.1f', 1e-6)} | {_num(r, 'bytes_per_step', '.1f', 1e-6)}"
+            f" | {_num(peer, 'bytes_per_step', '.1f', 1e-6)} |"
+        )
+    return lines
+
+
+def print_tables(results: dict[str, Any]) -> None:
+    seen = list(dict.fromkeys((r["model"], r["hidden"]) for r in results["rows"]))
+    for model, hidden in seen:
+        print("\n".join(table(results, model, hidden)))
+    missed = [r for r in results["ratios"] if r.get("step_target_met") is False]
+    for r in missed:
+        print(
+            f"  step-time target missed: {r['model']} H={r['hidden']} {r['method']} {r['step_ratio']:.2f} > {r['target']}"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, 5 steps, 2 repeats: a smoke run")
+    parser.add_argument("--no-peer", action="store_true", help="do not measure the released braintrace")
+    parser.add_argument("--learners", nargs="*", choices=sorted(PEER_CLASSES), help="only these learners")
+    parser.add_argument("--models", nargs="*", choices=("gru", "lif"), help="only these workloads")
+    parser.add_argument("--hidden", nargs="*", type=int, help="only these hidden sizes")
+    parser.add_argument(
+        "--peer-env",
+        type=Path,
+        default=perf.ROOT / "results" / f"peer-venv-{perf.peer_version()}",
+        help="the peer's virtual environment (shared with performance.py)",
+    )
+    parser.add_argument(
+        "--cost", action="store_true", help="XLA's flops and bytes of one step instead of timings (cost.json)"
+    )
+    parser.add_argument("--out", type=Path, default=perf.ROOT / "results" / "peer_learners")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    peer = None if args.no_peer else perf._peer_python(args.peer_env)
+    kind = "cost" if args.cost else "step"
+    results = measure(args.quick, peer, args.learners, args.models, args.hidden, kind=kind)
+    path = args.out / ("cost.json" if args.cost else "results.json")
+    path.write_text(json.dumps(results, indent=1))
+    if args.cost:
+        print("\n".join(cost_lines(results)))
+    else:
+        print_tables(results)
+    print(f"\nwrote {path}")
+    ours_failed = [r for r in results["rows"] if r["library"] == "etp" and r.get("status") != "ok"]
+    return 1 if ours_failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
