@@ -202,6 +202,9 @@ def test_peer_learners_benchmark_quick_run(tmp_path: Path) -> None:
     assert rows["d_rtrl"]["trace_bytes"] == 2 * 4 * 4 * (8 * 8 + 8 * 8 + 8)
     # no peer, no ratio
     assert all("step_ratio" not in r for r in results["ratios"])
+    # the rows so far, written after each one, end as the full list
+    partial = json.loads((tmp_path / "results.partial.json").read_text())
+    assert partial["partial"] is True and partial["rows"] == results["rows"]
     # --cost: XLA's count of one step's flops and bytes instead of timings
     command = [sys.executable, str(ROOT / "benchmarks" / "peer_learners.py"), "--quick", "--no-peer", "--cost"]
     command += ["--models", "lif", "--learners", "d_rtrl", "--out", str(tmp_path)]
