@@ -13,7 +13,10 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -30,6 +33,22 @@ def _run(script: str, *args: str) -> str:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
+
+
+@pytest.fixture(scope="session")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], tuple[str, Path]]:
+    """``quick_run(script) -> (stdout, results folder)``: ``script --quick`` with its defaults, run
+    once per test process and shared by the tests that read its output (the example's own test
+    and the learner guide's), all writing to one folder."""
+    out = tmp_path_factory.mktemp("quick_runs")
+    done: dict[str, str] = {}
+
+    def run(script: str) -> tuple[str, Path]:
+        if script not in done:
+            done[script] = _run(script, "--out", str(out))
+        return done[script], out
+
+    return run
 
 
 def _table_row(stdout: str, name: str) -> list[str]:
@@ -118,10 +137,10 @@ def _json(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def test_digits_rnn_quick(tmp_path: Path) -> None:
+def test_digits_rnn_quick(quick_run: Callable[[str], tuple[str, Path]]) -> None:
     """The real-data RNN example: every learner registered here gets a row, a held-out accuracy and its curves."""
-    stdout = _run("digits_rnn.py", "--out", str(tmp_path))
-    data = _json(tmp_path / "digits_rnn_rows.json")
+    stdout, results = quick_run("digits_rnn.py")
+    data = _json(results / "digits_rnn_rows.json")
     names = [r["name"] for r in data["results"]]
     assert names[:3] == ["BPTT", "D_RTRL", "ES_D_RTRL"]
     for r in data["results"]:
@@ -129,7 +148,7 @@ def test_digits_rnn_quick(tmp_path: Path) -> None:
         assert cells[1] == f"{r['test_acc']:.1%}" and 0.0 <= r["test_acc"] <= 1.0
         assert len(r["curve_test_acc"]) == data["meta"]["epochs"] and r["curve_test_acc"][-1] == r["test_acc"]
         assert (r["trace_bytes"] is None) == (r["name"] == "BPTT")
-    _assert_png(tmp_path / "digits_rnn_rows.png")
+    _assert_png(results / "digits_rnn_rows.png")
 
 
 def test_digits_snn_quick(tmp_path: Path) -> None:
@@ -142,10 +161,10 @@ def test_digits_snn_quick(tmp_path: Path) -> None:
     _assert_png(tmp_path / "digits_snn.png")
 
 
-def test_copy_task_quick(tmp_path: Path) -> None:
+def test_copy_task_quick(quick_run: Callable[[str], tuple[str, Path]]) -> None:
     """Delayed recall at two delays: an online learner's trace memory is the same at both (it does not grow with T)."""
-    stdout = _run("copy_task.py", "--out", str(tmp_path))
-    data = _json(tmp_path / "copy_task.json")
+    stdout, results = quick_run("copy_task.py")
+    data = _json(results / "copy_task.json")
     assert data["meta"]["delays"] == [1, 3]
     short, long = data["results"]["1"], data["results"]["3"]
     assert [r["name"] for r in short] == [r["name"] for r in long]
@@ -153,25 +172,27 @@ def test_copy_task_quick(tmp_path: Path) -> None:
         assert a["trace_bytes"] == b["trace_bytes"]
         assert _table_row(stdout, a["name"])[1:3] == [f"{a['test_acc']:.1%}", f"{b['test_acc']:.1%}"]
     assert any(r["trace_bytes"] for r in short)
-    _assert_png(tmp_path / "copy_task.png")
+    _assert_png(results / "copy_task.png")
 
 
-def test_learner_guide_is_written_from_the_examples_json(tmp_path: Path) -> None:
+def test_learner_guide_is_written_from_the_examples_json(
+    tmp_path: Path, quick_run: Callable[[str], tuple[str, Path]]
+) -> None:
     """The guide's table holds every learner of the examples' JSON, with the accuracies they recorded."""
     import json
 
-    _run("digits_rnn.py", "--out", str(tmp_path))
-    _run("copy_task.py", "--out", str(tmp_path))
+    quick_run("digits_rnn.py")
+    _, results = quick_run("copy_task.py")
     page = tmp_path / "guide.md"
     result = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "learner_guide.py"), "--results", str(tmp_path), "--out", str(page)],
+        [sys.executable, str(ROOT / "examples" / "learner_guide.py"), "--results", str(results), "--out", str(page)],
         capture_output=True,
         text=True,
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     text = page.read_text()
-    digits = json.loads((tmp_path / "digits_rnn_rows.json").read_text())["results"]
+    digits = json.loads((results / "digits_rnn_rows.json").read_text())["results"]
     for r in digits:
         row = next(line for line in text.splitlines() if line.startswith(f"| {r['name']} |"))
         assert f"{r['test_acc']:.1%}" in row
@@ -186,7 +207,7 @@ def test_learner_guide_is_written_from_the_examples_json(tmp_path: Path) -> None
         sys.path.pop(0)
     readme = tmp_path / "README.md"
     readme.write_text(f"# intro\n\n{README_START}\nold rows\n{README_END}\n\n## after\n")
-    cmd = [sys.executable, str(ROOT / "examples" / "learner_guide.py"), "--results", str(tmp_path), "--out", str(page)]
+    cmd = [sys.executable, str(ROOT / "examples" / "learner_guide.py"), "--results", str(results), "--out", str(page)]
     subprocess.run([*cmd, "--readme", str(readme)], capture_output=True, text=True, check=True)
     quoted = readme.read_text()
     assert quoted.startswith("# intro\n") and quoted.endswith("\n\n## after\n") and "old rows" not in quoted
