@@ -27,6 +27,7 @@ from typing import Any
 import _workloads as work
 import jax
 import jax.numpy as jnp
+from _worker import _trace_bytes
 
 import braintrace
 
@@ -115,8 +116,7 @@ def _build(spec: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
         return net, None, {"status": f"compile failed: {_first_line(error)}"}
     result["compile_graph_s"] = time.perf_counter() - start
     if peer:
-        traces = learner.states(braintrace.EligibilityTrace).values()
-        result["trace_bytes"] = int(sum(leaf.nbytes for t in traces for leaf in jax.tree.leaves(t.value)))
+        result["trace_bytes"] = _trace_bytes(learner)
     else:
         result["trace_bytes"] = learner.trace_bytes()
         result.update(_influence(learner))

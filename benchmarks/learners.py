@@ -62,17 +62,18 @@ def _configs(quick: bool) -> dict[str, Any]:
     }
 
 
-def run_worker(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
-    """``spec`` in a fresh ``_learner_worker.py`` process: its result, or a row saying why there is none."""
+def run_worker(spec: dict[str, Any], timeout: float, python: str = sys.executable) -> dict[str, Any]:
+    """``spec`` in a fresh ``_learner_worker.py`` process of ``python`` (default: this interpreter; the
+    peer's for ``peer_learners.py``): its result, or a row saying why there is none."""
     env = dict(os.environ, PYTHONPATH=str(HERE), JAX_PLATFORMS="cpu")
     try:
         proc = subprocess.run(
-            [sys.executable, str(HERE / "_learner_worker.py"), json.dumps(spec)],
+            [python, str(HERE / "_learner_worker.py"), json.dumps(spec)],
             capture_output=True,
             text=True,
             timeout=timeout,
             env=env,
-            cwd=HERE,
+            cwd=HERE,  # not the repository root: the peer must not see the project's sources
         )
     except subprocess.TimeoutExpired:
         return {"status": f"timed out after {timeout:.0f} s"}

@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ sys.path.insert(0, str(HERE))
 
 import performance as perf  # noqa: E402
 from _learner_worker import PEER_CLASSES  # noqa: E402
+from learners import run_worker  # noqa: E402
 
 #: Constructor options given to both libraries (the rest: each library's defaults).
 OPTIONS: dict[str, dict[str, Any]] = {
@@ -58,28 +58,6 @@ def _configs(quick: bool) -> dict[str, Any]:
         "repeats": 5,
         "budget_s": 30.0,
     }
-
-
-def _run(python: str, spec: dict[str, Any], timeout: float) -> dict[str, Any]:
-    """``spec`` in a fresh ``_learner_worker.py`` process of ``python``: its result, or a row saying why none."""
-    env = dict(os.environ, PYTHONPATH=str(HERE), JAX_PLATFORMS="cpu")
-    try:
-        proc = subprocess.run(
-            [python, str(HERE / "_learner_worker.py"), json.dumps(spec)],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env=env,
-            cwd=HERE,  # not the repository root: the peer must not see the project's sources
-        )
-    except subprocess.TimeoutExpired:
-        return {"status": f"timed out after {timeout:.0f} s"}
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            result: dict[str, Any] = json.loads(line[len("RESULT ") :])
-            return result
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:]
-    return {"status": f"worker exited with code {proc.returncode}: {' '.join(tail)}"}
 
 
 def measure(
@@ -118,7 +96,7 @@ def measure(
                     "budget_s": cfg["budget_s"],
                 }
                 print(f"  {model} H={size} {method} {library}", file=sys.stderr, flush=True)
-                result = _run(python, spec, timeout=120.0 if quick else 420.0)
+                result = run_worker(spec, timeout=120.0 if quick else 420.0, python=python)
                 rows.append({**{k: v for k, v in spec.items() if k not in ("kind", "budget_s")}, **result})
                 if partial is not None:
                     partial.write_text(json.dumps({"partial": True, "rows": rows}, indent=1))

@@ -18,12 +18,17 @@ from types import ModuleType
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _performance_module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("performance", ROOT / "benchmarks" / "performance.py")
+def _benchmark_module(name: str) -> ModuleType:
+    """``benchmarks/<name>.py`` loaded as a module (the folder is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _performance_module() -> ModuleType:
+    return _benchmark_module("performance")
 
 
 def test_peer_follows_the_interpreter() -> None:
@@ -161,23 +166,12 @@ def test_learners_benchmark_quick_run(tmp_path: Path) -> None:
 
 
 def test_learners_benchmark_one_row_per_class() -> None:
-    spec = importlib.util.spec_from_file_location("learners", ROOT / "benchmarks" / "learners.py")
-    assert spec is not None and spec.loader is not None
-    learners = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(learners)
+    learners = _benchmark_module("learners")
     registered = {"pp_prop": "ES_D_RTRL", "esd_rtrl": "ES_D_RTRL", "es_d_rtrl": "ES_D_RTRL", "snap": "SnAp"}
     registered |= {"ostl_recurrent": "OSTLRecurrent", "d_rtrl": "D_RTRL"}
     order, aliases = learners.learner_names(registered)
     assert order == ["d_rtrl", "es_d_rtrl", "ostl_recurrent", "snap"]
     assert aliases["es_d_rtrl"] == ["esd_rtrl", "pp_prop"] and aliases["snap"] == []
-
-
-def _peer_learners_module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("peer_learners", ROOT / "benchmarks" / "peer_learners.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_peer_learners_benchmark_quick_run(tmp_path: Path) -> None:
@@ -216,7 +210,7 @@ def test_peer_learners_benchmark_quick_run(tmp_path: Path) -> None:
 
 
 def test_peer_learners_ratios_and_targets() -> None:
-    module = _peer_learners_module()
+    module = _benchmark_module("peer_learners")
     common = {"hidden": 256, "batch": 32, "n_in": 64, "steps": 20, "status": "ok"}
     rows = [
         {**common, "library": "etp", "model": "gru", "method": "es_d_rtrl", "ms_per_step": 0.7, "compile_s": 1.0},
