@@ -18,7 +18,7 @@ from algorithms_testing import _rel
 from test_multi_step import TwoLayer, _bptt_of
 
 import etp_nn
-from etp_algorithms import ETraceVmap, MultiStepData
+from etp_algorithms import ETraceVmap, MultiStepData, _rtrl
 from etp_algorithms._rtrl import RTRL
 from etp_compiler import CompilationError
 
@@ -88,6 +88,54 @@ def test_rtrl_equals_bptt_by_the_driver(kind: str, batch: int | None, rng: np.ra
         model, learner, xs, target, want = _setup(kind, batch, rng)
         got = learner.etrace_grad(xs, target, step_fn=lambda x, y: _loss(learner, x, y), reduction="sum")
     _assert_equal(got, want, 1e-10)
+
+
+@pytest.mark.parametrize("mode", ["rows", "columns"])
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_both_ways_of_propagating_the_influence_equal_bptt(
+    kind: str, mode: str, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reverse mode (a VJP per hidden entry, then J @ M) and forward mode (a JVP per parameter) are both exact."""
+    chosen = []
+
+    def forced(hidden: Any, theta: Any) -> str:
+        chosen.append(mode)
+        return mode
+
+    monkeypatch.setattr(_rtrl, "_cheaper_mode", forced)
+    with brainstate.environ.context(dt=1.0 * u.ms):
+        model, learner, xs, target, want = _setup(kind, 2, rng)
+        got = learner.etrace_grad(xs, target, step_fn=lambda x, y: _loss(learner, x, y), reduction="sum")
+    assert chosen  # the forced mode was the one used
+    _assert_equal(got, want, 1e-10)
+
+
+@pytest.mark.parametrize(
+    ("hidden", "params", "want"),
+    [
+        ((4, 32), 3 * 96 * 32, "rows"),  # a GRU of 32 units, batch 4: 128 hidden entries, 9216 weights
+        ((32, 64), 3 * 128 * 64, "columns"),  # batch 32, 64 units: the dense (2048, 2048) product costs more
+        ((5,), 75, "rows"),  # unbatched
+    ],
+)
+def test_the_cheaper_propagation_is_chosen(hidden: tuple[int, ...], params: int, want: str) -> None:
+    assert _rtrl._cheaper_mode({("h",): jnp.zeros(hidden)}, {"w": jnp.zeros(params)}) == want
+
+
+def test_an_unknown_propagation_mode_is_named(rng: np.random.Generator) -> None:
+    from etp_algorithms.extend import RuleContext
+
+    model, learner, xs, target, want = _setup("gru", 2, rng)
+    values = learner.executor.step(learner.executor.current_invals(xs[0]))
+    with pytest.raises(ValueError, match="mode must be None, 'rows' or 'columns', got 'diagonal'"):
+        _rtrl.propagate_influence(RuleContext(learner.graph), values, _rtrl_blocks(learner), mode="diagonal")
+
+
+def _rtrl_blocks(learner: Any) -> dict[Any, dict[Any, Array]]:
+    out: dict[Any, dict[Any, Array]] = {}
+    for key, path, block in learner.etrace.value.blocks():
+        out.setdefault(key, {})[path] = block
+    return out
 
 
 @pytest.mark.parametrize("kind", list(MODELS))

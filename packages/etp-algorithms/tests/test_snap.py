@@ -20,7 +20,7 @@ from test_multi_step import _bptt_of
 
 import etp_nn
 import etp_primitives as etp
-from etp_algorithms import D_RTRL, ETraceVmap, MultiStepData
+from etp_algorithms import D_RTRL, ETraceVmap, MultiStepData, _rtrl
 from etp_algorithms._snap import SnAp
 from etp_algorithms.extend import execute_step
 
@@ -147,7 +147,12 @@ def _ring_data(rng: np.random.Generator, steps: int = 6) -> tuple[Ring, Array, A
     return Ring(), jnp.asarray(rng.normal(size=(steps, 2, 3))), jnp.asarray(rng.normal(size=(steps, 2, 5)))
 
 
-def test_snap2_equals_the_masked_influence_rule_written_out(rng: np.random.Generator) -> None:
+@pytest.mark.parametrize("mode", ["rows", "columns"])
+def test_snap2_equals_the_masked_influence_rule_written_out(
+    mode: str, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In both ways of propagating the dense influence (a VJP per hidden entry, or a JVP per weight)."""
+    monkeypatch.setattr(_rtrl, "_cheaper_mode", lambda hidden, theta: mode)
     model, xs, target = _ring_data(rng)
     c, W0 = model.c, model.w.value["weight"]
 

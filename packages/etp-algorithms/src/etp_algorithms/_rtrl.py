@@ -134,14 +134,20 @@ def propagate_influence(
     wrt: str = "weights",
     history: bool = True,
     immediate: bool = True,
+    mode: str | None = None,
 ) -> dict[Any, dict[StatePath, jax.Array]]:
-    r"""One exact step :math:`M^t = \partial F/\partial h\, M^{t-1} + \partial F/\partial\theta`, by forward mode.
+    r"""One exact step :math:`M^t = \partial F/\partial h\, M^{t-1} + \partial F/\partial\theta`.
 
     ``influence[key][path]`` is the dense block of shape ``(*h.shape, *theta[key].shape)``; returns the
-    new blocks (same keys and shapes). :math:`F` is linearised once; for each :math:`\theta` key the
-    linear map is vmapped over the flattened parameter index :math:`j` with tangents
-    :math:`(M^{t-1}_{:, j}, e_j)` (the other keys' tangents are unbatched zeros). ``history=False``
-    leaves out the first term, ``immediate=False`` the second (their tangents are then unbatched zeros).
+    new blocks (same keys and shapes). ``history=False`` leaves out the first term, ``immediate=False``
+    the second. Two exact ways, chosen by their cost (``mode`` forces one):
+
+    - ``'columns'`` (forward mode): :math:`F` is linearised once; for each :math:`\theta` key the linear
+      map is vmapped over the flattened parameter index :math:`j` with tangents :math:`(M^{t-1}_{:, j},
+      e_j)`: :math:`P` JVPs, whose batch the step's own batch structure keeps cheap.
+    - ``'rows'`` (reverse mode, :func:`_propagate_by_rows`): one VJP per hidden entry, then a dense
+      :math:`R \times R` by :math:`R \times P` product: cheaper when :math:`R (3b + R) < b P` (:math:`R`
+      hidden entries, :math:`b` of them per unit, i.e. the batch; a step of :math:`\approx 2 b P` flops).
     """
     minfo = ctx.graph.module_info
     F = hidden_transition(ctx, values, wrt=wrt)
@@ -154,7 +160,14 @@ def propagate_influence(
         new = F({**fixed, **h}, w)
         return {p: new[p] for p in paths}
 
-    _, linear = jax.linearize(floating, {p: hidden[p] for p in paths}, theta)
+    h_float = {p: hidden[p] for p in paths}
+    if mode is None:
+        mode = _cheaper_mode(h_float, theta)
+    if mode not in ("rows", "columns"):
+        raise ValueError(f"propagate_influence: mode must be None, 'rows' or 'columns', got {mode!r}.")
+    if mode == "rows":
+        return _propagate_by_rows(floating, h_float, theta, influence, history, immediate)
+    _, linear = jax.linearize(floating, h_float, theta)
     zeros = {k: jnp.zeros_like(v) for k, v in theta.items()}
     zero_h = {p: jnp.zeros_like(hidden[p]) for p in paths}
     new: dict[Any, dict[StatePath, jax.Array]] = {}
@@ -169,6 +182,58 @@ def propagate_influence(
 
         out = jax.vmap(column, in_axes=({p: -1 for p in paths}, 0), out_axes=-1)(columns, jnp.arange(size))
         new[key] = {p: jnp.reshape(out[p], jnp.shape(influence[key][p])).astype(influence[key][p].dtype) for p in paths}
+    return new
+
+
+def _cheaper_mode(hidden: Mapping[StatePath, jax.Array], theta: Mapping[Any, jax.Array]) -> str:
+    """``'rows'`` when :math:`R (3b + R) < b P` (see :func:`propagate_influence`), else ``'columns'``."""
+    rows = sum(int(np.prod(jnp.shape(h), dtype=np.int64)) for h in hidden.values())
+    columns = sum(int(np.prod(jnp.shape(leaf), dtype=np.int64)) for leaf in theta.values())
+    batch = max((int(np.prod(jnp.shape(h)[:-1], dtype=np.int64)) for h in hidden.values() if jnp.ndim(h)), default=1)
+    return "rows" if rows * (3 * batch + rows) < batch * columns else "columns"
+
+
+def _propagate_by_rows(
+    floating: Any,
+    hidden: dict[StatePath, jax.Array],
+    theta: dict[Any, jax.Array],
+    influence: Mapping[Any, Mapping[StatePath, jax.Array]],
+    history: bool,
+    immediate: bool,
+) -> dict[Any, dict[StatePath, jax.Array]]:
+    r""":func:`propagate_influence` by reverse mode, for fewer hidden entries :math:`R` than parameters :math:`P`.
+
+    One VJP per hidden entry (:func:`jax.jacrev`) gives the rows of both :math:`\partial F/\partial h`
+    (:math:`R \times R`) and :math:`\partial F/\partial\theta` (:math:`R \times P`); the history term is then
+    one matrix product. The column form would push :math:`P` tangents (and a :math:`P \times P` one-hot
+    basis) through the step: at a GRU of 32 units and batch 4 the copies of that basis alone took 60% of
+    SnAp's step.
+    """
+    paths = list(hidden)
+    sizes = {p: int(np.prod(jnp.shape(hidden[p]), dtype=np.int64)) for p in paths}
+    jac = jax.jacrev(floating, argnums=(0, 1))(hidden, theta)
+    # J[r, c] = dF_r/dh_c over the hidden entries of every path, in ``paths`` order
+    J = jnp.concatenate(
+        [jnp.concatenate([jnp.reshape(jac[q][0][p], (sizes[q], sizes[p])) for p in paths], axis=1) for q in paths],
+        axis=0,
+    )
+    new: dict[Any, dict[StatePath, jax.Array]] = {}
+    for key, leaf in theta.items():
+        size = int(np.prod(jnp.shape(leaf), dtype=np.int64))
+        total: Any = 0.0
+        if immediate:
+            total = jnp.concatenate([jnp.reshape(jac[q][1][key], (sizes[q], size)) for q in paths], axis=0)
+        if history:
+            M = jnp.concatenate([jnp.reshape(influence[key][p], (sizes[p], size)) for p in paths], axis=0)
+            total = total + J @ M.astype(J.dtype)
+        if not (history or immediate):
+            total = jnp.zeros((sum(sizes.values()), size), J.dtype)
+        new[key] = {}
+        start = 0
+        for p in paths:
+            block = total[start : start + sizes[p]]
+            start += sizes[p]
+            new[key][p] = jnp.reshape(block, jnp.shape(influence[key][p])).astype(influence[key][p].dtype)
     return new
 
 
