@@ -11,7 +11,7 @@ UORO, EProp, OSTLRecurrent, OSTLFeedforward, ThreeFactor), ours and the peer's r
 other, each in a fresh process (``_learner_worker.py``): one jitted program of ``steps`` time
 steps in a ``scan``, every step's gradient through the learner, summed; ms per step = median of
 the repeats after two warm-up calls (the peer's program compiles again on its second call).
-Both get the same constructor options (:data:`OPTIONS`; the rest are each library's defaults)
+Both get the same constructor options (:data:`_learner_worker.PEER_OPTIONS`; the rest are each library's defaults)
 and, for ThreeFactor, a modulator of ones on every hidden state (the peer refuses to run without
 one). Compile time = ``compile_graph`` + tracing + XLA's compile (ahead of time, timed by
 stage) + one step. Trace bytes = the learner's eligibility traces. The learners the peer lacks are in
@@ -32,18 +32,19 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import performance as perf  # noqa: E402
-from _learner_worker import PEER_CLASSES  # noqa: E402
+from _learner_worker import PEER_CLASSES, PEER_OPTIONS  # noqa: E402
 from learners import run_worker  # noqa: E402
 
 #: Constructor options given to both libraries (the rest: each library's defaults).
-OPTIONS: dict[str, dict[str, Any]] = {
-    "es_d_rtrl": {"decay_or_rank": 0.9},
-    "snap": {"n": 2},
-    "uoro": {"projection_key": 0},
-    "three_factor": {"unit_modulator": True},
+#: Learners whose step costs far more than the others' in one library (SnAp's dense influence; the peer's
+#: UORO and OSTLRecurrent, seconds per step at H=256, many more at 512): fewer steps per program, in both.
+STEPS: dict[str, int] = {"snap": 5, "uoro": 5, "ostl_recurrent": 5}
+#: Ours again without the gradients the peer returns as zero (the GRU's reset-gate weight, which reaches
+#: the hidden state only through the candidate's input): the equal-work rows of ES_D_RTRL and OSTLFeedforward.
+EQUAL_WORK: dict[tuple[str, str], list[list[str]]] = {
+    ("gru", "es_d_rtrl"): [["cell", "Wr", "weight"]],
+    ("gru", "ostl_feedforward"): [["cell", "Wr", "weight"]],
 }
-#: Learners whose step costs far more than the others' (SnAp's dense influence): fewer steps per program.
-STEPS: dict[str, int] = {"snap": 5}
 #: The learners also measured on the small workloads, where both libraries' SnAp runs.
 SMALL_ONLY = ("snap",)
 #: Targets of issue 22: our step time over the peer's (ES_D_RTRL on the GRU: 0.8).
@@ -68,6 +69,7 @@ def _configs(quick: bool) -> dict[str, Any]:
         "steps": 20,
         "repeats": 5,
         "budget_s": 30.0,
+        "min_time_s": 3.0,
     }
 
 
@@ -101,16 +103,25 @@ def measure(
                     "n_in": n_in,
                     "hidden": size,
                     "method": method,
-                    "options": OPTIONS.get(method, {}),
+                    "options": PEER_OPTIONS.get(method, {}),
                     "steps": cfg["steps"] if quick else STEPS.get(method, cfg["steps"]),
                     "repeats": cfg["repeats"],
                     "budget_s": cfg["budget_s"],
+                    "min_time_s": cfg.get("min_time_s", 0.0),
                 }
-                print(f"  {model} H={size} {method} {library}", file=sys.stderr, flush=True)
-                result = run_worker(spec, timeout=120.0 if quick else 420.0, python=python)
-                rows.append({**{k: v for k, v in spec.items() if k not in ("kind", "budget_s")}, **result})
-                if partial is not None:
-                    partial.write_text(json.dumps({"partial": True, "rows": rows}, indent=1))
+                jobs = [spec]
+                if library == "etp" and (model, method) in EQUAL_WORK:
+                    jobs.append({**spec, "exclude": EQUAL_WORK[model, method], "variant": "equal work"})
+                for job in jobs:
+                    print(
+                        f"  {model} H={size} {method} {library} {job.get('variant', '')}", file=sys.stderr, flush=True
+                    )
+                    result = run_worker(job, timeout=120.0 if quick else 420.0, python=python)
+                    rows.append(
+                        {**{k: v for k, v in job.items() if k not in ("kind", "budget_s", "min_time_s")}, **result}
+                    )
+                    if partial is not None:
+                        partial.write_text(json.dumps({"partial": True, "rows": rows}, indent=1))
     return {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
         "stack": {**perf.our_stack(), "peer": f"braintrace=={perf.peer_version()}" if peer else None},
@@ -135,7 +146,7 @@ def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         key = {k: ours[k] for k in ("model", "hidden", "method")}
         peer = _find(rows, library="peer", **key)
         target = TARGET_ES_GRU if (ours["method"], ours["model"]) == ("es_d_rtrl", "gru") else TARGET
-        entry: dict[str, Any] = {**key, "target": target}
+        entry: dict[str, Any] = {**key, "variant": ours.get("variant"), "target": target}
         if peer and "ms_per_step" in ours and "ms_per_step" in peer:
             entry["step_ratio"] = ours["ms_per_step"] / peer["ms_per_step"]
             entry["step_target_met"] = entry["step_ratio"] <= target
@@ -144,6 +155,20 @@ def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             entry["compile_target_met"] = entry["compile_ratio"] <= 1.0
         out.append(entry)
     return out
+
+
+def _short_status(row: dict[str, Any] | None) -> str:
+    """``ok``, or the stage and the exception's name (``compile failed (CompilationError)``): the whole
+    message is in the JSON and printed under the tables."""
+    status = str((row or {}).get("status", "-"))
+    if status in ("ok", "-"):
+        return status
+    stage, _, rest = status.partition(": ")
+    return f"{stage} ({rest.split(':', 1)[0]})" if rest else stage
+
+
+def _label(row: dict[str, Any]) -> str:
+    return f"{row['method']} ({row['variant']})" if row.get("variant") else str(row["method"])
 
 
 def _num(row: dict[str, Any] | None, field: str, fmt: str = ".3f", scale: float = 1.0) -> str:
@@ -156,20 +181,24 @@ def table(results: dict[str, Any], model: str, hidden: int) -> list[str]:
     """One workload's Markdown table: ours, the peer's, the ratio and the target, per learner."""
     rows = [r for r in results["rows"] if (r["model"], r["hidden"]) == (model, hidden)]
     first = rows[0]
+    by_steps: dict[int, list[str]] = {}
+    for r in rows:
+        if r["method"] not in by_steps.setdefault(r["steps"], []):
+            by_steps[r["steps"]].append(r["method"])
+    steps = "; ".join(f"{n} for {', '.join(methods)}" for n, methods in sorted(by_steps.items(), reverse=True))
     lines = [
-        f"\n{model} B={first['batch']} I={first['n_in']} H={hidden} ({first['steps']} steps per program;"
-        f" SnAp {STEPS['snap'] if not results['quick'] else first['steps']})\n",
+        f"\n{model} B={first['batch']} I={first['n_in']} H={hidden} (steps per program: {steps})\n",
         "| learner | ours ms/step | peer ms/step | ours/peer | target | ours compile s | peer compile s"
         " | ours/peer | ours trace MiB | peer trace MiB | status (ours / peer) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
-    for method in dict.fromkeys(r["method"] for r in rows):
-        ours = _find(rows, library="etp", method=method)
+    for method, variant in dict.fromkeys((r["method"], r.get("variant")) for r in rows):
+        ours = _find(rows, library="etp", method=method, variant=variant)
         peer = _find(rows, library="peer", method=method)
-        ratio = _find(results["ratios"], model=model, hidden=hidden, method=method) or {}
-        status = " / ".join((r or {}).get("status", "-").replace("|", "/") for r in (ours, peer))
+        ratio = _find(results["ratios"], model=model, hidden=hidden, method=method, variant=variant) or {}
+        status = " / ".join(_short_status(r) for r in (ours, peer))
         lines.append(
-            f"| {method} | {_num(ours, 'ms_per_step')} | {_num(peer, 'ms_per_step')} | {_num(ratio, 'step_ratio', '.2f')}"
+            f"| {_label({'method': method, 'variant': variant})} | {_num(ours, 'ms_per_step')} | {_num(peer, 'ms_per_step')} | {_num(ratio, 'step_ratio', '.2f')}"
             f" | {ratio.get('target', '-')} | {_num(ours, 'compile_s', '.2f')} | {_num(peer, 'compile_s', '.2f')}"
             f" | {_num(ratio, 'compile_ratio', '.2f')} | {_num(ours, 'trace_bytes', '.2f', 2**-20)}"
             f" | {_num(peer, 'trace_bytes', '.2f', 2**-20)} | {status} |"
@@ -188,7 +217,7 @@ def cost_lines(results: dict[str, Any]) -> list[str]:
             continue
         peer = _find(results["rows"], library="peer", model=r["model"], hidden=r["hidden"], method=r["method"])
         lines.append(
-            f"| {r['model']} H={r['hidden']} | {r['method']} | {_num(r, 'flops_per_step', '.1f', 1e-6)}"
+            f"| {r['model']} H={r['hidden']} | {_label(r)} | {_num(r, 'flops_per_step', '.1f', 1e-6)}"
             f" | {_num(peer, 'flops_per_step', '.1f', 1e-6)} | {_num(r, 'bytes_per_step', '.1f', 1e-6)}"
             f" | {_num(peer, 'bytes_per_step', '.1f', 1e-6)} |"
         )
@@ -199,6 +228,9 @@ def print_tables(results: dict[str, Any]) -> None:
     seen = list(dict.fromkeys((r["model"], r["hidden"]) for r in results["rows"]))
     for model, hidden in seen:
         print("\n".join(table(results, model, hidden)))
+    for r in results["rows"]:
+        if r.get("status", "ok") != "ok":
+            print(f"  {r['library']} {r['model']} H={r['hidden']} {_label(r)}: {r['status']}")
     missed = [r for r in results["ratios"] if r.get("step_target_met") is False]
     for r in missed:
         print(

@@ -14,6 +14,9 @@ import sys
 from importlib.metadata import version
 from pathlib import Path
 from types import ModuleType
+from typing import Any
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -190,7 +193,10 @@ def test_peer_learners_benchmark_quick_run(tmp_path: Path) -> None:
     assert set(rows) == {"d_rtrl", "three_factor"}
     for row in rows.values():
         assert row["library"] == "etp" and row["status"] == "ok", row
-        assert row["ms_per_step"] > 0 and row["compile_s"] > 0
+        assert row["ms_per_step"] > 0 and row["lower_s"] > 0 and row["xla_compile_s"] > 0
+        # compile + first step: the graph, tracing and XLA's compile, each timed ahead of time, and one step
+        stages = row["compile_graph_s"] + row["lower_s"] + row["xla_compile_s"] + row["ms_per_step_min"] / 1e3
+        assert abs(row["compile_s"] - stages) < 1e-9, row
     # recurrent LIF(8 -> 8), B=4: the input and recurrent weights' (B, I, H) traces and the bias's (B, H),
     # float32, for each of the two hidden states the weights reach (the potential and the fed-back spikes)
     assert rows["d_rtrl"]["trace_bytes"] == 2 * 4 * 4 * (8 * 8 + 8 * 8 + 8)
@@ -231,5 +237,79 @@ def test_peer_learners_ratios_and_targets() -> None:
     results = {"rows": rows, "ratios": list(ratios.values()), "quick": False}
     lines = module.table(results, "gru", 256)
     uoro = next(line for line in lines if line.startswith("| uoro |"))
-    assert uoro.endswith("| ok / run failed: RuntimeError: x |") and "| - |" in uoro
+    assert uoro.endswith("| ok / run failed (RuntimeError) |") and "| - |" in uoro
     assert any(line.startswith("| es_d_rtrl | 0.700 | 1.000 | 0.70 | 0.8 |") for line in lines)
+    # the equal-work variant is its own row, against the same peer row
+    rows.append({**rows[0], "variant": "equal work", "ms_per_step": 0.5})
+    results = {"rows": rows, "ratios": module.ratios(rows), "quick": False}
+    lines = module.table(results, "gru", 256)
+    assert any(line.startswith("| es_d_rtrl | 0.700 | 1.000 | 0.70 | 0.8 |") for line in lines)
+    assert any(line.startswith("| es_d_rtrl (equal work) | 0.500 | 1.000 | 0.50 | 0.8 |") for line in lines)
+
+
+def test_peer_learners_runs_snap_alone_on_the_small_workloads(monkeypatch: pytest.MonkeyPatch) -> None:
+    module = _benchmark_module("peer_learners")
+    asked: list[dict[str, Any]] = []
+
+    def fake_worker(spec: dict[str, Any], timeout: float, python: str) -> dict[str, Any]:
+        asked.append(spec)
+        return {"status": "ok", "ms_per_step": 1.0, "compile_s": 1.0}
+
+    monkeypatch.setattr(module, "run_worker", fake_worker)
+    module.measure(quick=False, peer="peer-python", models=["gru"])
+    by_size: dict[tuple[int, int], set[str]] = {}
+    for spec in asked:
+        by_size.setdefault((spec["batch"], spec["hidden"]), set()).add(spec["method"])
+    every = set(module.PEER_CLASSES)
+    # the issue's workloads with every learner; B=4, H=32 (where the peer's SnAp runs) with SnAp alone
+    assert by_size == {(32, 256): every, (32, 512): every, (4, 32): {"snap"}}
+    assert {spec["library"] for spec in asked} == {"etp", "peer"}
+    assert all(spec["options"] == module.PEER_OPTIONS.get(spec["method"], {}) for spec in asked)
+    # ours again without the reset-gate weight's gradient, which the peer returns as zero: the equal-work row
+    equal = [spec for spec in asked if spec.get("variant")]
+    assert {(s["library"], s["method"], s["hidden"]) for s in equal} == {
+        ("etp", method, size) for method in ("es_d_rtrl", "ostl_feedforward") for size in (256, 512)
+    }
+    assert all(s["exclude"] == [["cell", "Wr", "weight"]] and s["variant"] == "equal work" for s in equal)
+
+
+def test_profile_learner_counts_each_kernel_per_step() -> None:
+    module = _benchmark_module("profile_learner")
+    trace = {
+        "traceEvents": [
+            {"ph": "X", "name": "dot.1", "dur": 30.0},
+            {"ph": "X", "name": "dot.1", "dur": 50.0},
+            {"ph": "X", "name": "fusion.2", "dur": 8.0},
+            {"ph": "X", "name": "$api.py:1 block_until_ready", "dur": 900.0},  # a Python frame
+            {"ph": "X", "name": "ThunkExecutor::Execute", "dur": 500.0},  # the runtime's span
+            {"ph": "i", "name": "dot.1"},  # not a complete event
+        ]
+    }
+    assert module.kernel_times(trace, per=2) == [("dot.1", 40.0, 1.0), ("fusion.2", 4.0, 0.5)]
+
+
+def test_profile_learner_quick_run(tmp_path: Path) -> None:
+    command = [sys.executable, str(ROOT / "benchmarks" / "profile_learner.py"), "--model", "lif"]
+    command += ["--batch", "2", "--n-in", "4", "--hidden", "8", "--steps", "3", "--calls", "1"]
+    command += ["--method", "es_d_rtrl", "--hlo", str(tmp_path / "step.hlo")]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0].startswith("etp lif B=2 H=8 es_d_rtrl: ") and lines[0].endswith(" us per step (wall)")
+    kernels = [line for line in lines[1:] if " us/step  x" in line]
+    assert kernels and all("$" not in line for line in kernels)
+    assert "while" in (tmp_path / "step.hlo").read_text()
+
+
+def test_the_equal_work_row_leaves_out_the_named_parameters() -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        worker = _benchmark_module("_learner_worker")
+        net = _benchmark_module("_workloads").build("gru", 2, 3, 4)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert worker._kept_params(net, {}) is None  # every parameter
+    kept = worker._kept_params(net, {"exclude": [["cell", "Wr", "weight"]]})
+    assert kept == [("cell", "Wh", "weight"), ("cell", "Wz", "weight"), ("readout", "weight")]
+    with pytest.raises(ValueError, match=r"exclude names parameters the model does not have: \[\('cell', 'Wq'"):
+        worker._kept_params(net, {"exclude": [["cell", "Wq", "weight"]]})
