@@ -227,7 +227,26 @@ def step(spec: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-KINDS = {"registry": registry, "step": step, "cost": cost}
+def memory(spec: dict[str, Any]) -> dict[str, Any]:
+    """XLA's memory of the learner's program (arguments + outputs + temporaries - aliased) for each
+    sequence length of ``spec["lengths"]``, the inputs drawn inside the loop (compile only): an online
+    learner's is flat in T."""
+    net, learner, result = _build(spec)
+    if "status" in result:
+        return result
+    totals = {}
+    for steps in spec["lengths"]:
+        program, args, _ = work.make_program(
+            spec["method"], net, spec["batch"], spec["n_in"], steps, online_inputs=True, learner=learner
+        )
+        m = _xla_memory(program, args)
+        totals[str(steps)] = (
+            m["argument_size_in_bytes"] + m["output_size_in_bytes"] + m["temp_size_in_bytes"] - m["alias_size_in_bytes"]
+        )
+    return {**result, "xla_bytes_by_length": totals, "status": "ok"}
+
+
+KINDS = {"registry": registry, "step": step, "cost": cost, "memory": memory}
 
 
 if __name__ == "__main__":

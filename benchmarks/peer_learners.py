@@ -54,7 +54,13 @@ TARGET_ES_GRU = 0.8
 
 def _configs(quick: bool) -> dict[str, Any]:
     if quick:
-        return {"workloads": [("gru", 4, 8, 8), ("lif", 4, 8, 8)], "steps": 5, "repeats": 2, "budget_s": 10.0}
+        return {
+            "workloads": [("gru", 4, 8, 8), ("lif", 4, 8, 8)],
+            "steps": 5,
+            "repeats": 2,
+            "budget_s": 10.0,
+            "lengths": [10, 40],
+        }
     return {
         "workloads": [
             ("gru", 32, 64, 256),
@@ -70,6 +76,7 @@ def _configs(quick: bool) -> dict[str, Any]:
         "repeats": 5,
         "budget_s": 30.0,
         "min_time_s": 3.0,
+        "lengths": [100, 1000],
     }
 
 
@@ -87,7 +94,7 @@ def measure(
     ``partial``: the rows so far are written there after each one (a long run stopped early
     keeps what it measured)."""
     cfg = _configs(quick)
-    pythons = {"etp": sys.executable, **({"peer": peer} if peer else {})}
+    pythons = {"etp": sys.executable, **({"peer": peer} if peer and kind != "memory" else {})}
     names = [n for n in PEER_CLASSES if not learners or n in learners]
     rows = []
     for model, batch, n_in, size, *only in cfg["workloads"]:
@@ -108,6 +115,7 @@ def measure(
                     "repeats": cfg["repeats"],
                     "budget_s": cfg["budget_s"],
                     "min_time_s": cfg.get("min_time_s", 0.0),
+                    "lengths": cfg["lengths"],
                 }
                 jobs = [spec]
                 if library == "etp" and (model, method) in EQUAL_WORK:
@@ -118,7 +126,10 @@ def measure(
                     )
                     result = run_worker(job, timeout=120.0 if quick else 420.0, python=python)
                     rows.append(
-                        {**{k: v for k, v in job.items() if k not in ("kind", "budget_s", "min_time_s")}, **result}
+                        {
+                            **{k: v for k, v in job.items() if k not in ("kind", "budget_s", "min_time_s", "lengths")},
+                            **result,
+                        }
                     )
                     if partial is not None:
                         partial.write_text(json.dumps({"partial": True, "rows": rows}, indent=1))
@@ -224,6 +235,23 @@ def cost_lines(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def memory_lines(results: dict[str, Any]) -> list[str]:
+    """Ours: XLA's memory of the program at each sequence length, and its growth (online: flat)."""
+    lengths = results["config"]["lengths"]
+    lines = [
+        "\n| workload | learner | " + " | ".join(f"MB at T={n}" for n in lengths) + " | growth |",
+        "|---|---|" + "---:|" * (len(lengths) + 1),
+    ]
+    for r in results["rows"]:
+        by = r.get("xla_bytes_by_length")
+        if r["library"] != "etp" or not by:
+            continue
+        sizes = [by[str(n)] for n in lengths]
+        cells = " | ".join(f"{b / 1e6:.2f}" for b in sizes)
+        lines.append(f"| {r['model']} H={r['hidden']} | {_label(r)} | {cells} | {sizes[-1] / sizes[0]:.3f}x |")
+    return lines
+
+
 def print_tables(results: dict[str, Any]) -> None:
     seen = list(dict.fromkeys((r["model"], r["hidden"]) for r in results["rows"]))
     for model, hidden in seen:
@@ -254,18 +282,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--cost", action="store_true", help="XLA's flops and bytes of one step instead of timings (cost.json)"
     )
+    parser.add_argument(
+        "--memory", action="store_true", help="ours: XLA's memory of the program at T=100 and 1000 (memory.json)"
+    )
     parser.add_argument("--out", type=Path, default=perf.ROOT / "results" / "peer_learners")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     peer = None if args.no_peer else perf._peer_python(args.peer_env)
-    kind = "cost" if args.cost else "step"
-    path = args.out / ("cost.json" if args.cost else "results.json")
+    kind = "cost" if args.cost else "memory" if args.memory else "step"
+    path = args.out / {"cost": "cost.json", "memory": "memory.json", "step": "results.json"}[kind]
     results = measure(
         args.quick, peer, args.learners, args.models, args.hidden, kind=kind, partial=path.with_suffix(".partial.json")
     )
     path.write_text(json.dumps(results, indent=1))
     if args.cost:
         print("\n".join(cost_lines(results)))
+    elif args.memory:
+        print("\n".join(memory_lines(results)))
     else:
         print_tables(results)
     print(f"\nwrote {path}")

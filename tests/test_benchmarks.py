@@ -313,3 +313,19 @@ def test_the_equal_work_row_leaves_out_the_named_parameters() -> None:
     assert kept == [("cell", "Wh", "weight"), ("cell", "Wz", "weight"), ("readout", "weight")]
     with pytest.raises(ValueError, match=r"exclude names parameters the model does not have: \[\('cell', 'Wq'"):
         worker._kept_params(net, {"exclude": [["cell", "Wq", "weight"]]})
+
+
+def test_peer_learners_memory_is_flat_in_the_sequence_length(tmp_path: Path) -> None:
+    command = [sys.executable, str(ROOT / "benchmarks" / "peer_learners.py"), "--quick", "--memory"]
+    command += ["--models", "lif", "--learners", "d_rtrl", "uoro", "--out", str(tmp_path)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "| workload | learner | MB at T=10 | MB at T=40 | growth |" in proc.stdout
+    results = json.loads((tmp_path / "memory.json").read_text())
+    rows = {r["method"]: r for r in results["rows"]}
+    assert set(rows) == {"d_rtrl", "uoro"} and {r["library"] for r in results["rows"]} == {"etp"}
+    for row in rows.values():
+        by = row["xla_bytes_by_length"]
+        assert row["status"] == "ok" and by["10"] > 0
+        # an online learner holds nothing per step: only the loop's int32 step indices grow with T
+        assert 0 <= by["40"] - by["10"] <= 4 * (40 - 10) + 64, row
