@@ -30,6 +30,14 @@ def _benchmark_module(name: str) -> ModuleType:
     return module
 
 
+def _run_benchmark(name: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``benchmarks/<name>.py args`` in a fresh interpreter; a non-zero exit fails with its output's tail."""
+    command = [sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), *args]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc
+
+
 def _performance_module() -> ModuleType:
     return _benchmark_module("performance")
 
@@ -179,10 +187,12 @@ def test_learners_benchmark_one_row_per_class() -> None:
 
 def test_peer_learners_benchmark_quick_run(tmp_path: Path) -> None:
     # ours alone (the peer needs its own environment, made by the benchmark outside the tests)
-    command = [sys.executable, str(ROOT / "benchmarks" / "peer_learners.py"), "--quick", "--no-peer"]
-    command += ["--models", "lif", "--learners", "d_rtrl", "three_factor", "--out", str(tmp_path)]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    proc = _run_benchmark(
+        "peer_learners",
+        *"--quick --no-peer --models lif --learners d_rtrl three_factor".split(),
+        "--out",
+        str(tmp_path),
+    )
     assert "| learner | ours ms/step | peer ms/step | ours/peer | target |" in proc.stdout
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["stack"]["peer"] is None and results["peer_classes"] == {
@@ -289,11 +299,10 @@ def test_profile_learner_counts_each_kernel_per_step() -> None:
 
 
 def test_profile_learner_quick_run(tmp_path: Path) -> None:
-    command = [sys.executable, str(ROOT / "benchmarks" / "profile_learner.py"), "--model", "lif"]
-    command += ["--batch", "2", "--n-in", "4", "--hidden", "8", "--steps", "3", "--calls", "1"]
-    command += ["--method", "es_d_rtrl", "--hlo", str(tmp_path / "step.hlo")]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    sizes = ["--batch", "2", "--n-in", "4", "--hidden", "8", "--steps", "3", "--calls", "1"]
+    proc = _run_benchmark(
+        "profile_learner", "--model", "lif", *sizes, "--method", "es_d_rtrl", "--hlo", str(tmp_path / "step.hlo")
+    )
     lines = proc.stdout.strip().splitlines()
     assert lines[0].startswith("etp lif B=2 H=8 es_d_rtrl: ") and lines[0].endswith(" us per step (wall)")
     kernels = [line for line in lines[1:] if " us/step  x" in line]
@@ -316,10 +325,9 @@ def test_the_equal_work_row_leaves_out_the_named_parameters() -> None:
 
 
 def test_peer_learners_memory_is_flat_in_the_sequence_length(tmp_path: Path) -> None:
-    command = [sys.executable, str(ROOT / "benchmarks" / "peer_learners.py"), "--quick", "--memory"]
-    command += ["--models", "lif", "--learners", "d_rtrl", "uoro", "--out", str(tmp_path)]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    proc = _run_benchmark(
+        "peer_learners", *"--quick --memory --models lif --learners d_rtrl uoro".split(), "--out", str(tmp_path)
+    )
     assert "| workload | learner | MB at T=10 | MB at T=40 | growth |" in proc.stdout
     results = json.loads((tmp_path / "memory.json").read_text())
     rows = {r["method"]: r for r in results["rows"]}
