@@ -27,7 +27,7 @@ from typing import Any
 import _workloads as work
 import jax
 import jax.numpy as jnp
-from _worker import _trace_bytes
+from _worker import _trace_bytes, _xla_memory
 
 import braintrace
 
@@ -84,12 +84,6 @@ def _influence(learner: Any) -> dict[str, int]:
     if isinstance(learner, etp_algorithms.SnAp):
         return {"dense_influence_bytes": int(influence_bytes(learner.context, "relations"))}
     return {}
-
-
-def _xla_memory(program: Any, args: tuple[Any, ...]) -> dict[str, int]:
-    analysis = program.compile(*args).memory_analysis()
-    fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "alias_size_in_bytes")
-    return {name: int(getattr(analysis, name)) for name in fields}
 
 
 def _build(spec: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
@@ -239,10 +233,7 @@ def memory(spec: dict[str, Any]) -> dict[str, Any]:
         program, args, _ = work.make_program(
             spec["method"], net, spec["batch"], spec["n_in"], steps, online_inputs=True, learner=learner
         )
-        m = _xla_memory(program, args)
-        totals[str(steps)] = (
-            m["argument_size_in_bytes"] + m["output_size_in_bytes"] + m["temp_size_in_bytes"] - m["alias_size_in_bytes"]
-        )
+        totals[str(steps)] = _xla_memory(program, args)["xla_total_bytes"]
     return {**result, "xla_bytes_by_length": totals, "status": "ok"}
 
 
