@@ -149,18 +149,8 @@ def propagate_influence(
       :math:`R \times R` by :math:`R \times P` product: cheaper when :math:`R (3b + R) < b P` (:math:`R`
       hidden entries, :math:`b` of them per unit, i.e. the batch; a step of :math:`\approx 2 b P` flops).
     """
-    minfo = ctx.graph.module_info
-    F = hidden_transition(ctx, values, wrt=wrt)
-    paths = _floating_paths(ctx)
-    hidden = {p: values.env[minfo.hidden_path_to_invar[p]] for p in minfo.hidden_path_to_outvar}
-    fixed = {p: v for p, v in hidden.items() if p not in paths}
-    theta = trainable_inputs(ctx, values, wrt=wrt)
-
-    def floating(h: dict[StatePath, jax.Array], w: dict[Any, jax.Array]) -> dict[StatePath, jax.Array]:
-        new = F({**fixed, **h}, w)
-        return {p: new[p] for p in paths}
-
-    h_float = {p: hidden[p] for p in paths}
+    floating, h_float, theta = floating_transition(ctx, values, wrt)
+    paths, hidden = list(h_float), h_float
     if mode is None:
         mode = _cheaper_mode(h_float, theta)
     if mode not in ("rows", "columns"):
@@ -183,6 +173,24 @@ def propagate_influence(
         out = jax.vmap(column, in_axes=({p: -1 for p in paths}, 0), out_axes=-1)(columns, jnp.arange(size))
         new[key] = {p: jnp.reshape(out[p], jnp.shape(influence[key][p])).astype(influence[key][p].dtype) for p in paths}
     return new
+
+
+def floating_transition(
+    ctx: RuleContext, values: StepValues, wrt: str
+) -> tuple[Any, dict[StatePath, Any], dict[Any, Any]]:
+    """``(F, h, theta)``: the step as a function of its floating hidden states and trainable inputs alone
+    (integer states held at ``values``), with their values at ``values``."""
+    minfo = ctx.graph.module_info
+    F = hidden_transition(ctx, values, wrt=wrt)
+    paths = _floating_paths(ctx)
+    hidden = {p: values.env[minfo.hidden_path_to_invar[p]] for p in minfo.hidden_path_to_outvar}
+    fixed = {p: v for p, v in hidden.items() if p not in paths}
+
+    def floating(h: dict[StatePath, jax.Array], w: dict[Any, jax.Array]) -> dict[StatePath, jax.Array]:
+        new = F({**fixed, **h}, w)
+        return {p: new[p] for p in paths}
+
+    return floating, {p: hidden[p] for p in paths}, trainable_inputs(ctx, values, wrt=wrt)
 
 
 def _cheaper_mode(hidden: Mapping[StatePath, jax.Array], theta: Mapping[Any, jax.Array]) -> str:

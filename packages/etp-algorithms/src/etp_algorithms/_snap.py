@@ -65,13 +65,13 @@ from ._rtrl import (
     _theta_avals,
     as_targets,
     check_max_bytes,
+    floating_transition,
     influence_bytes,
     influence_shapes,
     propagate_influence,
 )
 from ._rule import HiddenCotangents, LearningRule, RelationGradients, RuleContext
 from ._rule_helpers import host_zeros
-from ._transition import hidden_transition, trainable_inputs
 
 __all__ = ["SnAp", "SnApTrace", "snap", "snap_pattern"]
 
@@ -115,27 +115,16 @@ def _random_invals(graph: ETraceGraph, seed: int) -> list[jax.Array]:
     return invals
 
 
-def _step_jacobians(ctx: RuleContext, paths: list[StatePath]) -> Any:
-    """``invals -> (dh^t/dh^{t-1}, dh^t/dtheta)`` of the step at ``invals``, over the hidden ``paths``.
+def _step_jacobians(ctx: RuleContext) -> Any:
+    """``invals -> (dh^t/dh^{t-1}, dh^t/dtheta)`` of the step at ``invals``, over its floating hidden states.
 
     One compiled function for every sampled point: run op by op, the weights' Jacobian pushes one
     tangent per weight entry through every op of the step (minutes at B=32, H=64); a closure per
     point would compile once per point.
     """
-    minfo = ctx.graph.module_info
 
     def jacobians(invals: list[jax.Array]) -> Any:
-        values = execute_step(ctx.graph, invals)
-        F = hidden_transition(ctx, values, wrt="relations")
-        h0 = {p: values.env[minfo.hidden_path_to_invar[p]] for p in minfo.hidden_path_to_outvar}
-        fixed = {p: v for p, v in h0.items() if p not in paths}
-
-        def step(h: Any, w: Any) -> Any:
-            new = F({**fixed, **h}, w)
-            return {p: new[p] for p in paths}
-
-        hf = {p: h0[p] for p in paths}
-        w0 = trainable_inputs(ctx, values, wrt="relations")
+        step, hf, w0 = floating_transition(ctx, execute_step(ctx.graph, invals), "relations")
         # one pass per column (forward mode) or per row (reverse mode) of dh^t/dtheta: the fewer
         n_h = sum(int(np.prod(v.shape)) for v in hf.values())
         n_w = sum(int(np.prod(v.shape)) for v in w0.values())
@@ -189,7 +178,7 @@ def snap_pattern(ctx: RuleContext, n: int, points: int = PATTERN_POINTS) -> Patt
         sizes.update({k: int(np.prod(aval.shape)) for k, aval in _theta_avals(ctx, "relations").items()})
         J: Any = None
         immediate: Any = None
-        jacobians = _step_jacobians(ctx, paths)
+        jacobians = _step_jacobians(ctx)
         for point in range(points):
             dh, dw = jacobians(_random_invals(ctx.graph, 1234 + point))
             Jh = _flat(dh, paths, paths, sizes)
