@@ -80,6 +80,10 @@ PATTERN_POINTS = 16
 
 Pattern = dict[Any, dict[StatePath, np.ndarray]]
 
+#: XLA options for the pattern's Jacobians, run at 16 small points once: an unoptimised build compiles in
+#: half the time, which is most of the pattern's cost.
+_QUICK_COMPILE = {"xla_backend_optimization_level": 0}
+
 
 @jax.tree_util.register_dataclass
 @dataclass(frozen=True)
@@ -102,16 +106,20 @@ class SnApTrace:
     values: tuple[tuple[jax.Array, ...], ...]
 
 
-def _random_invals(graph: ETraceGraph, seed: int) -> list[jax.Array]:
-    """The step's inputs at a random point: every floating input (weights, states, arguments) standard normal."""
+def _random_invals(graph: ETraceGraph, seed: int) -> list[np.ndarray]:
+    """The step's inputs at a random point: every floating input (weights, states, arguments) standard normal.
+
+    NumPy arrays: a ``jnp`` conversion would compile one small XLA program per input dtype and shape.
+    """
     rng = np.random.default_rng(seed)
     invals = []
     for var in graph.module_info.jaxpr.invars:
         aval: Any = var.aval
+        dtype = np.dtype(aval.dtype)
         if jnp.issubdtype(aval.dtype, jnp.inexact):
-            invals.append(jnp.asarray(rng.normal(size=aval.shape), aval.dtype))
+            invals.append(np.asarray(rng.normal(size=aval.shape)).astype(dtype))
         else:
-            invals.append(jnp.zeros(aval.shape, aval.dtype))
+            invals.append(np.zeros(aval.shape, dtype))
     return invals
 
 
@@ -173,12 +181,14 @@ def snap_pattern(ctx: RuleContext, n: int, points: int = PATTERN_POINTS) -> Patt
     shapes = influence_shapes(ctx, "relations")
     keys, paths = list(shapes), list(_floating_paths(ctx))
     minfo = ctx.graph.module_info
+    sizes: dict[Any, int] = {p: int(np.prod(minfo.hidden_path_to_outvar[p].aval.shape)) for p in paths}  # type: ignore[attr-defined]
+    sizes.update({k: int(np.prod(aval.shape)) for k, aval in _theta_avals(ctx, "relations").items()})
+    # compiled ahead, outside the compile-time-eval context below: traced inside it, every op of the step on
+    # a constant would run (and compile) eagerly, one XLA compile each
+    jacobians = _step_jacobians(ctx).lower(_random_invals(ctx.graph, 1234)).compile(_QUICK_COMPILE)
     with jax.ensure_compile_time_eval():
-        sizes: dict[Any, int] = {p: int(np.prod(minfo.hidden_path_to_outvar[p].aval.shape)) for p in paths}  # type: ignore[attr-defined]
-        sizes.update({k: int(np.prod(aval.shape)) for k, aval in _theta_avals(ctx, "relations").items()})
         J: Any = None
         immediate: Any = None
-        jacobians = _step_jacobians(ctx)
         for point in range(points):
             dh, dw = jacobians(_random_invals(ctx.graph, 1234 + point))
             Jh = _flat(dh, paths, paths, sizes)
