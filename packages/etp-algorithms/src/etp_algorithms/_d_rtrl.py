@@ -41,6 +41,7 @@ from etp_compiler import ControlFlowPolicy, HiddenGroup, HiddenParamOpRelation
 
 from ._executor import StepValues
 from ._learner import ETraceAlgorithm
+from ._peer_keywords import DEFAULT_SNAP_MAX_JACOBIAN_ELEMENTS, PeerKeywords
 from ._rule import HiddenCotangents, LearningRule, RelationGradients, RuleContext
 from ._rule_helpers import (
     coupling,
@@ -262,6 +263,15 @@ class D_RTRL(ETraceAlgorithm):
         :class:`MultiStepData`); exact reverse mode inside the window, traces across windows.
     control_flow : etp_compiler.ControlFlowPolicy, optional
         Control flow in the model's step (see :class:`etp_compiler.ControlFlowPolicy`).
+    fast_solve, chunked_trace : bool
+        braintrace 0.2.8's engine switches; checked and kept (this library always uses its closed forms).
+    trace_dtype : dtype, optional
+        The dtype the traces are stored in between steps (e.g. ``jnp.bfloat16``); each step computes in the
+        model's dtype (see :mod:`etp_algorithms._peer_keywords`).
+    config : ETraceConfig, optional
+        Must describe this learner (a config of another learner raises ``ValueError`` naming it).
+    random_feedback_key, snap_max_jacobian_elements
+        braintrace 0.2.8's keywords, checked and kept; they change nothing for this learner.
 
     Examples
     --------
@@ -280,10 +290,26 @@ class D_RTRL(ETraceAlgorithm):
         model: Any,
         name: str | None = None,
         vjp_method: str = "single-step",
-        *,
+        fast_solve: bool = True,
+        trace_dtype: Any = None,
+        chunked_trace: bool = True,
         control_flow: ControlFlowPolicy | None = None,
+        config: Any = None,
+        random_feedback_key: Any = None,
+        snap_max_jacobian_elements: int = DEFAULT_SNAP_MAX_JACOBIAN_ELEMENTS,
     ) -> None:
-        super().__init__(model, d_rtrl(), name=name, vjp_method=vjp_method, control_flow=control_flow)
+        peer = PeerKeywords(
+            type(self).__name__,
+            fast_solve,
+            trace_dtype,
+            chunked_trace,
+            config,
+            random_feedback_key,
+            snap_max_jacobian_elements,
+        )
+        super().__init__(
+            model, d_rtrl(), name=name, vjp_method=vjp_method, control_flow=control_flow, peer_keywords=peer
+        )
 
 
 #: D-RTRL's historical name.

@@ -34,6 +34,7 @@ from etp_compiler import ControlFlowPolicy
 
 from ._executor import StepValues
 from ._learner import ETraceAlgorithm
+from ._peer_keywords import PeerKeywords
 from ._rule import HiddenCotangents, LearningRule, RelationGradients, RuleContext
 from ._rule_helpers import (
     as_scalar,
@@ -195,6 +196,12 @@ class ES_D_RTRL(ETraceAlgorithm):
         ``'multi-step'``: the learner also takes windows of steps (:class:`MultiStepData`).
     control_flow : etp_compiler.ControlFlowPolicy, optional
         Control flow in the model's step (see :class:`etp_compiler.ControlFlowPolicy`).
+    fast_solve : bool
+        braintrace 0.2.8's engine switch; checked and kept (this library always uses its closed forms).
+    config : ETraceConfig, optional
+        Must describe this learner with this decay (another learner's, or another decay, raises ``ValueError``).
+    random_feedback_key
+        braintrace 0.2.8's keyword, checked and kept; it changes nothing for this learner.
 
     Examples
     --------
@@ -216,11 +223,23 @@ class ES_D_RTRL(ETraceAlgorithm):
         decay_or_rank: Any,
         name: str | None = None,
         vjp_method: str = "single-step",
-        *,
+        fast_solve: bool = True,
         control_flow: ControlFlowPolicy | None = None,
+        config: Any = None,
+        random_feedback_key: Any = None,
     ) -> None:
-        self.decay = _decay_from(decay_or_rank)
-        super().__init__(model, es_d_rtrl(self.decay), name=name, vjp_method=vjp_method, control_flow=control_flow)
+        decay = _decay_from(decay_or_rank)
+        peer = PeerKeywords(
+            type(self).__name__,
+            fast_solve,
+            config=config,
+            random_feedback_key=random_feedback_key,
+            own_options={"decay_or_rank": decay},
+        )
+        super().__init__(
+            model, es_d_rtrl(decay), name=name, vjp_method=vjp_method, control_flow=control_flow, peer_keywords=peer
+        )
+        self.decay = decay
 
 
 #: ES-D-RTRL's historical names.

@@ -273,6 +273,9 @@ class KF_RTRL(RandomProjectionLearner):
     control_flow : etp_compiler.ControlFlowPolicy, optional
         What the compiler does with ``cond`` / ``scan`` / ``while`` in the model's step (see
         :class:`~etp_algorithms.ETraceAlgorithm`).
+    fast_solve, trace_dtype, chunked_trace, config, random_feedback_key, snap_max_jacobian_elements
+        braintrace 0.2.8's engine keywords, as :class:`~etp_algorithms.UORO` takes them (``trace_dtype``: the
+        traces' storage dtype; ``config`` must describe this learner; the others are checked and kept).
 
     Examples
     --------

@@ -54,6 +54,7 @@ from ._driver import SequenceDriverMixin
 from ._executor import ETraceGraphExecutor
 from ._hidden_only import hidden_only_keys
 from ._inputs import MultiStepData, SingleStepData
+from ._peer_keywords import PeerKeywords, with_trace_dtype
 from ._rule import LearningRule, RuleContext
 from ._step import build_step, build_window
 
@@ -114,6 +115,10 @@ class ETraceAlgorithm(SequenceDriverMixin, brainstate.nn.Module):
         Debug mode: every step checks its new hidden states and traces for NaN / inf and raises
         :class:`~etp_algorithms._checks.NonFiniteError` naming the first bad one, before storing
         anything (also settable later: ``learner.check_finite = True``). Costs one reduction per state.
+    peer_keywords : PeerKeywords, optional
+        braintrace 0.2.8's engine keywords (``trace_dtype``, ``config``, ...) as a learner's constructor
+        checked them (see :mod:`etp_algorithms._peer_keywords`): the config must describe this learner,
+        the traces are stored in ``trace_dtype``, and each keyword is kept as an attribute.
 
     Notes
     -----
@@ -147,6 +152,7 @@ class ETraceAlgorithm(SequenceDriverMixin, brainstate.nn.Module):
         *,
         control_flow: ControlFlowPolicy | None = None,
         check_finite: bool = False,
+        peer_keywords: PeerKeywords | None = None,
     ) -> None:
         super().__init__(name=name)  # type: ignore[call-arg]
         label = type(self).__name__
@@ -154,6 +160,11 @@ class ETraceAlgorithm(SequenceDriverMixin, brainstate.nn.Module):
             raise TypeError(f"{label} expects a brainstate.nn.Module, got {type(model).__name__}.")
         if not isinstance(rule, LearningRule):
             raise TypeError(f"{label} expects a LearningRule as its rule, got {type(rule).__name__}.")
+        if peer_keywords is not None:
+            peer_keywords.check_config(type(self))
+            rule = with_trace_dtype(rule, peer_keywords.trace_dtype)
+            for attribute, value in peer_keywords.attributes().items():
+                setattr(self, attribute, value)
         if vjp_method not in _VJP_METHODS:
             raise ValueError(f"{label}: unknown vjp_method {vjp_method!r}; expected one of {list(_VJP_METHODS)}.")
         if vjp_method == "multi-step" and not rule.supports_windows:

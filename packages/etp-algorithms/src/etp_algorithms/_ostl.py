@@ -57,6 +57,7 @@ from etp_compiler import ControlFlowPolicy
 from ._d_rtrl import d_rtrl
 from ._es_d_rtrl import _decay_from, es_d_rtrl
 from ._learner import ETraceAlgorithm
+from ._peer_keywords import DEFAULT_SNAP_MAX_JACOBIAN_ELEMENTS, PeerKeywords
 from ._rule import LearningRule
 
 __all__ = ["OSTLFeedforward", "OSTLRecurrent", "ostl_feedforward", "ostl_recurrent"]
@@ -108,6 +109,15 @@ class OSTLRecurrent(ETraceAlgorithm):
     control_flow : etp_compiler.ControlFlowPolicy, optional
         What the compiler does with ``cond`` / ``scan`` / ``while`` in the model's step (see
         :class:`~etp_algorithms.ETraceAlgorithm`).
+    fast_solve, chunked_trace : bool
+        braintrace 0.2.8's engine switches; checked and kept (this library always uses its closed forms).
+    trace_dtype : dtype, optional
+        The dtype the traces are stored in between steps (e.g. ``jnp.bfloat16``); each step computes in the
+        model's dtype (see :mod:`etp_algorithms._peer_keywords`).
+    config : ETraceConfig, optional
+        Must describe this learner (a config of another learner raises ``ValueError`` naming it).
+    random_feedback_key, snap_max_jacobian_elements
+        braintrace 0.2.8's keywords, checked and kept; they change nothing for this learner.
 
     Examples
     --------
@@ -121,15 +131,34 @@ class OSTLRecurrent(ETraceAlgorithm):
     ('OSTLRecurrent', (7, 4, 1))
     """
 
+    #: A config describing D-RTRL describes this learner too (the same rule).
+    same_rule_as = ("D_RTRL",)
+
     def __init__(
         self,
         model: Any,
         name: str | None = None,
         vjp_method: str = "single-step",
-        *,
+        fast_solve: bool = True,
+        trace_dtype: Any = None,
+        chunked_trace: bool = True,
         control_flow: ControlFlowPolicy | None = None,
+        config: Any = None,
+        random_feedback_key: Any = None,
+        snap_max_jacobian_elements: int = DEFAULT_SNAP_MAX_JACOBIAN_ELEMENTS,
     ) -> None:
-        super().__init__(model, ostl_recurrent(), name=name, vjp_method=vjp_method, control_flow=control_flow)
+        peer = PeerKeywords(
+            type(self).__name__,
+            fast_solve,
+            trace_dtype,
+            chunked_trace,
+            config,
+            random_feedback_key,
+            snap_max_jacobian_elements,
+        )
+        super().__init__(
+            model, ostl_recurrent(), name=name, vjp_method=vjp_method, control_flow=control_flow, peer_keywords=peer
+        )
 
 
 class OSTLFeedforward(ETraceAlgorithm):
@@ -160,6 +189,12 @@ class OSTLFeedforward(ETraceAlgorithm):
     control_flow : etp_compiler.ControlFlowPolicy, optional
         What the compiler does with ``cond`` / ``scan`` / ``while`` in the model's step (see
         :class:`~etp_algorithms.ETraceAlgorithm`).
+    fast_solve : bool
+        braintrace 0.2.8's engine switch; checked and kept.
+    config : ETraceConfig, optional
+        Must describe this learner with this decay.
+    random_feedback_key
+        braintrace 0.2.8's keyword, checked and kept; it changes nothing for this learner.
 
     Examples
     --------
@@ -175,6 +210,9 @@ class OSTLFeedforward(ETraceAlgorithm):
     (7,)
     """
 
+    #: A config describing ES-D-RTRL describes this learner too (the same rule).
+    same_rule_as = ("ES_D_RTRL",)
+
     def __init__(
         self,
         model: Any,
@@ -182,9 +220,25 @@ class OSTLFeedforward(ETraceAlgorithm):
         name: str | None = None,
         vjp_method: str = "single-step",
         *,
+        fast_solve: bool = True,
         control_flow: ControlFlowPolicy | None = None,
+        config: Any = None,
+        random_feedback_key: Any = None,
     ) -> None:
-        self.decay = _checked_decay(decay_or_rank)
-        super().__init__(
-            model, ostl_feedforward(self.decay), name=name, vjp_method=vjp_method, control_flow=control_flow
+        decay = _checked_decay(decay_or_rank)
+        peer = PeerKeywords(
+            type(self).__name__,
+            fast_solve,
+            config=config,
+            random_feedback_key=random_feedback_key,
+            own_options={"decay_or_rank": decay},
         )
+        super().__init__(
+            model,
+            ostl_feedforward(decay),
+            name=name,
+            vjp_method=vjp_method,
+            control_flow=control_flow,
+            peer_keywords=peer,
+        )
+        self.decay = decay

@@ -59,6 +59,7 @@ from etp_compiler import CompilationError, ControlFlowPolicy, ETraceGraph, State
 
 from ._executor import StepValues, execute_step
 from ._learner import ETraceAlgorithm
+from ._peer_keywords import DEFAULT_SNAP_MAX_JACOBIAN_ELEMENTS, PeerKeywords
 from ._rtrl import (
     DEFAULT_MAX_INFLUENCE_BYTES,
     _floating_paths,
@@ -360,6 +361,18 @@ class SnAp(ETraceAlgorithm):
     control_flow : etp_compiler.ControlFlowPolicy, optional
         What the compiler does with ``cond`` / ``scan`` / ``while`` in the model's step (see
         :class:`~etp_algorithms.ETraceAlgorithm`).
+    fast_solve, chunked_trace : bool
+        braintrace 0.2.8's engine switches; checked and kept (this library always uses its closed forms).
+    trace_dtype : dtype, optional
+        The dtype the traces are stored in between steps (e.g. ``jnp.bfloat16``); each step computes in the
+        model's dtype (see :mod:`etp_algorithms._peer_keywords`).
+    config : ETraceConfig, optional
+        Must describe this learner (a config of another learner raises ``ValueError`` naming it).
+    random_feedback_key
+        braintrace 0.2.8's keyword, checked and kept; it changes nothing for this learner.
+    snap_max_jacobian_elements : int
+        braintrace 0.2.8's limit on its block Jacobian, which SnAp here does not build (its limit is
+        ``max_influence_bytes``); checked and kept.
 
     Examples
     --------
@@ -384,15 +397,32 @@ class SnAp(ETraceAlgorithm):
         max_influence_bytes: int = DEFAULT_MAX_INFLUENCE_BYTES,
         *,
         control_flow: ControlFlowPolicy | None = None,
+        fast_solve: bool = True,
+        trace_dtype: Any = None,
+        chunked_trace: bool = True,
+        config: Any = None,
+        random_feedback_key: Any = None,
+        snap_max_jacobian_elements: int = DEFAULT_SNAP_MAX_JACOBIAN_ELEMENTS,
     ) -> None:
         n = check_n(n)
         limit = check_max_bytes(max_influence_bytes, "SnAp")
+        peer = PeerKeywords(
+            type(self).__name__,
+            fast_solve,
+            trace_dtype,
+            chunked_trace,
+            config,
+            random_feedback_key,
+            snap_max_jacobian_elements,
+            own_options={"n": n},
+        )
         super().__init__(
             model,
             snap(n, limit, model_name=type(model).__name__),
             name=name,
             vjp_method=vjp_method,
             control_flow=control_flow,
+            peer_keywords=peer,
         )
         self.n = n
         self.max_influence_bytes = limit

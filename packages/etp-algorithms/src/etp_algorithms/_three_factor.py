@@ -45,6 +45,7 @@ from ._d_rtrl import _contract, init_traces, trace_of, update_traces, window_sta
 from ._d_rtrl import trace_gradients as d_rtrl_trace_gradients
 from ._executor import StepValues
 from ._learner import ETraceAlgorithm
+from ._peer_keywords import DEFAULT_SNAP_MAX_JACOBIAN_ELEMENTS, PeerKeywords
 from ._rule import HiddenCotangents, LearningRule, RelationGradients, RuleContext
 from ._rule_helpers import instantaneous_gradient
 
@@ -178,6 +179,15 @@ class ThreeFactor(ETraceAlgorithm):
     control_flow : etp_compiler.ControlFlowPolicy, optional
         What the compiler does with ``cond`` / ``scan`` / ``while`` in the model's step (see
         :class:`~etp_algorithms.ETraceAlgorithm`).
+    fast_solve, chunked_trace : bool
+        braintrace 0.2.8's engine switches; checked and kept (this library always uses its closed forms).
+    trace_dtype : dtype, optional
+        The dtype the traces are stored in between steps (e.g. ``jnp.bfloat16``); each step computes in the
+        model's dtype (see :mod:`etp_algorithms._peer_keywords`).
+    config : ETraceConfig, optional
+        Must describe this learner (a config of another learner raises ``ValueError`` naming it).
+    random_feedback_key, snap_max_jacobian_elements
+        braintrace 0.2.8's keywords, checked and kept; they change nothing for this learner.
 
     Examples
     --------
@@ -200,11 +210,34 @@ class ThreeFactor(ETraceAlgorithm):
         name: str | None = None,
         vjp_method: str = "single-step",
         modulator: Any = None,
-        *,
+        fast_solve: bool = True,
+        trace_dtype: Any = None,
+        chunked_trace: bool = True,
         control_flow: ControlFlowPolicy | None = None,
+        snap_max_jacobian_elements: int = DEFAULT_SNAP_MAX_JACOBIAN_ELEMENTS,
+        *,
+        config: Any = None,
+        random_feedback_key: Any = None,
     ) -> None:
         function = modulator if callable(modulator) and not hasattr(modulator, "shape") else None
-        super().__init__(model, three_factor(function), name=name, vjp_method=vjp_method, control_flow=control_flow)
+        peer = PeerKeywords(
+            type(self).__name__,
+            fast_solve,
+            trace_dtype,
+            chunked_trace,
+            config,
+            random_feedback_key,
+            snap_max_jacobian_elements,
+            own_options={},
+        )
+        super().__init__(
+            model,
+            three_factor(function),
+            name=name,
+            vjp_method=vjp_method,
+            control_flow=control_flow,
+            peer_keywords=peer,
+        )
         self.default_modulator = None if function is not None else modulator
 
     def _step_modulator(self, modulator: Any) -> list[Any] | None:

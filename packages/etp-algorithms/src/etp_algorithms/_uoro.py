@@ -50,6 +50,7 @@ from etp_compiler import ControlFlowPolicy, StatePath
 
 from ._executor import StepValues
 from ._learner import ETraceAlgorithm
+from ._peer_keywords import DEFAULT_SNAP_MAX_JACOBIAN_ELEMENTS, PeerKeywords
 from ._rtrl import _floating_paths, _theta_avals
 from ._rule import HiddenCotangents, LearningRule, RuleContext
 from ._rule_helpers import as_scalar, host_zeros
@@ -206,15 +207,32 @@ class RandomProjectionLearner(ETraceAlgorithm):
         *,
         projection_eps: float | None = None,
         control_flow: ControlFlowPolicy | None = None,
+        fast_solve: bool = True,
+        trace_dtype: Any = None,
+        chunked_trace: bool = True,
+        config: Any = None,
+        random_feedback_key: Any = None,
+        snap_max_jacobian_elements: int = DEFAULT_SNAP_MAX_JACOBIAN_ELEMENTS,
     ) -> None:
         if projection_eps is not None:  # braintrace 0.2.8's name for the guard
             epsilon = projection_eps
+        peer = PeerKeywords(
+            type(self).__name__,
+            fast_solve,
+            trace_dtype,
+            chunked_trace,
+            config,
+            random_feedback_key,
+            snap_max_jacobian_elements,
+            own_options={},
+        )
         super().__init__(
             model,
             self._rule_factory(projection_key, epsilon),
             name=name,
             vjp_method=vjp_method,
             control_flow=control_flow,
+            peer_keywords=peer,
         )
         self.epsilon = epsilon
 
@@ -272,6 +290,15 @@ class UORO(RandomProjectionLearner):
     control_flow : etp_compiler.ControlFlowPolicy, optional
         What the compiler does with ``cond`` / ``scan`` / ``while`` in the model's step (see
         :class:`~etp_algorithms.ETraceAlgorithm`).
+    fast_solve, chunked_trace : bool
+        braintrace 0.2.8's engine switches; checked and kept (this library always uses its closed forms).
+    trace_dtype : dtype, optional
+        The dtype the traces are stored in between steps (e.g. ``jnp.bfloat16``); each step computes in the
+        model's dtype (see :mod:`etp_algorithms._peer_keywords`).
+    config : ETraceConfig, optional
+        Must describe this learner (a config of another learner raises ``ValueError`` naming it).
+    random_feedback_key, snap_max_jacobian_elements
+        braintrace 0.2.8's keywords, checked and kept; they change nothing for this learner.
 
     Examples
     --------
