@@ -33,36 +33,23 @@ from etp_algorithms import (
 
 B, I, H = 2, 3, 4
 
+#: braintrace 0.2.8's D_RTRL parameters after the model (OSTLRecurrent's are the same)
+D_RTRL_NAMES = (
+    "name",
+    "vjp_method",
+    "fast_solve",
+    "trace_dtype",
+    "chunked_trace",
+    "control_flow",
+    "config",
+    "random_feedback_key",
+    "snap_max_jacobian_elements",
+)
+
 #: learner -> (constructor of ours, the parameters braintrace 0.2.8's signature lists after the model)
 LEARNERS: dict[str, tuple[Callable[..., Any], tuple[str, ...]]] = {
-    "D_RTRL": (
-        D_RTRL,
-        (
-            "name",
-            "vjp_method",
-            "fast_solve",
-            "trace_dtype",
-            "chunked_trace",
-            "control_flow",
-            "config",
-            "random_feedback_key",
-            "snap_max_jacobian_elements",
-        ),
-    ),
-    "OSTLRecurrent": (
-        OSTLRecurrent,
-        (
-            "name",
-            "vjp_method",
-            "fast_solve",
-            "trace_dtype",
-            "chunked_trace",
-            "control_flow",
-            "config",
-            "random_feedback_key",
-            "snap_max_jacobian_elements",
-        ),
-    ),
+    "D_RTRL": (D_RTRL, D_RTRL_NAMES),
+    "OSTLRecurrent": (OSTLRecurrent, D_RTRL_NAMES),
     "ES_D_RTRL": (
         lambda model, **kw: ES_D_RTRL(model, 0.5, **kw),
         ("decay_or_rank", "name", "vjp_method", "fast_solve", "control_flow", "config", "random_feedback_key"),

@@ -109,15 +109,9 @@ class OSTLRecurrent(ETraceAlgorithm):
     control_flow : etp_compiler.ControlFlowPolicy, optional
         What the compiler does with ``cond`` / ``scan`` / ``while`` in the model's step (see
         :class:`~etp_algorithms.ETraceAlgorithm`).
-    fast_solve, chunked_trace : bool
-        braintrace 0.2.8's engine switches; checked and kept (this library always uses its closed forms).
-    trace_dtype : dtype, optional
-        The dtype the traces are stored in between steps (e.g. ``jnp.bfloat16``); each step computes in the
-        model's dtype (see :mod:`etp_algorithms._peer_keywords`).
-    config : ETraceConfig, optional
-        Must describe this learner (a config of another learner raises ``ValueError`` naming it).
-    random_feedback_key, snap_max_jacobian_elements
-        braintrace 0.2.8's keywords, checked and kept; they change nothing for this learner.
+    fast_solve, trace_dtype, chunked_trace, config, random_feedback_key, snap_max_jacobian_elements
+        braintrace 0.2.8's engine keywords (:mod:`etp_algorithms._peer_keywords`): ``trace_dtype`` is the
+        traces' storage dtype, ``config`` must describe this learner, the others are checked and kept.
 
     Examples
     --------
@@ -147,15 +141,8 @@ class OSTLRecurrent(ETraceAlgorithm):
         random_feedback_key: Any = None,
         snap_max_jacobian_elements: int = DEFAULT_SNAP_MAX_JACOBIAN_ELEMENTS,
     ) -> None:
-        peer = PeerKeywords(
-            type(self).__name__,
-            fast_solve,
-            trace_dtype,
-            chunked_trace,
-            config,
-            random_feedback_key,
-            snap_max_jacobian_elements,
-        )
+        keywords = (fast_solve, trace_dtype, chunked_trace, config, random_feedback_key, snap_max_jacobian_elements)
+        peer = PeerKeywords(type(self).__name__, *keywords)
         super().__init__(
             model, ostl_recurrent(), name=name, vjp_method=vjp_method, control_flow=control_flow, peer_keywords=peer
         )

@@ -80,7 +80,7 @@ def with_trace_dtype(rule: LearningRule, dtype: Any) -> LearningRule:
         kind = getattr(leaf, "dtype", None)
         return (
             kind is not None
-            and not jax.dtypes.issubdtype(kind, jax.dtypes.prng_key)
+            and not jnp.issubdtype(kind, jax.dtypes.prng_key)
             and jnp.issubdtype(kind, jnp.floating)
         )
 

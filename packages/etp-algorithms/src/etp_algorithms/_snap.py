@@ -361,15 +361,9 @@ class SnAp(ETraceAlgorithm):
     control_flow : etp_compiler.ControlFlowPolicy, optional
         What the compiler does with ``cond`` / ``scan`` / ``while`` in the model's step (see
         :class:`~etp_algorithms.ETraceAlgorithm`).
-    fast_solve, chunked_trace : bool
-        braintrace 0.2.8's engine switches; checked and kept (this library always uses its closed forms).
-    trace_dtype : dtype, optional
-        The dtype the traces are stored in between steps (e.g. ``jnp.bfloat16``); each step computes in the
-        model's dtype (see :mod:`etp_algorithms._peer_keywords`).
-    config : ETraceConfig, optional
-        Must describe this learner (a config of another learner raises ``ValueError`` naming it).
-    random_feedback_key
-        braintrace 0.2.8's keyword, checked and kept; it changes nothing for this learner.
+    fast_solve, trace_dtype, chunked_trace, config, random_feedback_key
+        braintrace 0.2.8's engine keywords (:mod:`etp_algorithms._peer_keywords`): ``trace_dtype`` is the
+        traces' storage dtype, ``config`` must describe this learner, the others are checked and kept.
     snap_max_jacobian_elements : int
         braintrace 0.2.8's limit on its block Jacobian, which SnAp here does not build (its limit is
         ``max_influence_bytes``); checked and kept.
@@ -406,16 +400,8 @@ class SnAp(ETraceAlgorithm):
     ) -> None:
         n = check_n(n)
         limit = check_max_bytes(max_influence_bytes, "SnAp")
-        peer = PeerKeywords(
-            type(self).__name__,
-            fast_solve,
-            trace_dtype,
-            chunked_trace,
-            config,
-            random_feedback_key,
-            snap_max_jacobian_elements,
-            own_options={"n": n},
-        )
+        keywords = (fast_solve, trace_dtype, chunked_trace, config, random_feedback_key, snap_max_jacobian_elements)
+        peer = PeerKeywords(type(self).__name__, *keywords, own_options={"n": n})
         super().__init__(
             model,
             snap(n, limit, model_name=type(model).__name__),

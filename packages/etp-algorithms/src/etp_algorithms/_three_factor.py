@@ -179,15 +179,9 @@ class ThreeFactor(ETraceAlgorithm):
     control_flow : etp_compiler.ControlFlowPolicy, optional
         What the compiler does with ``cond`` / ``scan`` / ``while`` in the model's step (see
         :class:`~etp_algorithms.ETraceAlgorithm`).
-    fast_solve, chunked_trace : bool
-        braintrace 0.2.8's engine switches; checked and kept (this library always uses its closed forms).
-    trace_dtype : dtype, optional
-        The dtype the traces are stored in between steps (e.g. ``jnp.bfloat16``); each step computes in the
-        model's dtype (see :mod:`etp_algorithms._peer_keywords`).
-    config : ETraceConfig, optional
-        Must describe this learner (a config of another learner raises ``ValueError`` naming it).
-    random_feedback_key, snap_max_jacobian_elements
-        braintrace 0.2.8's keywords, checked and kept; they change nothing for this learner.
+    fast_solve, trace_dtype, chunked_trace, config, random_feedback_key, snap_max_jacobian_elements
+        braintrace 0.2.8's engine keywords (:mod:`etp_algorithms._peer_keywords`): ``trace_dtype`` is the
+        traces' storage dtype, ``config`` must describe this learner, the others are checked and kept.
 
     Examples
     --------
@@ -220,16 +214,8 @@ class ThreeFactor(ETraceAlgorithm):
         random_feedback_key: Any = None,
     ) -> None:
         function = modulator if callable(modulator) and not hasattr(modulator, "shape") else None
-        peer = PeerKeywords(
-            type(self).__name__,
-            fast_solve,
-            trace_dtype,
-            chunked_trace,
-            config,
-            random_feedback_key,
-            snap_max_jacobian_elements,
-            own_options={},
-        )
+        keywords = (fast_solve, trace_dtype, chunked_trace, config, random_feedback_key, snap_max_jacobian_elements)
+        peer = PeerKeywords(type(self).__name__, *keywords)
         super().__init__(
             model,
             three_factor(function),
