@@ -78,11 +78,7 @@ def with_trace_dtype(rule: LearningRule, dtype: Any) -> LearningRule:
 
     def is_floating(leaf: Any) -> bool:
         kind = getattr(leaf, "dtype", None)
-        return (
-            kind is not None
-            and not jnp.issubdtype(kind, jax.dtypes.prng_key)
-            and jnp.issubdtype(kind, jnp.floating)
-        )
+        return kind is not None and not jnp.issubdtype(kind, jax.dtypes.prng_key) and jnp.issubdtype(kind, jnp.floating)
 
     def stored(tree: Any) -> Any:
         return jax.tree.map(lambda leaf: leaf.astype(resolved) if is_floating(leaf) else leaf, tree)
