@@ -144,7 +144,9 @@ def test_every_learner_takes_the_policy(name: str, cls: type, rng: np.random.Gen
     brainstate.nn.init_all_states(model, batch_size=B)
     options = OPTIONS.get(name, {})
     with pytest.raises(CompilationError, match=f"length {K}, above ControlFlowPolicy.scan_unroll_limit=2"):
-        cls(model, **options, control_flow=ControlFlowPolicy(scan_unroll_limit=2)).compile_graph(xs[0])
+        cls(model, **options, control_flow=ControlFlowPolicy(scan_unroll_limit=2, scan_descent="error")).compile_graph(
+            xs[0]
+        )
     learner = cls(model, **options, control_flow=ControlFlowPolicy(scan_unroll_limit=K))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -209,3 +211,97 @@ def test_etrace_vmap_of_control_flow_models(construct: str, inside: bool, kind: 
     want = jax.tree.map(lambda *a: sum(a), *parts)
     assert _rel(got[("w",)], want[("w",)]) < 1e-10
     assert float(jnp.abs(want[("w",)]).max()) > 0
+
+
+class Euler(brainstate.nn.Module):
+    """A leaky integrator integrated with ``k`` Euler sub-steps of a ``lax.scan`` (a per-sub-step input too)."""
+
+    def __init__(self, k: int, recurrent: bool = False) -> None:
+        super().__init__()
+        rng = np.random.default_rng(3)
+        self.k, self.recurrent = k, recurrent
+        self.w = brainstate.ParamState(jnp.asarray(rng.normal(size=(I, H))) * 0.5)
+        if recurrent:
+            self.u = brainstate.ParamState(jnp.asarray(rng.normal(size=(H, H))) * 0.3)
+        self.noise = jnp.asarray(rng.normal(size=(k, H))) * 0.1
+        self.h = brainstate.HiddenState(jnp.zeros((B, H)))
+
+    def update(self, x: Array) -> Array:
+        def sub_step(h: Array, noise: Array) -> tuple[Array, None]:
+            drive = etp.matmul(x, self.w.value) + noise
+            if self.recurrent:
+                drive = drive + etp.matmul(jnp.tanh(h), self.u.value)
+            return h + (-h + drive) * (2.0 / self.k), None
+
+        self.h.value = jax.lax.scan(sub_step, self.h.value, self.noise)[0]
+        return self.h.value
+
+
+KEPT = 32
+
+
+def _kept_and_unrolled(cls: type, recurrent: bool, xs: Array, target: Array, **options: Any) -> list[Any]:
+    from etp_compiler import ControlFlowPolicy
+
+    grads = []
+    for descent in ("auto", "unroll"):
+        model = Euler(KEPT, recurrent)
+        learner = cls(model, **options, control_flow=ControlFlowPolicy(scan_descent=descent))
+        grads.append(_online(model, learner, xs, target))
+        relations = learner.graph.hidden_param_op_relations
+        scans = [e for e in learner.graph.module_info.jaxpr.eqns if e.primitive.name == "scan"]
+        assert len(scans) == (1 if descent == "auto" else 0)  # kept as one loop, or unrolled
+        assert len(relations) == KEPT * (2 if recurrent else 1)
+        if descent == "auto":
+            assert {r.substep.index for r in relations if r.substep is not None} == set(range(KEPT))
+            said = [r.message for r in learner.graph.diagnostics if "propagated through the scan" in r.message]
+            assert said
+    return grads
+
+
+def test_d_rtrl_through_a_kept_scan_of_euler_sub_steps_equals_bptt(rng: np.random.Generator) -> None:
+    """32 Euler sub-steps above the unroll limit stay a loop; D_RTRL stays exact (float64) and equals unrolling."""
+    xs, target = _data(rng)
+    want = _bptt_of(Euler(KEPT), xs, target)
+    kept, unrolled = _kept_and_unrolled(D_RTRL, False, xs, target)
+    assert _rel(kept[("w",)], want[("w",)]) < 1e-10
+    assert _rel(kept[("w",)], unrolled[("w",)]) < 1e-10
+    assert float(jnp.abs(want[("w",)]).max()) > 0
+
+
+@pytest.mark.parametrize(("cls", "options"), [(D_RTRL, {}), (ES_D_RTRL, {"decay_or_rank": 0.8})])
+def test_a_kept_scan_gives_what_unrolling_gives(cls: type, options: dict[str, Any], rng: np.random.Generator) -> None:
+    xs, target = _data(rng)
+    kept, unrolled = _kept_and_unrolled(cls, False, xs, target, **options)
+    assert _rel(kept[("w",)], unrolled[("w",)]) < 1e-10
+    assert float(jnp.abs(kept[("w",)]).max()) > 0
+
+
+@pytest.mark.parametrize(("cls", "options"), [(D_RTRL, {}), (ES_D_RTRL, {"decay_or_rank": 0.8})])
+def test_a_kept_scan_with_a_recurrent_weight_inside_is_closer_to_bptt(
+    cls: type, options: dict[str, Any], rng: np.random.Generator
+) -> None:
+    """With a recurrent weight inside the loop both are approximations. They differ in the step's own term:
+    the kept loop's is the exact VJP through the loop (within-step paths through the weights included),
+    the unrolled step's the traces' (those paths cut), so the kept loop is the nearer to BPTT."""
+    xs, target = _data(rng)
+    want = _bptt_of(Euler(KEPT, recurrent=True), xs, target)
+    kept, unrolled = _kept_and_unrolled(cls, True, xs, target, **options)
+    for path in (("w",), ("u",)):
+        assert _rel(kept[path], want[path]) < _rel(unrolled[path], want[path]), path
+
+
+def test_a_learner_that_re_evaluates_the_step_refuses_a_kept_scan(rng: np.random.Generator) -> None:
+    from etp_algorithms import RTRL
+    from etp_compiler import CompilationError, ControlFlowPolicy
+
+    xs, _ = _data(rng)
+    learner = RTRL(Euler(KEPT))
+    with pytest.raises(CompilationError, match=r"RTRL cannot learn Euler: the ETP op of weight w .* length 32"):
+        learner.compile_graph(xs[0])
+    assert not learner._executor.is_compiled
+    unrolled = RTRL(Euler(KEPT), control_flow=ControlFlowPolicy(scan_descent="unroll"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        unrolled.compile_graph(xs[0])
+    assert len(unrolled.graph.hidden_param_op_relations) == KEPT

@@ -56,7 +56,11 @@ def test_scans_are_unrolled_up_to_the_limit() -> None:
     with pytest.raises(
         CompilationError, match=r"lax.scan` in the model's step .* length 20, above .*scan_unroll_limit=16"
     ):
-        _graph(sub_steps(20))
+        _graph(sub_steps(20), ControlFlowPolicy(scan_descent="error"))
+    kept = _graph(sub_steps(20))  # by default a longer scan stays a loop, one relation per sub-step
+    assert "scan" in _primitives(kept)
+    assert [r.substep.index for r in kept.hidden_param_op_relations if r.substep is not None] == list(range(20))
+    assert "propagated through the scan without unrolling" in _actions(kept)[0]
     assert len(_graph(sub_steps(20), ControlFlowPolicy(scan_unroll_limit=20)).hidden_param_op_relations) == 20
     assert len(_graph(sub_steps(20), ControlFlowPolicy(scan_descent="unroll")).hidden_param_op_relations) == 20
 
@@ -104,8 +108,10 @@ def test_an_etp_op_in_a_kept_construct_follows_the_policy() -> None:
         return 0.9 * h + jnp.mean(ys, axis=0) + x[:, :1]
 
     with pytest.raises(CompilationError, match="length 20"):
-        _graph(body)
-    graph = _graph(body, ControlFlowPolicy(etp_in_control_flow="instantaneous"))
+        _graph(body, ControlFlowPolicy(scan_descent="error"))
+    kept = _graph(body)  # by default the loop is kept and its op gets one relation per sub-step
+    assert "scan" in _primitives(kept) and len(kept.hidden_param_op_relations) == 20
+    graph = _graph(body, ControlFlowPolicy(scan_descent="error", etp_in_control_flow="instantaneous"))
     assert "scan" in _primitives(graph) and not graph.hidden_param_op_relations
     assert _actions(graph) == ["lax.scan of length 20: left opaque, its ETP ops get instantaneous gradients"]
 

@@ -327,7 +327,11 @@ class _Outer(brainstate.nn.Module):
 @pytest.mark.parametrize(
     ("construct", "policy", "message"),
     [
-        ("scan", etp_compiler.ControlFlowPolicy(scan_unroll_limit=2), r"`lax.scan` .* length 3, above .*limit=2"),
+        (
+            "scan",
+            etp_compiler.ControlFlowPolicy(scan_unroll_limit=2, scan_descent="error"),
+            r"`lax.scan` .* length 3, above .*limit=2",
+        ),
         ("cond", etp_compiler.ControlFlowPolicy(cond="error"), r"`lax.cond` .*cond='error'"),
         ("while", None, r"`lax.while_loop` .* data-dependent trip count"),
     ],

@@ -384,7 +384,9 @@ def test_etp_inside_scan_not_touching_hidden_state_is_recorded() -> None:
             self.h.value = 0.5 * self.h.value + x
             return self.h.value + z
 
-    kept = etp_compiler.ControlFlowPolicy(scan_unroll_limit=1, etp_in_control_flow="instantaneous")
+    kept = etp_compiler.ControlFlowPolicy(
+        scan_unroll_limit=1, scan_descent="error", etp_in_control_flow="instantaneous"
+    )
     with pytest.warns(UserWarning, match=r"an ETP primitive sits inside `scan`"):
         graph = etp_compiler.compile_etrace_graph(Scanned(), jnp.ones(3), control_flow=kept)
     (record,) = records_of(graph, DiagnosticKind.PRIMITIVE_INSIDE_CONTROL_FLOW)

@@ -172,6 +172,7 @@ def test_dict_of_every_record_holds_its_fields() -> None:
         "y_to_hidden",
         "y_to_hidden_positionwise",
         "path_classification",
+        "substep",
     ]
     for relation in graph.hidden_param_op_relations:
         _assert_fields(relation, relation_fields)

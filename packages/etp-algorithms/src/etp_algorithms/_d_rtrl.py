@@ -279,6 +279,9 @@ class D_RTRL(ETraceAlgorithm):
     (7, 4, 1)
     """
 
+    #: Runs on a step with a lax.scan kept as a loop (one relation per sub-step: reads only x, D_f, D).
+    takes_scan_substeps = True
+
     def __init__(
         self,
         model: Any,

@@ -187,7 +187,20 @@ def execute_step(graph: ETraceGraph, invals: Sequence[Any], deltas: Sequence[Any
     hidden_dims: dict[tuple[int, int], jax.Array] = {}
     x_values: dict[int, Any] = {}
     y_values: dict[int, Any] = {}
+    stacked: dict[tuple[int, int], jax.Array] = {}
     for index, relation in enumerate(graph.hidden_param_op_relations):
+        sub = relation.substep
+        if sub is not None:
+            # a sub-step of a scan kept as a loop: its x, y and D_f are slices of the loop's stacks
+            x_values[index] = None if relation.x_var is None else env[sub.x_stack_var][sub.index]
+            y_values[index] = env[sub.y_stack_var][sub.index]
+            for group in relation.hidden_groups:
+                key = (id(sub.delta_var), group.index)
+                if key not in stacked:
+                    _, consts = relation.y_to_hidden[group.index]
+                    stacked[key] = relation.substep_hidden_dims(group, env[sub.delta_var], [value(v) for v in consts])
+                hidden_dims[(index, group.index)] = stacked[key][sub.index]
+            continue
         x_values[index] = None if relation.x_var is None else value(relation.x_var)
         y_values[index] = env[relation.y_var]
         for group in relation.hidden_groups:

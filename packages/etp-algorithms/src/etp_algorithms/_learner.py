@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from etp_compiler import (
+    CompilationError,
     CompilationReport,
     ControlFlowPolicy,
     DiagnosticKind,
@@ -142,6 +143,10 @@ class ETraceAlgorithm(SequenceDriverMixin, brainstate.nn.Module):
     >>> learner(jnp.ones(3)).shape
     (4,)
     """
+
+    #: Whether the learner runs on a step with a lax.scan kept as a loop (its ops one relation per sub-step);
+    #: a learner that re-evaluates the step's equations itself does not.
+    takes_scan_substeps: bool = False
 
     def __init__(
         self,
@@ -281,6 +286,18 @@ class ETraceAlgorithm(SequenceDriverMixin, brainstate.nn.Module):
         if self._executor.model is not self.model:  # a copy: compile its own model
             self._executor = ETraceGraphExecutor(self.model, control_flow=self._executor.control_flow)
         graph = self._executor.compile_graph(*args, emit=False)
+        substeps = [r for r in graph.hidden_param_op_relations if r.substep is not None]
+        if substeps and not self.takes_scan_substeps:
+            self._executor = ETraceGraphExecutor(self.model, control_flow=self._executor.control_flow)
+            first = substeps[0]
+            raise CompilationError(
+                f"{type(self).__name__} cannot learn {type(self.model).__name__}: the ETP op of weight "
+                f"{'.'.join(map(str, first.weight_path))} sits inside a lax.scan of length {first.substep.length} "  # type: ignore[union-attr]
+                "that the compiler keeps as a loop (above ControlFlowPolicy.scan_unroll_limit), and this learner "
+                "re-evaluates the step's equations itself, which a loop hides. Pass control_flow="
+                "ControlFlowPolicy(scan_descent='unroll') (or a scan_unroll_limit of at least the length) to unroll "
+                "the loop, or use D_RTRL, ES_D_RTRL, OSTLRecurrent or OSTLFeedforward."
+            )
         self._emit_compiler_warnings(graph)
         if self.learns_nothing_online(graph):
             warnings.warn(

@@ -125,6 +125,9 @@ class OSTLRecurrent(ETraceAlgorithm):
     ('OSTLRecurrent', (7, 4, 1))
     """
 
+    #: Runs on a step with a lax.scan kept as a loop (one relation per sub-step: reads only x, D_f, D).
+    takes_scan_substeps = True
+
     #: A config describing D-RTRL describes this learner too (the same rule).
     same_rule_as = ("D_RTRL",)
 
@@ -196,6 +199,9 @@ class OSTLFeedforward(ETraceAlgorithm):
     >>> learner.get_etrace_of(cell.W.weight).x.shape
     (7,)
     """
+
+    #: Runs on a step with a lax.scan kept as a loop (one relation per sub-step: reads only x, D_f, D).
+    takes_scan_substeps = True
 
     #: A config describing ES-D-RTRL describes this learner too (the same rule).
     same_rule_as = ("ES_D_RTRL",)

@@ -50,6 +50,7 @@ from ._perturbation import HiddenPerturbation, add_hidden_perturbation_from_minf
 from ._relations import (
     HiddenParamOpRelation,
     RelationItem,
+    SubStep,
     build_producers,
     find_hidden_param_op_relations_from_minfo,
     relation_stage,
@@ -81,6 +82,7 @@ __all__ = [
     "ETraceGraph",
     "HiddenGroup",
     "HiddenParamOpRelation",
+    "SubStep",
     "HiddenPerturbation",
     "ModuleInfo",
     "OpenJaxpr",

@@ -33,6 +33,7 @@ __all__ = [
     "aval_dtype",
     "aval_shape",
     "new_jaxpr",
+    "replace_params",
     "trace_stateful",
 ]
 
@@ -130,6 +131,12 @@ def trace_stateful(model: Any, *args: Any, **kwargs: Any) -> tuple[Any, ClosedJa
     states = tuple(stateful_fn.get_states(*args, **kwargs))
     write_ids = {id(s) for s in stateful_fn.get_write_states(*args, **kwargs)}
     return stateful_fn, traced, states, write_ids, stateful_fn.get_out_treedef(*args, **kwargs)
+
+
+def replace_params(eqn: JaxprEqn, **params: Any) -> JaxprEqn:
+    """``eqn`` with some of its parameters replaced (same inputs, outputs and primitive)."""
+    replaced: JaxprEqn = eqn.replace(params={**eqn.params, **params})
+    return replaced
 
 
 def scan_layout(params: Any) -> tuple[int, int]:

@@ -6,7 +6,9 @@ and the outputs are selected by the branch index (``lax.select_n``), the same va
 ``cond``. A ``lax.scan`` (``brainstate.transform.for_loop``) of sub-steps is *unrolled* up to
 ``scan_unroll_limit`` iterations, so the hidden-to-hidden Jacobian of the whole step is composed
 over the sub-steps and every ETP op inside is an equation of its own (a weight used in every
-sub-step becomes one relation per sub-step; their traces sum to the weight's). A
+sub-step becomes one relation per sub-step; their traces sum to the weight's). A longer scan is
+kept as a loop and the same quantities are read off it (``scan_descent='auto'``, see
+:mod:`etp_compiler._scan_descent`). A
 ``lax.while_loop`` with a data-dependent trip count cannot be differentiated in reverse mode,
 which a learner's step needs, so one that carries a hidden state or holds an ETP op is refused
 (``fori_loop`` with static bounds is a ``scan`` already). Control flow that touches neither is
@@ -29,6 +31,7 @@ from ._compat import ClosedJaxpr, Jaxpr, JaxprEqn, aval_dtype, aval_shape, scan_
 from ._errors import CompilationError
 from ._eval import is_var
 from ._jaxpr_walk import CONTROL_FLOW_PRIMITIVES, contains_etp, evaluate_inlined, forward_labels, retrace, sub_jaxprs
+from ._scan_descent import descended_scan
 
 __all__ = ["ControlFlowPolicy", "convert_control_flow", "convert_step_control_flow"]
 
@@ -59,9 +62,11 @@ class ControlFlowPolicy:
         ``scan_descent='error'``...): refuse, or leave the construct opaque so that the op's weight
         gets its instantaneous gradient only.
     scan_descent : {'auto', 'unroll', 'error'}
-        A scan above ``scan_unroll_limit`` that touches a hidden state: ``'unroll'`` unrolls it
-        anyway; ``'auto'`` and ``'error'`` refuse it with a message giving its length and the limit
-        (propagating the traces through a scan without unrolling it is not implemented).
+        A scan above ``scan_unroll_limit`` that touches a hidden state or holds an ETP op:
+        ``'auto'`` keeps the loop and propagates the traces through it (see
+        :mod:`etp_compiler._scan_descent`: one relation per sub-step, the values of the unrolled
+        step); ``'unroll'`` unrolls it anyway; ``'error'`` refuses it with a message giving its
+        length and the limit.
     fixpoint_iteration_limit : int
         Accepted for braintrace compatibility (its fixed-point solver); unused here.
 
@@ -94,7 +99,7 @@ class ControlFlowPolicy:
                 raise ValueError(f"ControlFlowPolicy: {name} must be a non-negative int, got {value!r}.")
 
 
-Evaluate = Callable[[Jaxpr, Sequence[Any], Sequence[Any]], list[Any]]
+Evaluate = Callable[..., list[Any]]
 
 
 def _body(closed: Any) -> tuple[Jaxpr, Sequence[Any]]:
@@ -135,14 +140,17 @@ def convert_control_flow(
         return [jax.lax.select_n(which, *values) for values in zip(*outs, strict=True)]
     if name == "scan":
         length = int(eqn.params["length"])
-        if length > policy.scan_unroll_limit and policy.scan_descent != "unroll":
+        if length > policy.scan_unroll_limit and policy.scan_descent == "auto":
+            return descended_scan(eqn, invals, evaluate, actions)
+        if length > policy.scan_unroll_limit and policy.scan_descent == "error":
             if opaque_ok:
                 actions.append(f"lax.scan of length {length}: left opaque, its ETP ops get instantaneous gradients")
                 return None
             raise CompilationError(
                 f"{_touching('lax.scan')} of length {length}, above ControlFlowPolicy.scan_unroll_limit="
-                f"{policy.scan_unroll_limit}; raise the limit (or scan_descent='unroll') to unroll it, or move "
-                "the loop out of the step."
+                f"{policy.scan_unroll_limit}, and scan_descent='error' refuses it; raise the limit, use "
+                "scan_descent='auto' (propagate the traces through the scan) or 'unroll', or move the loop out of "
+                "the step."
             )
         return _unrolled_scan(eqn, invals, evaluate, actions)
     if name == "while":

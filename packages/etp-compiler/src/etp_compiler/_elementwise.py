@@ -12,10 +12,10 @@ conservative: an unknown primitive on a dependent value makes the slice
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-from ._compat import Jaxpr, JaxprEqn, Var, aval_shape
-from ._jaxpr_walk import CALL_PRIMITIVES, CUSTOM_DERIVATIVE_PRIMITIVES, is_var, sub_jaxprs
+from ._compat import Jaxpr, JaxprEqn, Var, aval_shape, scan_layout
+from ._jaxpr_walk import CALL_PRIMITIVES, CUSTOM_DERIVATIVE_PRIMITIVES, is_trainable_etp, is_var, sub_jaxprs
 
 __all__ = ["ELEMENTWISE_PRIMITIVES", "is_positionwise"]
 
@@ -32,14 +32,17 @@ ELEMENTWISE_PRIMITIVES = frozenset(
 )  # fmt: skip
 
 
-def is_positionwise(eqns: Sequence[JaxprEqn], dependent: set[Var]) -> bool:
+def is_positionwise(
+    eqns: Sequence[JaxprEqn], dependent: set[Var], cut: Callable[[JaxprEqn], bool] | None = None
+) -> bool:
     """Whether every equation touching a var in ``dependent`` acts position-wise on it.
 
-    ``dependent`` is updated in place with the outputs of such equations.
+    ``dependent`` is updated in place with the outputs of such equations. Equations where ``cut``
+    holds are held (their outputs do not depend on anything).
     """
     for eqn in eqns:
         hit = [i for i, v in enumerate(eqn.invars) if is_var(v) and v in dependent]
-        if not hit:
+        if not hit or (cut is not None and cut(eqn)):
             continue
         if not _eqn_positionwise(eqn, hit):
             return False
@@ -82,4 +85,29 @@ def _eqn_positionwise(eqn: JaxprEqn, hit: list[int]) -> bool:
         body: Jaxpr = bodies[0]
         inner = {body.invars[i] for i in hit}
         return is_positionwise(body.eqns, inner)
+    if name == "scan":
+        return _scan_positionwise(eqn, hit)
     return False
+
+
+def _scan_positionwise(eqn: JaxprEqn, hit: list[int]) -> bool:
+    """A scan whose body is position-wise in the hit inputs and in every carry they reach.
+
+    Trainable ETP outputs inside are held (the twin of :mod:`etp_compiler._scan_descent` holds them),
+    so a weight op on a dependent value does not count. Stacked outputs (a leading sub-step axis)
+    that depend on the inputs are marked dependent by the caller; a consumer of them is then checked
+    on their shapes.
+    """
+    n_consts, n_carry = scan_layout(eqn.params)
+    body: Jaxpr = sub_jaxprs(eqn)[0][0]
+    dependent = {body.invars[i] for i in hit}
+    while True:
+        reached = set(dependent)
+        if not is_positionwise(body.eqns, reached, cut=is_trainable_etp):
+            return False
+        carried = {
+            body.invars[n_consts + j] for j, v in enumerate(body.outvars[:n_carry]) if is_var(v) and v in reached
+        }
+        if carried <= dependent:
+            return True
+        dependent |= carried

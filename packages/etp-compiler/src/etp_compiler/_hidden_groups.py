@@ -25,6 +25,7 @@ from ._errors import CompilationError
 from ._eval import eval_jaxpr
 from ._jaxpr_walk import CONTROL_FLOW_PRIMITIVES, forward_labels, is_trainable_etp, is_var
 from ._module_info import ModuleInfo, StatePath
+from ._scan_descent import with_twins
 
 __all__ = ["HiddenGroup", "find_hidden_groups_from_minfo", "hidden_group_stage", "slice_between"]
 
@@ -167,7 +168,10 @@ def _check_control_flow(minfo: ModuleInfo) -> None:
     """Reject hidden states whose old value passes through lax control flow into their new value."""
     eqns = minfo.jaxpr.eqns
     labels = forward_labels(eqns, {v: frozenset({p}) for p, v in minfo.hidden_path_to_invar.items()})
-    flows = [(i, e) for i, e in enumerate(eqns) if e.primitive.name in CONTROL_FLOW_PRIMITIVES]
+    descended = {id(s.eqn) for s in minfo.descent_scans}
+    flows = [
+        (i, e) for i, e in enumerate(eqns) if e.primitive.name in CONTROL_FLOW_PRIMITIVES and id(e) not in descended
+    ]
     if not flows:
         return
     # which control-flow equations each var descends from
@@ -303,6 +307,7 @@ def _build_group(
     invars = tuple(minfo.hidden_path_to_invar[p] for p in paths)
     outvars = tuple(minfo.hidden_path_to_outvar[p] for p in paths)
     eqns, consts = slice_between(minfo.jaxpr.eqns, invars, outvars)
+    eqns = with_twins(eqns, minfo.descent_scans)
     transition = new_jaxpr(consts, invars, outvars, eqns, f"transition of hidden group {index}")
     positionwise = is_positionwise(eqns, set(invars))
     items: list[HiddenGroup | CompilationRecord] = []

@@ -17,7 +17,7 @@ import jax
 
 from etp_primitives import is_etp_primitive, is_gradient_enabled_primitive
 
-from ._compat import ClosedJaxpr, Jaxpr, JaxprEqn, Var, aval_dtype, aval_shape
+from ._compat import ClosedJaxpr, Jaxpr, JaxprEqn, OpenJaxpr, Var, aval_dtype, aval_shape
 from ._eval import bind_eqn, eval_eqns, eval_jaxpr_env, is_var, read_atom
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "retrace",
     "evaluate_inlined",
     "Converter",
+    "EtpBinder",
     "eval_eqns",
     "is_var",
     "forward_labels",
@@ -98,26 +99,44 @@ def _inline_target(eqn: JaxprEqn, notes: list[str]) -> tuple[Jaxpr, Sequence[Any
 
 
 #: ``convert(eqn, invals, evaluate) -> outputs or None``: straight-line code for a control-flow equation.
-Converter = Callable[[JaxprEqn, Sequence[Any], Callable[[Jaxpr, Sequence[Any], Sequence[Any]], list[Any]]], Any]
+Converter = Callable[[JaxprEqn, Sequence[Any], Callable[..., list[Any]]], Any]
+
+
+#: ``on_etp(eqn, invals) -> outputs``: how an ETP equation met while evaluating is bound.
+EtpBinder = Callable[[JaxprEqn, Sequence[Any]], Sequence[Any]]
 
 
 def evaluate_inlined(
-    jaxpr: Jaxpr, consts: Sequence[Any], args: Sequence[Any], notes: list[str], convert: Converter | None = None
+    jaxpr: Jaxpr | OpenJaxpr,
+    consts: Sequence[Any],
+    args: Sequence[Any],
+    notes: list[str],
+    convert: Converter | None = None,
+    on_etp: EtpBinder | None = None,
 ) -> list[Any]:
     """:func:`eval_jaxpr` with nested calls inlined (their bodies evaluated equation by equation).
 
     With ``convert``, each control-flow equation is first offered to it (it returns the outputs of
-    straight-line code, or ``None`` to keep the equation).
+    straight-line code, or ``None`` to keep the equation). With ``on_etp``, every ETP equation met
+    (at any depth of inlining, and inside bodies ``convert`` evaluates) is bound by it; the bodies
+    ``convert`` evaluates may give their own ``on_etp``.
     """
 
-    def evaluate(body: Jaxpr, body_consts: Sequence[Any], body_args: Sequence[Any]) -> list[Any]:
-        return evaluate_inlined(body, body_consts, body_args, notes, convert)
+    def evaluate(
+        body: Jaxpr | OpenJaxpr,
+        body_consts: Sequence[Any],
+        body_args: Sequence[Any],
+        body_on_etp: EtpBinder | None = None,
+    ) -> list[Any]:
+        return evaluate_inlined(body, body_consts, body_args, notes, convert, body_on_etp or on_etp)
 
     def bind(eqn: JaxprEqn, invals: Sequence[Any]) -> Sequence[Any]:
         if convert is not None and eqn.primitive.name in CONTROL_FLOW_PRIMITIVES:
             outs = convert(eqn, invals, evaluate)
             if outs is not None:
                 return list(outs)
+        if on_etp is not None and is_etp_primitive(eqn.primitive):
+            return on_etp(eqn, invals)
         target = _inline_target(eqn, notes)
         return bind_eqn(eqn, invals) if target is None else evaluate(target[0], target[1], invals)
 

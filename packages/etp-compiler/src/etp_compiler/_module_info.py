@@ -14,6 +14,7 @@ from ._control_flow import ControlFlowPolicy, convert_step_control_flow
 from ._errors import CompilationError
 from ._eval import read_atom
 from ._jaxpr_walk import inline_calls
+from ._scan_descent import DescentScan, descent_scans
 
 __all__ = ["ModuleInfo", "extract_module_info", "StatePath", "WeightLeaf"]
 
@@ -62,6 +63,9 @@ class ModuleInfo(NamedTuple):
         ``custom_jvp``/``custom_vjp`` calls inlined because they contain an ETP primitive.
     control_flow_actions : tuple of str
         What was done to each control-flow construct of the step (if-converted, unrolled, left opaque).
+    descent_scans : tuple of DescentScan
+        The scans of :attr:`jaxpr` kept as loops with the traces propagated through them
+        (:mod:`etp_compiler._scan_descent`).
 
     Notes
     -----
@@ -110,6 +114,7 @@ class ModuleInfo(NamedTuple):
     state_outvars: dict[StatePath, tuple[Any, ...]]
     inlined_custom_calls: tuple[str, ...] = ()
     control_flow_actions: tuple[str, ...] = ()
+    descent_scans: tuple[DescentScan, ...] = ()
 
     # ------------------------------------------------------------------ the invar order
     @property
@@ -490,4 +495,5 @@ def extract_module_info(
         state_outvars=state_outvars,
         inlined_custom_calls=tuple(inlined_custom_calls),
         control_flow_actions=tuple(control_flow_actions),
+        descent_scans=descent_scans(jaxpr),
     )

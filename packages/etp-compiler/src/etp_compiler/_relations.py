@@ -43,9 +43,11 @@ from ._eval import eval_jaxpr, is_var
 from ._hidden_groups import HiddenGroup, slice_between
 from ._jaxpr_walk import CONTROL_FLOW_PRIMITIVES, contains_etp, forward_labels, is_trainable_etp, sub_jaxprs
 from ._module_info import ModuleInfo, StatePath, WeightLeaf
+from ._scan_descent import DescentScan, with_twins
 
 __all__ = [
     "HiddenParamOpRelation",
+    "SubStep",
     "RelationItem",
     "build_producers",
     "find_hidden_param_op_relations_from_minfo",
@@ -56,6 +58,28 @@ __all__ = [
 
 def _text(path: Sequence[Hashable]) -> str:
     return ".".join(str(p) for p in path)
+
+
+@dataclass(frozen=True, eq=False)
+class SubStep:
+    r"""Where a relation sits in a scan propagated without unrolling: sub-step ``index`` of ``length``.
+
+    Attributes
+    ----------
+    index, length : int
+        The sub-step :math:`k` and the trip count :math:`K`.
+    delta_var : Var
+        The step-jaxpr variable (zeros of shape ``(K, *y.shape)``) added to the op's outputs;
+        :math:`D_{f,k} = \partial h^t / \partial \delta_k`.
+    x_stack_var, y_stack_var : Var
+        The op's inputs and outputs of all sub-steps (leading axis ``K``).
+    """
+
+    index: int
+    length: int
+    delta_var: Var
+    x_stack_var: Var
+    y_stack_var: Var
 
 
 @dataclass(frozen=True, eq=False)
@@ -90,6 +114,10 @@ class HiddenParamOpRelation:
         ``group index -> bool``.
     path_classification : dict
         ``hidden path -> 'all_direct' | 'partly_through_weight'``.
+    substep : SubStep or None
+        For an op inside a scan propagated without unrolling: which sub-step this relation is
+        (``eqn``, ``x_var`` and ``y_var`` are then the body's, ``y_to_hidden`` maps the stacked
+        ``delta_var``); ``None`` otherwise.
     """
 
     primitive: Any
@@ -106,6 +134,7 @@ class HiddenParamOpRelation:
     y_to_hidden: dict[int, tuple[OpenJaxpr, tuple[Var, ...]]] = field(default_factory=dict)
     y_to_hidden_positionwise: dict[int, bool] = field(default_factory=dict)
     path_classification: dict[StatePath, str] = field(default_factory=dict)
+    substep: SubStep | None = None
 
     def hidden_dim(self, group: HiddenGroup, y_value: jax.Array, const_values: Sequence[jax.Array]) -> jax.Array:
         r""":math:`D_f = \partial h^t / \partial y` per position, shape ``(*group.varshape, S)``.
@@ -125,12 +154,49 @@ class HiddenParamOpRelation:
                 f"it reaches groups {sorted(self.y_to_hidden)}."
             )
         jaxpr, _ = self.y_to_hidden[group.index]
+        if self.substep is not None:
+            raise ValueError(
+                f"the relation of {getattr(self.primitive, 'name', self.primitive)} (weight={self.weight_path}) is "
+                f"sub-step {self.substep.index} of a lax.scan of length {self.substep.length}: its D_f comes from "
+                "substep_hidden_dims(group, delta_value, const_values)[index]."
+            )
 
         def y_to_h(y: jax.Array) -> list[jax.Array]:
             return [jnp.broadcast_to(h, group.varshape) for h in eval_jaxpr(jaxpr, const_values, y)]
 
         _, tangents = jax.jvp(y_to_h, (y_value,), (jnp.ones_like(y_value),))
         return jnp.stack([jnp.broadcast_to(t, group.varshape) for t in tangents], axis=-1)
+
+    def substep_hidden_dims(
+        self, group: HiddenGroup, delta_value: jax.Array, const_values: Sequence[jax.Array]
+    ) -> jax.Array:
+        r""":math:`D_{f,k} = \partial h^t / \partial y_k` of every sub-step, shape ``(K, *group.varshape, S)``.
+
+        For a relation with a :attr:`substep`; ``delta_value`` is the value of its ``delta_var``
+        (zeros). When :math:`\delta_k \mapsto h^t` is position-wise and ``y`` has the states' shape,
+        one reverse-mode product per state gives every :math:`k` (the cotangent of ones sums over
+        positions, each of which only its own position reaches); otherwise one forward-mode product
+        per sub-step (a tangent of ones on :math:`\delta_k`), as :meth:`hidden_dim` does per op.
+        """
+        jaxpr, _ = self.y_to_hidden[group.index]
+
+        def delta_to_h(delta: jax.Array) -> list[jax.Array]:
+            return [jnp.broadcast_to(h, group.varshape) for h in eval_jaxpr(jaxpr, const_values, delta)]
+
+        outs, pullback = jax.vjp(delta_to_h, delta_value)
+        if self.y_to_hidden_positionwise.get(group.index, False) and delta_value.shape[1:] == group.varshape:
+            columns = []
+            for s in range(group.num_state):
+                cotangent = [jnp.ones_like(o) if i == s else jnp.zeros_like(o) for i, o in enumerate(outs)]
+                columns.append(pullback(cotangent)[0])
+            return jnp.stack(columns, axis=-1)
+
+        def one(k: jax.Array) -> jax.Array:
+            tangent = jnp.zeros_like(delta_value).at[k].set(1)
+            _, tangents = jax.jvp(delta_to_h, (delta_value,), (tangent,))
+            return jnp.stack(tangents, axis=-1)
+
+        return jax.vmap(one)(jnp.arange(delta_value.shape[0]))
 
     def dict(self) -> builtins.dict[str, Any]:
         """The fields as a plain ``dict`` (name -> value), e.g. for printing."""
@@ -227,6 +293,17 @@ class _Weights(NamedTuple):
     weight_fns: dict[str, tuple[OpenJaxpr, tuple[Var, ...]]]
 
 
+class _ScanPlace(NamedTuple):
+    """An ETP equation inside a scan propagated without unrolling: the scan and the equation's number."""
+
+    scan: DescentScan
+    r: int
+
+    @property
+    def delta(self) -> Var:
+        return self.scan.delta_var(self.r)
+
+
 def _step_facts(minfo: ModuleInfo, hid_path_to_group: Mapping[StatePath, HiddenGroup]) -> _StepFacts:
     """The producer map and the data inputs (arguments and old hidden values) of the step."""
     data = frozenset(minfo.hidden_path_to_invar.values()) | frozenset(minfo.arg_invars)
@@ -316,11 +393,38 @@ def _primary_path(site: _OpSite, weights: _Weights) -> StatePath:
     return leaves[0][0] if leaves else ()
 
 
-def _reached_hidden(facts: _StepFacts, site: _OpSite) -> tuple[list[StatePath], list[StatePath]]:
+def _scan_outputs_reached(place: _ScanPlace, cut: Any) -> dict[Var, frozenset[Any]]:
+    """The outputs of the scan that the op's delta reaches inside the loop (carried values followed)."""
+    scan = place.scan
+    body = scan.body
+    start = body.invars[scan.n_consts + scan.n_carry + scan.n_xs + place.r]
+    seeds = {start: frozenset({0})}
+    while True:
+        labels = forward_labels(body.eqns, seeds, cut=cut)
+        carried = {
+            body.invars[scan.n_consts + j]: frozenset({0})
+            for j, v in enumerate(body.outvars[: scan.n_carry])
+            if is_var(v) and v in labels
+        }
+        if set(carried) <= set(seeds):
+            break
+        seeds.update(carried)
+    return {
+        out: frozenset({0}) for out, v in zip(scan.eqn.outvars, body.outvars, strict=True) if is_var(v) and v in labels
+    }
+
+
+def _reached_hidden(
+    facts: _StepFacts, site: _OpSite, place: _ScanPlace | None = None
+) -> tuple[list[StatePath], list[StatePath]]:
     """Step 2: the hidden states ``y`` reaches avoiding trainable ETP ops, and those it reaches at all."""
-    seeds = {site.y_var: frozenset({0})}
-    direct = forward_labels(site.tail, seeds, cut=is_trainable_etp)
-    anyway = forward_labels(site.tail, seeds)
+    if place is None:
+        seeds = {site.y_var: frozenset({0})}
+        direct = forward_labels(site.tail, seeds, cut=is_trainable_etp)
+        anyway = forward_labels(site.tail, seeds)
+    else:
+        direct = forward_labels(site.tail, _scan_outputs_reached(place, is_trainable_etp), cut=is_trainable_etp)
+        anyway = forward_labels(site.tail, _scan_outputs_reached(place, None))
     outvar_to_path = facts.minfo.outvar_to_hidden_path
     return [p for v, p in outvar_to_path.items() if v in direct], [p for v, p in outvar_to_path.items() if v in anyway]
 
@@ -400,20 +504,26 @@ def _classify_paths(facts: _StepFacts, site: _OpSite, kept: Sequence[StatePath])
 
 
 def _y_to_hidden_maps(
-    site: _OpSite, weights: _Weights, groups: Sequence[HiddenGroup]
+    facts: _StepFacts, site: _OpSite, weights: _Weights, groups: Sequence[HiddenGroup], place: _ScanPlace | None
 ) -> tuple[dict[int, tuple[OpenJaxpr, tuple[Var, ...]]], dict[int, bool], list[CompilationRecord]]:
-    """Step 4: per reached group, the slice :math:`y \\mapsto h`, whether it is position-wise, and the warnings."""
+    """Step 4: per reached group, the slice :math:`y \\mapsto h`, whether it is position-wise, and the warnings.
+
+    For an op inside a scan propagated without unrolling (``place``), the slice starts at the op's
+    stacked ``delta`` input of the scan. Every rewritten scan in a slice is its twin (held ETP outputs).
+    """
+    source, tail = (site.y_var, site.tail) if place is None else (place.delta, (place.scan.eqn, *site.tail))
     y_to_hidden: dict[int, tuple[OpenJaxpr, tuple[Var, ...]]] = {}
     positionwise: dict[int, bool] = {}
     records: list[CompilationRecord] = []
     for group in groups:
-        fn_eqns, fn_consts = slice_between(site.tail, [site.y_var], list(group.hidden_outvars))
+        fn_eqns, fn_consts = slice_between(tail, [source], list(group.hidden_outvars))
+        fn_eqns = with_twins(fn_eqns, facts.minfo.descent_scans)
         name = f"y -> hidden group {group.index}"
         y_to_hidden[group.index] = (
-            new_jaxpr(fn_consts, [site.y_var], group.hidden_outvars, fn_eqns, name),
+            new_jaxpr(fn_consts, [source], group.hidden_outvars, fn_eqns, name),
             tuple(fn_consts),
         )
-        positionwise[group.index] = is_positionwise(fn_eqns, {site.y_var})
+        positionwise[group.index] = is_positionwise(fn_eqns, {source})
         if not positionwise[group.index]:
             records.append(
                 CompilationRecord(
@@ -458,12 +568,19 @@ def _included_record(
     groups: Sequence[HiddenGroup],
     kept: Sequence[StatePath],
     classification: dict[StatePath, str],
+    place: _ScanPlace | None = None,
 ) -> CompilationRecord:
     """The record of an included relation: which groups it drives and how each path is classified."""
+    where = ""
+    if place is not None:
+        where = (
+            f" (inside a lax.scan of length {place.scan.length}, propagated through the scan without unrolling: "
+            "one relation per sub-step)"
+        )
     return CompilationRecord(
         kind=DiagnosticKind.RELATION_INCLUDED,
         level=DiagnosticLevel.INFO,
-        message=f"{site.primitive.name}({weights.weight_path}) -> {[g.index for g in groups]}",
+        message=f"{site.primitive.name}({weights.weight_path}) -> {[g.index for g in groups]}{where}",
         primitive=site.primitive,
         weight_path=weights.weight_path,
         hidden_paths=tuple(kept),
@@ -483,12 +600,15 @@ def _check_site_rules(site: _OpSite, weights: _Weights, groups: Sequence[HiddenG
             ) from error
 
 
-def _relation_items(facts: _StepFacts, site: _OpSite) -> list[RelationItem]:
-    """One ETP equation through the stages: its relation and records, or the records of its exclusion."""
+def _relation_items(facts: _StepFacts, site: _OpSite, place: _ScanPlace | None = None) -> list[RelationItem]:
+    """One ETP equation through the stages: its relation(s) and records, or the records of its exclusion.
+
+    An equation inside a scan propagated without unrolling (``place``) gives one relation per sub-step.
+    """
     weights = _resolve_weights(facts, site)
     if isinstance(weights, CompilationRecord):
         return [weights]
-    reached_direct, reached_any = _reached_hidden(facts, site)
+    reached_direct, reached_any = _reached_hidden(facts, site, place)
     if not reached_direct:
         return [_unreached_record(site, weights, reached_any)]
     checked = _shape_checked(facts, site, weights, reached_direct)
@@ -498,14 +618,20 @@ def _relation_items(facts: _StepFacts, site: _OpSite) -> list[RelationItem]:
         return items
     groups = tuple(dict.fromkeys(facts.hid_path_to_group[p] for p in kept))
     classification = _classify_paths(facts, site, kept)
-    y_to_hidden, positionwise, map_records = _y_to_hidden_maps(site, weights, groups)
+    y_to_hidden, positionwise, map_records = _y_to_hidden_maps(facts, site, weights, groups, place)
     items.extend(map_records)
     bounded = _tail_bounded_record(site, weights, classification)
     if bounded is not None:
         items.append(bounded)
-    items.append(_included_record(site, weights, groups, kept, classification))
+    items.append(_included_record(site, weights, groups, kept, classification, place))
     _check_site_rules(site, weights, groups)
-    items.append(
+    substeps: list[SubStep | None] = [None]
+    if place is not None:
+        scan, r = place.scan, place.r
+        substeps = [
+            SubStep(k, scan.length, place.delta, scan.x_stack_var(r), scan.y_stack_var(r)) for k in range(scan.length)
+        ]
+    items.extend(
         HiddenParamOpRelation(
             primitive=site.primitive,
             eqn=site.eqn,
@@ -521,8 +647,53 @@ def _relation_items(facts: _StepFacts, site: _OpSite) -> list[RelationItem]:
             y_to_hidden=y_to_hidden,
             y_to_hidden_positionwise=positionwise,
             path_classification=classification,
+            substep=substep,
         )
+        for substep in substeps
     )
+    return items
+
+
+def _descent_items(facts: _StepFacts, scan: DescentScan, position: int, order: dict[int, int]) -> list[RelationItem]:
+    """The relations (one per sub-step) and records of the ETP equations inside a scan kept as a loop."""
+    items: list[RelationItem] = []
+    for r, eqn in enumerate(scan.etp_eqns):
+        require_rules(eqn.primitive)
+        layout = trainable_invars(eqn.primitive, eqn.params)
+        atoms: dict[str, Any] = {}
+        inside = []
+        for key, i in layout.items():
+            at = scan.body_position(eqn.invars[i])
+            if at is None or at >= scan.n_consts:
+                inside.append(key)
+            else:
+                atoms[key] = scan.eqn.invars[at]
+        x_index = ETP_X_INVAR_INDICES.get(eqn.primitive)
+        site = _OpSite(
+            eqn=eqn,
+            primitive=eqn.primitive,
+            tail=tuple(facts.minfo.jaxpr.eqns[position + 1 :]),
+            order=order,
+            trainable_atoms=atoms,
+            primary="weight" if "weight" in layout else next(iter(layout)),
+            x_var=eqn.invars[x_index] if x_index is not None else None,
+            y_var=eqn.outvars[ETP_Y_OUTVAR_INDICES.get(eqn.primitive, 0)],
+        )
+        if inside:
+            items.append(
+                CompilationRecord(
+                    kind=DiagnosticKind.RELATION_EXCLUDED_NO_PARAMSTATE,
+                    level=DiagnosticLevel.WARNING,
+                    message=(
+                        f"ETP primitive {eqn.primitive.name} inside a lax.scan of length {scan.length} is excluded "
+                        f"from ETP: its trainable input(s) {inside} are computed in the loop from the values it "
+                        "carries or scans; only a weight that is the same in every sub-step gets a trace."
+                    ),
+                    primitive=eqn.primitive,
+                )
+            )
+            continue
+        items.extend(_relation_items(facts, site, _ScanPlace(scan, r)))
     return items
 
 
@@ -544,7 +715,11 @@ def relation_stage(minfo: ModuleInfo, hid_path_to_group: Mapping[StatePath, Hidd
     jaxpr = minfo.jaxpr
     order = {id(e): i for i, e in enumerate(jaxpr.eqns)}
     items: list[RelationItem] = []
+    descended = {id(scan.eqn): scan for scan in minfo.descent_scans}
     for index, eqn in enumerate(jaxpr.eqns):
+        if id(eqn) in descended:
+            items.extend(_descent_items(facts, descended[id(eqn)], index, order))
+            continue
         flow = _control_flow_record(eqn)
         if flow is not None:
             items.append(flow)
