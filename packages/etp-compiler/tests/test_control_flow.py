@@ -140,3 +140,30 @@ def test_control_flow_that_touches_nothing_is_left_alone() -> None:
 def test_the_policy_is_checked(field: str, value: Any, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         ControlFlowPolicy(**{field: value})
+
+
+def test_a_kept_scan_inside_a_kept_scan_is_refused() -> None:
+    def body(m: Step, h: Array, x: Array) -> Array:
+        def outer(h: Array, _: Any) -> tuple[Array, None]:
+            return sub_steps(17)(m, h, x), None
+
+        return jax.lax.scan(outer, h, None, length=18)[0]
+
+    with pytest.raises(CompilationError, match=r"length 17 above .*scan_unroll_limit sits inside another scan"):
+        _graph(body)
+    graph = _graph(body, ControlFlowPolicy(scan_unroll_limit=17))  # the inner one unrolled: the outer kept
+    assert "scan" in _primitives(graph) and len(graph.hidden_param_op_relations) == 18 * 17
+
+
+def test_a_weight_computed_from_the_carry_inside_a_kept_scan_is_excluded_with_a_record() -> None:
+    def body(m: Step, h: Array, x: Array) -> Array:
+        def sub_step(h: Array, _: Any) -> tuple[Array, None]:
+            weight = m.w.value * jnp.mean(h)  # depends on the carried state: not one weight for every sub-step
+            return 0.9 * h + etp.matmul(x, weight), None
+
+        return jax.lax.scan(sub_step, h, None, length=20)[0]
+
+    graph = _graph(body)
+    assert graph.hidden_param_op_relations == []
+    (record,) = [r for r in graph.diagnostics if r.kind is etp_compiler.DiagnosticKind.RELATION_EXCLUDED_NO_PARAMSTATE]
+    assert "inside a lax.scan of length 20" in record.message and "['weight']" in record.message
