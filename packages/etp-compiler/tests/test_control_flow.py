@@ -167,3 +167,72 @@ def test_a_weight_computed_from_the_carry_inside_a_kept_scan_is_excluded_with_a_
     assert graph.hidden_param_op_relations == []
     (record,) = [r for r in graph.diagnostics if r.kind is etp_compiler.DiagnosticKind.RELATION_EXCLUDED_NO_PARAMSTATE]
     assert "inside a lax.scan of length 20" in record.message and "['weight']" in record.message
+
+
+def test_a_kept_scan_orders_its_relations_as_unrolling_does_and_names_their_inputs() -> None:
+    def body(m: Step, h: Array, x: Array) -> Array:
+        def sub_step(h: Array, _: Any) -> tuple[Array, None]:
+            return 0.9 * h + etp.matmul(x, m.w.value) + etp.matmul(jnp.tanh(h), m.u.value), None
+
+        return jax.lax.scan(sub_step, h, None, length=20)[0]
+
+    orders = []
+    for descent in ("auto", "unroll"):
+        model = Step(body)
+        model.u = brainstate.ParamState(jnp.eye(4) * 0.2)
+        graph = etp_compiler.compile_etrace_graph(
+            model, jnp.ones((2, 3)), control_flow=ControlFlowPolicy(scan_descent=descent), emit=False
+        )
+        orders.append([r.weight_path for r in graph.hidden_param_op_relations])
+    assert orders[0] == orders[1] == [("w",), ("u",)] * 20
+    model = Step(body)
+    model.u = brainstate.ParamState(jnp.eye(4) * 0.2)
+    graph = etp_compiler.compile_etrace_graph(model, jnp.ones((2, 3)), emit=False)
+    minfo = graph.module_info
+    w_op, u_op = graph.hidden_param_op_relations[:2]
+    assert [w_op.substep.index, u_op.substep.index] == [0, 0]  # type: ignore[union-attr]
+    # x of the first op is the step's input (a constant of the loop); that of the second, tanh(h_k), the loop's
+    (x_var,) = minfo.arg_invars
+    assert w_op.substep.eqn_inputs[0] is x_var and u_op.substep.eqn_inputs[0] is None  # type: ignore[union-attr]
+    assert w_op.substep.eqn_inputs[1] is w_op.trainable_vars["weight"]  # type: ignore[union-attr]
+    # held_eqns: the scan replaced by its twin, everything else the same equations
+    (scan,) = [e for e in minfo.jaxpr.eqns if e.primitive.name == "scan"]
+    held = minfo.held_eqns
+    assert len(held) == len(minfo.jaxpr.eqns) and scan not in held
+    (twin,) = [e for e in held if e.primitive.name == "scan"]
+    assert twin.invars == scan.invars and twin.outvars == scan.outvars
+    # the twin holds the ops' outputs: dh^t/dh^{t-1} is 0.9^20 there; through the loop itself u's path adds
+    h_in = minfo.hidden_path_to_invar[("h",)]
+    position = list(scan.invars).index(h_in)
+    env = etp_compiler.run_step(minfo, minfo.current_inputs(jnp.ones((2, 3))))
+    args = [etp_compiler.read_atom(env, v) for v in scan.invars]  # h^{t-1} = 0, so tanh'(h) = 1 in sub-step 0
+
+    def carried(eqn: Any, h: Array) -> Array:
+        return etp_compiler.bind_eqn(eqn, [h if i == position else a for i, a in enumerate(args)])[0]
+
+    h0 = args[position]
+    _, held = jax.jvp(lambda h: carried(twin, h), (h0,), (jnp.ones_like(h0),))
+    _, through = jax.jvp(lambda h: carried(scan, h), (h0,), (jnp.ones_like(h0),))
+    assert jnp.allclose(held, 0.9**20, rtol=1e-5)
+    assert bool(jnp.all(through > 1.5 * 0.9**20))  # the recurrent weight's path adds to it
+
+
+def test_reach_follows_a_scan_through_its_carry_and_cuts_equations_inside_it() -> None:
+    def f(a: Array, b: Array) -> Any:
+        def body(carry: tuple[Array, Array], _: Any) -> tuple[tuple[Array, Array], Array]:
+            c1, c2 = carry
+            return (c2, jnp.sin(a)), jnp.cos(b)  # a reaches c2 at once, c1 only through the carry
+
+        return jax.lax.scan(body, (jnp.zeros(()), jnp.zeros(())), None, length=3)
+
+    jaxpr = jax.make_jaxpr(f)(1.0, 2.0).jaxpr
+    (scan,) = [e for e in jaxpr.eqns if e.primitive.name == "scan"]
+    c1, c2, ys = scan.outvars
+    a, b = jaxpr.invars
+    from_a = etp_compiler.reach(jaxpr.eqns, {a})
+    assert c1 in from_a and c2 in from_a and ys not in from_a
+    from_b = etp_compiler.reach(jaxpr.eqns, {b})
+    assert ys in from_b and c1 not in from_b and c2 not in from_b  # not every output of the loop
+    (cos,) = [e for e in scan.params["jaxpr"].jaxpr.eqns if e.primitive.name == "cos"]
+    assert ys not in etp_compiler.reach(jaxpr.eqns, {b}, cut={id(cos)})  # an equation inside the body cut
+    assert ys not in etp_compiler.reach(jaxpr.eqns, {b}, stop={b})

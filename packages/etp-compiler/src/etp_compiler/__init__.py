@@ -47,6 +47,7 @@ from ._graph import (
 from ._hidden_groups import HiddenGroup, find_hidden_groups_from_minfo, hidden_group_stage
 from ._module_info import ModuleInfo, StatePath, WeightLeaf, extract_module_info
 from ._perturbation import HiddenPerturbation, add_hidden_perturbation_from_minfo, run_step
+from ._reach import reach
 from ._relations import (
     HiddenParamOpRelation,
     RelationItem,
@@ -96,6 +97,7 @@ __all__ = [
     "eval_jaxpr",
     "is_var",
     "read_atom",
+    "reach",
     "add_hidden_perturbation_from_minfo",
     "add_hidden_perturbation_from_module",
     "add_hidden_perturbation_in_module",

@@ -9,12 +9,12 @@ from typing import Any, NamedTuple
 import brainstate
 import jax
 
-from ._compat import ClosedJaxpr, Jaxpr, Var, aval_dtype, aval_shape, trace_stateful
+from ._compat import ClosedJaxpr, Jaxpr, JaxprEqn, Var, aval_dtype, aval_shape, trace_stateful
 from ._control_flow import ControlFlowPolicy, convert_step_control_flow
 from ._errors import CompilationError
 from ._eval import read_atom
 from ._jaxpr_walk import inline_calls
-from ._scan_descent import DescentScan, descent_scans
+from ._scan_descent import DescentScan, descent_scans, with_twins
 
 __all__ = ["ModuleInfo", "extract_module_info", "StatePath", "WeightLeaf"]
 
@@ -115,6 +115,16 @@ class ModuleInfo(NamedTuple):
     inlined_custom_calls: tuple[str, ...] = ()
     control_flow_actions: tuple[str, ...] = ()
     descent_scans: tuple[DescentScan, ...] = ()
+
+    @property
+    def held_eqns(self) -> tuple[JaxprEqn, ...]:
+        """The step's equations with each scan kept as a loop replaced by its twin.
+
+        In the twin every trainable ETP output inside the loop is held (``stop_gradient``) before its
+        delta is added, so a derivative through it is one with the relations' outputs fixed, as the
+        unrolled step's slices have it; values are the step's. Without kept scans: ``jaxpr.eqns``.
+        """
+        return tuple(with_twins(self.jaxpr.eqns, self.descent_scans))
 
     # ------------------------------------------------------------------ the invar order
     @property

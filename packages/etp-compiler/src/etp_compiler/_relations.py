@@ -73,6 +73,10 @@ class SubStep:
         :math:`D_{f,k} = \partial h^t / \partial \delta_k`.
     x_stack_var, y_stack_var : Var
         The op's inputs and outputs of all sub-steps (leading axis ``K``).
+    eqn_inputs : tuple
+        For each input of the op's equation (the body's): the step-jaxpr atom it is bound to when it
+        is the same in every sub-step (a constant of the scan, or a literal), ``None`` when the loop
+        computes it. With ``x_k`` from the stack, this re-evaluates the op of sub-step :math:`k`.
     """
 
     index: int
@@ -80,6 +84,7 @@ class SubStep:
     delta_var: Var
     x_stack_var: Var
     y_stack_var: Var
+    eqn_inputs: tuple[Any, ...] = ()
 
 
 @dataclass(frozen=True, eq=False)
@@ -628,8 +633,10 @@ def _relation_items(facts: _StepFacts, site: _OpSite, place: _ScanPlace | None =
     substeps: list[SubStep | None] = [None]
     if place is not None:
         scan, r = place.scan, place.r
+        inputs = tuple(_scan_constant(scan, v) for v in site.eqn.invars)
         substeps = [
-            SubStep(k, scan.length, place.delta, scan.x_stack_var(r), scan.y_stack_var(r)) for k in range(scan.length)
+            SubStep(k, scan.length, place.delta, scan.x_stack_var(r), scan.y_stack_var(r), inputs)
+            for k in range(scan.length)
         ]
     items.extend(
         HiddenParamOpRelation(
@@ -654,20 +661,33 @@ def _relation_items(facts: _StepFacts, site: _OpSite, place: _ScanPlace | None =
     return items
 
 
+def _scan_constant(scan: DescentScan, atom: Any) -> Any:
+    """The step-jaxpr atom a body input is bound to when it is a constant of the scan (or a literal), else None."""
+    if not is_var(atom):
+        return atom
+    at = scan.body_position(atom)
+    return scan.eqn.invars[at] if at is not None and at < scan.n_consts else None
+
+
 def _descent_items(facts: _StepFacts, scan: DescentScan, position: int, order: dict[int, int]) -> list[RelationItem]:
-    """The relations (one per sub-step) and records of the ETP equations inside a scan kept as a loop."""
+    """The relations (one per sub-step) and records of the ETP equations inside a scan kept as a loop.
+
+    The records come first; the relations are in sub-step-major order (sub-step 0's ops in body
+    order, then sub-step 1's...), the order unrolling the loop gives them.
+    """
     items: list[RelationItem] = []
+    per_op: list[list[HiddenParamOpRelation]] = []
     for r, eqn in enumerate(scan.etp_eqns):
         require_rules(eqn.primitive)
         layout = trainable_invars(eqn.primitive, eqn.params)
         atoms: dict[str, Any] = {}
         inside = []
         for key, i in layout.items():
-            at = scan.body_position(eqn.invars[i])
-            if at is None or at >= scan.n_consts:
+            outer = _scan_constant(scan, eqn.invars[i])
+            if outer is None:
                 inside.append(key)
             else:
-                atoms[key] = scan.eqn.invars[at]
+                atoms[key] = outer
         x_index = ETP_X_INVAR_INDICES.get(eqn.primitive)
         site = _OpSite(
             eqn=eqn,
@@ -693,7 +713,10 @@ def _descent_items(facts: _StepFacts, scan: DescentScan, position: int, order: d
                 )
             )
             continue
-        items.extend(_relation_items(facts, site, _ScanPlace(scan, r)))
+        found = _relation_items(facts, site, _ScanPlace(scan, r))
+        items.extend(i for i in found if isinstance(i, CompilationRecord))
+        per_op.append([i for i in found if isinstance(i, HiddenParamOpRelation)])
+    items.extend(relations[k] for k in range(scan.length) for relations in per_op if relations)
     return items
 
 
