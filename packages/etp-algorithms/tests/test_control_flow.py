@@ -214,9 +214,13 @@ def test_etrace_vmap_of_control_flow_models(construct: str, inside: bool, kind: 
 
 
 class Euler(brainstate.nn.Module):
-    """A leaky integrator integrated with ``k`` Euler sub-steps of a ``lax.scan`` (a per-sub-step input too)."""
+    """A leaky integrator integrated with ``k`` Euler sub-steps of a ``lax.scan`` (a per-sub-step input too).
 
-    def __init__(self, k: int, recurrent: bool = False) -> None:
+    ``recurrent``: a recurrent weight inside the loop too; ``jitter``: the input of the op changes per
+    sub-step (a scanned input added to ``x``).
+    """
+
+    def __init__(self, k: int, recurrent: bool = False, jitter: bool = False) -> None:
         super().__init__()
         rng = np.random.default_rng(3)
         self.k, self.recurrent = k, recurrent
@@ -224,38 +228,51 @@ class Euler(brainstate.nn.Module):
         if recurrent:
             self.u = brainstate.ParamState(jnp.asarray(rng.normal(size=(H, H))) * 0.3)
         self.noise = jnp.asarray(rng.normal(size=(k, H))) * 0.1
+        self.jitter = jnp.asarray(rng.normal(size=(k, I))) * (0.5 if jitter else 0.0)
         self.h = brainstate.HiddenState(jnp.zeros((B, H)))
 
     def update(self, x: Array) -> Array:
-        def sub_step(h: Array, noise: Array) -> tuple[Array, None]:
-            drive = etp.matmul(x, self.w.value) + noise
+        def sub_step(h: Array, scanned: tuple[Array, Array]) -> tuple[Array, None]:
+            noise, jitter = scanned
+            drive = etp.matmul(x + jitter, self.w.value) + noise
             if self.recurrent:
                 drive = drive + etp.matmul(jnp.tanh(h), self.u.value)
             return h + (-h + drive) * (2.0 / self.k), None
 
-        self.h.value = jax.lax.scan(sub_step, self.h.value, self.noise)[0]
+        self.h.value = jax.lax.scan(sub_step, self.h.value, (self.noise, self.jitter))[0]
         return self.h.value
 
 
 KEPT = 32
 
 
-def _kept_and_unrolled(cls: type, recurrent: bool, xs: Array, target: Array, **options: Any) -> list[Any]:
+def _kept_and_unrolled(
+    cls: type, xs: Array, target: Array, *, k: int = KEPT, limit: int = 16, **model: Any
+) -> list[Any]:
+    """The online gradients of ``cls`` with the loop kept (above ``limit``) and unrolled, after checking the graphs."""
     from etp_compiler import ControlFlowPolicy
 
+    name = next((n for n, c in _registered() if c is cls), "")
     grads = []
+    order = []
     for descent in ("auto", "unroll"):
-        model = Euler(KEPT, recurrent)
-        learner = cls(model, **options, control_flow=ControlFlowPolicy(scan_descent=descent))
-        grads.append(_online(model, learner, xs, target))
+        net = Euler(k, **model)
+        learner = cls(
+            net, **OPTIONS.get(name, {}), control_flow=ControlFlowPolicy(scan_unroll_limit=limit, scan_descent=descent)
+        )
+        grads.append(_online(net, learner, xs, target))
         relations = learner.graph.hidden_param_op_relations
         scans = [e for e in learner.graph.module_info.jaxpr.eqns if e.primitive.name == "scan"]
         assert len(scans) == (1 if descent == "auto" else 0)  # kept as one loop, or unrolled
-        assert len(relations) == KEPT * (2 if recurrent else 1)
+        assert len(relations) == k * (2 if model.get("recurrent") else 1)
+        order.append([r.weight_path for r in relations])
         if descent == "auto":
-            assert {r.substep.index for r in relations if r.substep is not None} == set(range(KEPT))
+            assert [r.substep.index for r in relations if r.substep is not None] == sorted(
+                list(range(k)) * (2 if model.get("recurrent") else 1)
+            )  # sub-step-major, as unrolling orders them
             said = [r.message for r in learner.graph.diagnostics if "propagated through the scan" in r.message]
             assert said
+    assert order[0] == order[1]
     return grads
 
 
@@ -263,44 +280,82 @@ def test_d_rtrl_through_a_kept_scan_of_euler_sub_steps_equals_bptt(rng: np.rando
     """32 Euler sub-steps above the unroll limit stay a loop; D_RTRL stays exact (float64) and equals unrolling."""
     xs, target = _data(rng)
     want = _bptt_of(Euler(KEPT), xs, target)
-    kept, unrolled = _kept_and_unrolled(D_RTRL, False, xs, target)
+    kept, unrolled = _kept_and_unrolled(D_RTRL, xs, target)
     assert _rel(kept[("w",)], want[("w",)]) < 1e-10
     assert _rel(kept[("w",)], unrolled[("w",)]) < 1e-10
     assert float(jnp.abs(want[("w",)]).max()) > 0
 
 
-@pytest.mark.parametrize(("cls", "options"), [(D_RTRL, {}), (ES_D_RTRL, {"decay_or_rank": 0.8})])
-def test_a_kept_scan_gives_what_unrolling_gives(cls: type, options: dict[str, Any], rng: np.random.Generator) -> None:
+LEARNERS = _registered()
+
+
+@pytest.mark.parametrize("jitter", [False, True], ids=["fixed-input", "scanned-input"])
+@pytest.mark.parametrize(("name", "cls"), LEARNERS, ids=[n for n, _ in LEARNERS])
+def test_every_learner_on_a_kept_scan_gives_what_unrolling_gives(
+    name: str, cls: type, jitter: bool, rng: np.random.Generator
+) -> None:
+    """Every learner on 4 Euler sub-steps kept as a loop (limit 2): the gradients of the unrolled step (float64)."""
     xs, target = _data(rng)
-    kept, unrolled = _kept_and_unrolled(cls, False, xs, target, **options)
+    kept, unrolled = _kept_and_unrolled(cls, xs, target, k=4, limit=2, jitter=jitter)
     assert _rel(kept[("w",)], unrolled[("w",)]) < 1e-10
     assert float(jnp.abs(kept[("w",)]).max()) > 0
 
 
-@pytest.mark.parametrize(("cls", "options"), [(D_RTRL, {}), (ES_D_RTRL, {"decay_or_rank": 0.8})])
-def test_a_kept_scan_with_a_recurrent_weight_inside_is_closer_to_bptt(
-    cls: type, options: dict[str, Any], rng: np.random.Generator
+@pytest.mark.parametrize(
+    ("name", "cls"), [(n, c) for n, c in LEARNERS if n != "eprop"], ids=[n for n, _ in LEARNERS if n != "eprop"]
+)
+def test_every_learner_on_a_kept_scan_with_a_recurrent_weight_inside_gives_what_unrolling_gives(
+    name: str, cls: type, rng: np.random.Generator
 ) -> None:
-    """With a recurrent weight inside the loop both are approximations. They differ in the step's own term:
-    the kept loop's is the exact VJP through the loop (within-step paths through the weights included),
-    the unrolled step's the traces' (those paths cut), so the kept loop is the nearer to BPTT."""
+    """A recurrent weight inside the loop too (both are approximations for most learners, the same one)."""
     xs, target = _data(rng)
-    want = _bptt_of(Euler(KEPT, recurrent=True), xs, target)
-    kept, unrolled = _kept_and_unrolled(cls, True, xs, target, **options)
+    kept, unrolled = _kept_and_unrolled(cls, xs, target, k=4, limit=2, recurrent=True)
     for path in (("w",), ("u",)):
-        assert _rel(kept[path], want[path]) < _rel(unrolled[path], want[path]), path
+        assert _rel(kept[path], unrolled[path]) < 1e-10, path
+        assert float(jnp.abs(kept[path]).max()) > 0
 
 
-def test_a_learner_that_re_evaluates_the_step_refuses_a_kept_scan(rng: np.random.Generator) -> None:
+def test_rtrl_on_a_kept_scan_with_a_recurrent_weight_inside_equals_bptt(rng: np.random.Generator) -> None:
     from etp_algorithms import RTRL
-    from etp_compiler import CompilationError, ControlFlowPolicy
 
-    xs, _ = _data(rng)
-    learner = RTRL(Euler(KEPT))
-    with pytest.raises(CompilationError, match=r"RTRL cannot learn Euler: the ETP op of weight w .* length 32"):
+    xs, target = _data(rng)
+    want = _bptt_of(Euler(4, recurrent=True), xs, target)
+    kept, _ = _kept_and_unrolled(RTRL, xs, target, k=4, limit=2, recurrent=True)
+    for path in (("w",), ("u",)):
+        assert _rel(kept[path], want[path]) < 1e-10, path
+
+
+def test_eprop_refuses_a_kept_scan_whose_ops_read_the_carry(rng: np.random.Generator) -> None:
+    """Unrolled, each sub-step's tanh(h_k) is an observable of the unit; a loop hides them, so e-prop refuses."""
+    from etp_algorithms import EProp
+    from etp_compiler import ControlFlowPolicy, NotSupportedError
+
+    xs, target = _data(rng)
+    model = Euler(4, recurrent=True)
+    learner = EProp(model, control_flow=ControlFlowPolicy(scan_unroll_limit=2))
+    with pytest.raises(
+        NotSupportedError,
+        match=r"EProp: the ETP primitive etp_mm inside a lax.scan of length 4 kept as a loop reads a value the "
+        r"loop computes from its carry .* control_flow=ControlFlowPolicy\(scan_descent='unroll'\)",
+    ):
         learner.compile_graph(xs[0])
     assert not learner._executor.is_compiled
-    unrolled = RTRL(Euler(KEPT), control_flow=ControlFlowPolicy(scan_descent="unroll"))
+    unrolled = EProp(Euler(4, recurrent=True), control_flow=ControlFlowPolicy(scan_descent="unroll"))
+    assert float(jnp.abs(_online(unrolled.model, unrolled, xs, target)[("u",)]).max()) > 0
+
+
+def test_a_learner_that_opts_out_refuses_a_kept_scan(rng: np.random.Generator) -> None:
+    from etp_compiler import CompilationError, ControlFlowPolicy
+
+    class OneOpAtATime(D_RTRL):
+        takes_scan_substeps = False
+
+    xs, _ = _data(rng)
+    learner = OneOpAtATime(Euler(KEPT))
+    with pytest.raises(CompilationError, match=r"OneOpAtATime cannot learn Euler: the ETP op of weight w .* length 32"):
+        learner.compile_graph(xs[0])
+    assert not learner._executor.is_compiled
+    unrolled = OneOpAtATime(Euler(KEPT), control_flow=ControlFlowPolicy(scan_descent="unroll"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         unrolled.compile_graph(xs[0])

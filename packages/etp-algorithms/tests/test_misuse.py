@@ -401,3 +401,30 @@ def test_a_loop_of_steps_inside_one_gradient_warns_and_sums_the_online_gradients
         g = grads_of(stepwise, x)
         total = g if total is None else jax.tree.map(jnp.add, total, g)
     close(got, total)
+
+
+def test_a_failed_compile_leaves_the_learner_as_it_was() -> None:
+    """A compile that fails while creating the traces keeps the previous graph, traces and input signature."""
+    from etp_algorithms import D_RTRL
+
+    class FailsWhenAsked(D_RTRL):
+        fail = False
+
+        def init_etrace_state(self, *args: Any, **kwargs: Any) -> None:
+            super().init_etrace_state(*args, **kwargs)
+            if self.fail:
+                raise RuntimeError("the traces could not be created")
+
+    model = made(batch=2)
+    learner = FailsWhenAsked(model)
+    learner.compile_graph(jnp.zeros((2, I)))
+    learner(jnp.ones((2, I)))
+    graph, traces, inputs = learner.graph, snapshot(learner), learner._inputs
+    learner.fail = True
+    with pytest.raises(RuntimeError, match="the traces could not be created"):
+        learner.compile_graph(jnp.zeros((2, I)))  # a new graph, and traces zeroed, had it succeeded
+    assert learner.graph is graph and learner._inputs is inputs
+    assert_unchanged(traces, learner)
+    learner.fail = False
+    out = learner(jnp.ones((2, I)))  # still the compiled learner of (2, I) inputs
+    assert out.shape == (2, O)

@@ -283,3 +283,37 @@ def test_trace_gradients_see_the_output_cotangents(rng: np.random.Generator) -> 
     (path,) = grads[0]
     assert jnp.allclose(grads[0][path] - grads[1][path], jnp.sum(c), rtol=0, atol=1e-12)
     assert len(seen) == 1 and len(seen[0]) == 1 and seen[0][0].shape == (2, 4)
+
+
+@pytest.mark.parametrize("wrt", ["relations", "weights"])
+def test_the_transition_of_a_kept_scan_is_that_of_the_unrolled_step(wrt: str, rng: np.random.Generator) -> None:
+    """4 Euler sub-steps with a recurrent weight inside, kept as a loop: F's value and Jacobians (with respect to
+    the old state and to every sub-step's trainable input) are those of the unrolled step."""
+    from test_control_flow import Euler
+
+    from etp_compiler import ControlFlowPolicy
+
+    x = jnp.asarray(rng.normal(size=(2, 3)))
+    h = jnp.asarray(rng.normal(size=(2, 4)))
+    results = []
+    for descent in ("auto", "unroll"):
+        model = Euler(4, recurrent=True, jitter=True)
+        executor = ETraceGraphExecutor(model, control_flow=ControlFlowPolicy(scan_unroll_limit=2, scan_descent=descent))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ctx = RuleContext(executor.compile_graph(x))
+        model.h.value = h
+        values = executor.step(executor.current_invals(x))
+        F = hidden_transition(ctx, values, wrt=wrt)
+        theta = trainable_inputs(ctx, values, wrt=wrt)
+        hidden = {("h",): h}
+        new = F(hidden, theta)[("h",)]
+        np.testing.assert_array_equal(np.asarray(new), np.asarray(values.state_values[("h",)][0]))
+        jac_h, jac_theta = jax.jacfwd(lambda a, b, F=F: F(a, b)[("h",)], argnums=(0, 1))(hidden, theta)
+        results.append((new, jac_h[("h",)], jac_theta))
+    (kept, kept_h, kept_theta), (unrolled, unrolled_h, unrolled_theta) = results
+    assert _rel(kept, unrolled) < 1e-12 and _rel(kept_h, unrolled_h) < 1e-12
+    assert sorted(kept_theta) == sorted(unrolled_theta) and len(kept_theta) == (8 if wrt == "relations" else 2)
+    for key in kept_theta:
+        assert _rel(kept_theta[key], unrolled_theta[key]) < 1e-12, key
+        assert float(jnp.abs(kept_theta[key]).max()) > 0, key

@@ -280,7 +280,6 @@ class D_RTRL(ETraceAlgorithm):
     """
 
     #: Runs on a step with a lax.scan kept as a loop (one relation per sub-step: reads only x, D_f, D).
-    takes_scan_substeps = True
 
     def __init__(
         self,

@@ -28,9 +28,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+import etp_primitives as etp
 from etp_compiler import ETraceGraph, NotSupportedError, StatePath, bind_eqn, is_var, read_atom
 
-from ._hidden_only import reach
+from ._hidden_only import output_source, reach
 
 __all__ = ["GroupObservables", "escaping_cotangents", "local_jacobians", "observables_of"]
 
@@ -76,13 +77,15 @@ def _text(path: Sequence[Any]) -> str:
 
 def _slice(eqns: Sequence[Any], sources: Sequence[Any], targets: Sequence[Any], cut: set[int]) -> list[Any]:
     """The equations on paths from ``sources`` to ``targets`` (equations in ``cut`` pass nothing)."""
-    reached = reach(eqns, set(sources), stop=set(), cut=cut)
+    seeds = set(sources)
+    reached = reach(eqns, seeds, stop=set(), cut=cut)
     needed = {v for v in targets if is_var(v)}
     chosen = []
     for eqn in reversed(eqns):
         if id(eqn) in cut:
             continue
-        produced = [v for v in eqn.outvars if is_var(v)]
+        # the producer of a source (a kept scan's delta) is not on a path from the sources
+        produced = [v for v in eqn.outvars if is_var(v) and v not in seeds]
         if any(v in needed for v in produced) and any(v in reached for v in produced):
             chosen.append(eqn)
             needed.update(v for v in eqn.invars if is_var(v) and v in reached)
@@ -94,14 +97,39 @@ def _shape(var: Any) -> tuple[int, ...]:
     return tuple(int(d) for d in var.aval.shape)
 
 
+def _check_loops(graph: ETraceGraph, label: str) -> None:
+    """Refuse a kept scan whose ETP ops read a value computed from the carry or from another op's output.
+
+    Unrolled, each such value (a sub-step's ``tanh(h_k)`` feeding a recurrent weight) is an observable
+    of the unit with its own learning signal; a loop hides them, so the estimate would be another one.
+    """
+    for scan in graph.module_info.descent_scans:
+        body = scan.body
+        seeds = {*body.invars[scan.n_consts : scan.n_consts + scan.n_carry]}
+        seeds.update(v for e in scan.etp_eqns for v in e.outvars if is_var(v))
+        carried = reach(body.eqns, seeds, stop=set(), cut=set())
+        for eqn in scan.etp_eqns:
+            x_index = etp.ETP_X_INVAR_INDICES.get(eqn.primitive)
+            if x_index is not None and is_var(eqn.invars[x_index]) and eqn.invars[x_index] in carried:
+                raise NotSupportedError(
+                    f"{label}: the ETP primitive {eqn.primitive.name} inside a lax.scan of length {scan.length} kept as "
+                    "a loop reads a value the loop computes from its carry (a recurrent input of the sub-steps); "
+                    "unrolled, each sub-step's value is an observable of the unit with its own learning signal, "
+                    "which a loop hides. Unroll it: control_flow=ControlFlowPolicy(scan_descent='unroll') (or a "
+                    f"scan_unroll_limit of at least {scan.length})."
+                )
+
+
 def observables_of(graph: ETraceGraph, label: str = "EProp") -> tuple[GroupObservables, ...]:
     """The :class:`GroupObservables` of every group driven by a relation (graph order of the groups).
 
     Raises ``NotSupportedError`` for a group with escaping intermediates whose transition is not
-    position-wise, or an intermediate not of the group's shape (its local Jacobian is per unit).
+    position-wise, or an intermediate not of the group's shape (its local Jacobian is per unit),
+    and for a scan kept as a loop whose ETP ops read values the loop carries (see :func:`_check_loops`).
     """
     minfo = graph.module_info
-    eqns = list(minfo.jaxpr.eqns)
+    _check_loops(graph, label)
+    eqns = list(minfo.held_eqns)  # a scan kept as a loop holds its ops' outputs, as the transition does
     relations = graph.hidden_param_op_relations
     cut = {id(r.eqn) for r in relations}
     outputs = {v for v in minfo.out_vars if is_var(v)}
@@ -139,7 +167,7 @@ def observables_of(graph: ETraceGraph, label: str = "EProp") -> tuple[GroupObser
                     "the unit's shape (one learning signal per unit)."
                 )
         obs = [*hidden_out, *escaping]
-        sources = [*group.hidden_invars, *(relations[i].y_var for i in driving[gindex])]
+        sources = [*group.hidden_invars, *dict.fromkeys(output_source(relations[i]) for i in driving[gindex])]
         local = _slice(eqns, sources, obs, cut)
         emitted = tuple(v in read_outside for v in obs)
         paths: tuple[StatePath | None, ...] = (*group.hidden_paths, *(None for _ in escaping))
@@ -159,8 +187,9 @@ def local_jacobians(
     group = next(g for r in graph.hidden_param_op_relations for g in r.hidden_groups if g.index == obs.group)
     relations = graph.hidden_param_op_relations
     hidden_in = list(group.hidden_invars)
-    y_vars = [relations[i].y_var for i in obs.relations]
-    sources = [*hidden_in, *y_vars]
+    # an op inside a scan kept as a loop: its y_k is slot k of the loop's delta
+    y_sources = list(dict.fromkeys(output_source(relations[i]) for i in obs.relations))
+    sources = [*hidden_in, *y_sources]
 
     def local(*values: Any) -> list[Any]:
         scope = dict(env)
@@ -175,13 +204,22 @@ def local_jacobians(
 
     primals = [jnp.asarray(env[v]) for v in sources]
     _, linear = jax.linearize(local, *primals)
-    columns = []
-    for k in range(len(sources)):
-        tangent = [jnp.ones_like(p) if i == k else jnp.zeros_like(p) for i, p in enumerate(primals)]
-        columns.append(linear(*tangent))
+
+    def column(k: int, slot: int | None = None) -> Any:
+        tangent = [jnp.zeros_like(p) for p in primals]
+        tangent[k] = jnp.ones_like(primals[k]) if slot is None else tangent[k].at[slot].set(1)
+        return linear(*tangent)
+
     n_state = len(hidden_in)
-    J = [[columns[s][o] for s in range(n_state)] for o in range(len(obs.vars))]
-    Df = [{r: columns[n_state + k][o] for k, r in enumerate(obs.relations)} for o in range(len(obs.vars))]
+    by_state = [column(s) for s in range(n_state)]
+    by_relation = {}
+    for r in obs.relations:
+        sub = relations[r].substep
+        by_relation[r] = column(
+            n_state + y_sources.index(output_source(relations[r])), None if sub is None else sub.index
+        )
+    J = [[by_state[s][o] for s in range(n_state)] for o in range(len(obs.vars))]
+    Df = [{r: by_relation[r][o] for r in obs.relations} for o in range(len(obs.vars))]
     return J, Df
 
 
@@ -194,7 +232,7 @@ def escaping_cotangents(
     owner = {v: obs for obs in all_obs for v in obs.intermediates}
     if not owner:
         return {}
-    eqns = list(minfo.jaxpr.eqns)
+    eqns = list(minfo.held_eqns)
     changed: set[Any] = set()
     downstream = []
     for eqn in eqns:

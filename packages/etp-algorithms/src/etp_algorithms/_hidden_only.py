@@ -14,29 +14,23 @@ there are no bypassing paths, the learners need not differentiate the step with 
 compute anyway. This skips the weight-gradient matmuls of those weights in the backward
 pass (for ES_D_RTRL it also skips computing the term only to subtract it again).
 
-The analysis is structural and conservative: an equation with sub-jaxprs passes
-dependence from every input to every output.
+The analysis is structural (:func:`etp_compiler.reach`): a scan is followed inside, so an op
+inside a scan kept as a loop is judged as its unrolled copies would be; any other equation with
+sub-jaxprs passes dependence from every input to every output (conservative).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
-from etp_compiler import ETraceGraph, is_var
+from etp_compiler import ETraceGraph, HiddenParamOpRelation, is_var, reach
 
-__all__ = ["hidden_only_keys", "reach"]
+__all__ = ["hidden_only_keys", "output_source", "reach"]
 
 
-def reach(eqns: Iterable[Any], seeds: set[Any], *, stop: set[Any], cut: set[int]) -> set[Any]:
-    """Vars that depend on ``seeds``; vars in ``stop`` pass nothing on; equations in ``cut`` (by id) neither."""
-    reached = set(seeds)
-    for eqn in eqns:
-        if id(eqn) in cut:
-            continue
-        if any(is_var(v) and v in reached and v not in stop for v in eqn.invars):
-            reached.update(v for v in eqn.outvars if is_var(v))
-    return reached
+def output_source(relation: HiddenParamOpRelation) -> Any:
+    """The step variable whose change is a change of the relation's output: ``y``, or a kept scan's delta."""
+    return relation.y_var if relation.substep is None else relation.substep.delta_var
 
 
 def hidden_only_keys(graph: ETraceGraph) -> frozenset[tuple[int, str]]:
@@ -80,7 +74,7 @@ def hidden_only_keys(graph: ETraceGraph) -> frozenset[tuple[int, str]]:
             return False
         # each relation's output reaches the outputs only through its groups' hidden states
         for i in indices:
-            reached = reach(eqns, {relations[i].y_var}, stop=hidden_out, cut=set())
+            reached = reach(eqns, {output_source(relations[i])}, stop=hidden_out, cut=set())
             if (reached & outputs) - hidden_out:
                 return False
         return True

@@ -93,6 +93,18 @@ class _BuiltSteps:
         self.fresh = False
 
 
+#: What :meth:`ETraceAlgorithm.compile_graph` sets besides the executor's graph and the traces.
+_COMPILED_ATTRIBUTES = (
+    "_hidden_only",
+    "_built",
+    "_recompile_on_next_call",
+    "_inputs",
+    "_arg_shapes",
+    "_state_sig",
+    "_trace_layout",
+)
+
+
 class ETraceAlgorithm(SequenceDriverMixin, brainstate.nn.Module):
     """An online learner: a model, a learning rule, and the eligibility traces as a state.
 
@@ -144,9 +156,10 @@ class ETraceAlgorithm(SequenceDriverMixin, brainstate.nn.Module):
     (4,)
     """
 
-    #: Whether the learner runs on a step with a lax.scan kept as a loop (its ops one relation per sub-step);
-    #: a learner that re-evaluates the step's equations itself does not.
-    takes_scan_substeps: bool = False
+    #: Whether the learner runs on a step with a lax.scan kept as a loop (its ops one relation per sub-step).
+    #: Every built-in learner does. A rule that finds its ops' equations in the step by identity (rather
+    #: than through StepValues, hidden_transition or ModuleInfo.held_eqns) opts out with False.
+    takes_scan_substeps: bool = True
 
     def __init__(
         self,
@@ -283,20 +296,34 @@ class ETraceAlgorithm(SequenceDriverMixin, brainstate.nn.Module):
         Refused inside ``jit``: compile between jitted steps.
         """
         refuse_inside_staging(type(self).__name__, "compile_graph(...)")
+        # a failed compile (the compiler, a learner's check of the graph, the traces' creation) leaves the
+        # learner as it was: its graph, its traces and what it knows of its inputs
+        saved = {name: getattr(self, name, None) for name in _COMPILED_ATTRIBUTES}
+        executor, graph_before, traces = self._executor, self._executor._graph, self.etrace.value
+        try:
+            return self._compile_graph(args)
+        except BaseException:
+            for name, value in saved.items():
+                setattr(self, name, value)
+            executor._graph = graph_before
+            self._executor = executor
+            self.etrace.value = traces
+            raise
+
+    def _compile_graph(self, args: tuple[Any, ...]) -> ETraceGraph:
         if self._executor.model is not self.model:  # a copy: compile its own model
             self._executor = ETraceGraphExecutor(self.model, control_flow=self._executor.control_flow)
         graph = self._executor.compile_graph(*args, emit=False)
         substeps = [r for r in graph.hidden_param_op_relations if r.substep is not None]
         if substeps and not self.takes_scan_substeps:
-            self._executor = ETraceGraphExecutor(self.model, control_flow=self._executor.control_flow)
             first = substeps[0]
             raise CompilationError(
                 f"{type(self).__name__} cannot learn {type(self.model).__name__}: the ETP op of weight "
                 f"{'.'.join(map(str, first.weight_path))} sits inside a lax.scan of length {first.substep.length} "  # type: ignore[union-attr]
                 "that the compiler keeps as a loop (above ControlFlowPolicy.scan_unroll_limit), and this learner "
-                "re-evaluates the step's equations itself, which a loop hides. Pass control_flow="
-                "ControlFlowPolicy(scan_descent='unroll') (or a scan_unroll_limit of at least the length) to unroll "
-                "the loop, or use D_RTRL, ES_D_RTRL, OSTLRecurrent or OSTLFeedforward."
+                "reads the step's equations one op at a time (takes_scan_substeps=False), which a loop hides. Pass "
+                "control_flow=ControlFlowPolicy(scan_descent='unroll') (or a scan_unroll_limit of at least the "
+                "length) to unroll the loop, or use a built-in learner (every one takes a kept loop)."
             )
         self._emit_compiler_warnings(graph)
         if self.learns_nothing_online(graph):

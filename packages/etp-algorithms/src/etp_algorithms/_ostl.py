@@ -126,7 +126,6 @@ class OSTLRecurrent(ETraceAlgorithm):
     """
 
     #: Runs on a step with a lax.scan kept as a loop (one relation per sub-step: reads only x, D_f, D).
-    takes_scan_substeps = True
 
     #: A config describing D-RTRL describes this learner too (the same rule).
     same_rule_as = ("D_RTRL",)
@@ -201,7 +200,6 @@ class OSTLFeedforward(ETraceAlgorithm):
     """
 
     #: Runs on a step with a lax.scan kept as a loop (one relation per sub-step: reads only x, D_f, D).
-    takes_scan_substeps = True
 
     #: A config describing ES-D-RTRL describes this learner too (the same rule).
     same_rule_as = ("ES_D_RTRL",)

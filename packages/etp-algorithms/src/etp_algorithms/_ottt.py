@@ -66,13 +66,14 @@ import numpy as np
 import saiunit as u
 
 import etp_primitives as etp
-from etp_compiler import ControlFlowPolicy, ETraceGraph, HiddenParamOpRelation, eval_eqns, read_atom
+from etp_compiler import ControlFlowPolicy, ETraceGraph, HiddenParamOpRelation, bind_eqn, eval_eqns, read_atom
 
 from ._executor import StepValues
 from ._hidden_only import reach
 from ._learner import ETraceAlgorithm
 from ._rule import HiddenCotangents, LearningRule, RelationGradients, RuleContext
 from ._rule_helpers import as_scalar, host_zeros, relation_weights
+from ._substeps import shifted_bind
 
 __all__ = ["OTTT", "OTTTTrace", "leak_of", "ottt", "relation_cotangents"]
 
@@ -216,7 +217,9 @@ def relation_cotangents(ctx: RuleContext, values: StepValues, dL_dh: HiddenCotan
     minfo = graph.module_info
     jaxpr = minfo.jaxpr
     relations = graph.hidden_param_op_relations
-    y_index = {relation.y_var: index for index, relation in enumerate(relations)}
+    # an op inside a scan kept as a loop has one body equation for every sub-step: its y_k enters through the delta
+    y_index = {relation.y_var: index for index, relation in enumerate(relations) if relation.substep is None}
+    substeps = [index for index, relation in enumerate(relations) if relation.substep is not None]
     hidden_vars = {var: path for path, var in minfo.hidden_path_to_outvar.items()}
     inputs = {v: values.env[v] for v in (*jaxpr.constvars, *jaxpr.invars)}
     floats = [
@@ -234,7 +237,9 @@ def relation_cotangents(ctx: RuleContext, values: StepValues, dL_dh: HiddenCotan
                 return jax.lax.stop_gradient(value)
             return value
 
-        env = eval_eqns(jaxpr.eqns, dict(inputs), override)
+        bind = shifted_bind(graph, {i: ys[i] - values.y_values[i] for i in substeps}) if substeps else bind_eqn
+        # held loops: a sub-step's y_k reaches the loss through the states, not through the later sub-steps' ops
+        env = eval_eqns(minfo.held_eqns, dict(inputs), override, bind=bind)
         return [read_atom(env, minfo.out_vars[i]) for i in floats], produced
 
     ys = {index: values.y_values[index] for index in range(len(relations))}

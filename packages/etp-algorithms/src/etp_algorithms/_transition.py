@@ -36,6 +36,7 @@ from etp_compiler import StatePath, bind_eqn, eval_eqns, read_atom
 
 from ._executor import StepValues
 from ._rule import RuleContext
+from ._substeps import output_shift, shifted_bind
 
 __all__ = ["TrainableKey", "hidden_transition", "trainable_inputs"]
 
@@ -89,7 +90,10 @@ def hidden_transition(ctx: RuleContext, values: StepValues, wrt: str = "relation
         ``graph.module_info.hidden_path_to_outvar``) to :math:`h^{t-1}` (the state's shape),
         ``trainable`` maps keys of :func:`trainable_inputs` to values of their shapes (a key
         left out keeps this step's value); returns ``path -> h^t``. At ``values``' own hidden
-        inputs and :func:`trainable_inputs` it reproduces the step.
+        inputs and :func:`trainable_inputs` it reproduces the step. The trainable input of an op
+        inside a ``lax.scan`` kept as a loop (one relation per sub-step) enters to first order, as
+        the change of its sub-step's output at this step's input (see ``_substeps``): value and
+        first derivatives at this step's inputs are the unrolled step's.
 
     Examples
     --------
@@ -113,13 +117,18 @@ def hidden_transition(ctx: RuleContext, values: StepValues, wrt: str = "relation
     jaxpr = minfo.jaxpr
     hidden_paths = list(minfo.hidden_path_to_outvar)
     slots: dict[int, list[tuple[int, TrainableKey]]] = {}
+    substeps: dict[int, Any] = {}
     if wrt == "relations":
         for index, relation in enumerate(graph.hidden_param_op_relations):
+            if relation.substep is not None:  # one body equation serves every sub-step: see _substeps
+                substeps[index] = relation
+                continue
             for key, var in relation.trainable_vars.items():
                 positions = [i for i, v in enumerate(relation.eqn.invars) if v is var]
                 slots.setdefault(id(relation.eqn), []).extend((i, (index, key)) for i in positions)
     leaf_vars = {leaf: var for var, leaf in minfo.invar_to_weight_path.items()} if wrt == "weights" else {}
-    known = set(leaf_vars) if wrt == "weights" else {t for entries in slots.values() for _, t in entries}
+    known: set[Any] = set(leaf_vars) if wrt == "weights" else {t for entries in slots.values() for _, t in entries}
+    known |= {(index, key) for index, relation in substeps.items() for key in relation.trainable_vars}
     # every input of the step (constants and invars, on every jax) as this step bound it
     inputs = {v: values.env[v] for v in (*jaxpr.constvars, *jaxpr.invars)}
 
@@ -141,6 +150,13 @@ def hidden_transition(ctx: RuleContext, values: StepValues, wrt: str = "relation
             if wrt == "weights":
                 env[leaf_vars[leaf]] = value
 
+        shifts = {}
+        for index, relation in substeps.items():
+            theta = {key: trainable[(index, key)] for key in relation.trainable_vars if (index, key) in trainable}
+            if theta:
+                shifts[index] = output_shift(relation, values, theta)
+        base = shifted_bind(graph, shifts) if shifts else bind_eqn
+
         def bind(eqn: Any, args: Sequence[Any]) -> list[Any]:
             replaced = slots.get(id(eqn))
             if replaced:
@@ -148,7 +164,7 @@ def hidden_transition(ctx: RuleContext, values: StepValues, wrt: str = "relation
                 for position, tkey in replaced:
                     if tkey in trainable:
                         args[position] = trainable[tkey]
-            return bind_eqn(eqn, args)
+            return base(eqn, args)
 
         eval_eqns(jaxpr.eqns, env, bind=bind)
         return {path: env[minfo.hidden_path_to_outvar[path]] for path in hidden_paths}
