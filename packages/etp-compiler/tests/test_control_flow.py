@@ -236,3 +236,34 @@ def test_reach_follows_a_scan_through_its_carry_and_cuts_equations_inside_it() -
     (cos,) = [e for e in scan.params["jaxpr"].jaxpr.eqns if e.primitive.name == "cos"]
     assert ys not in etp_compiler.reach(jaxpr.eqns, {b}, cut={id(cos)})  # an equation inside the body cut
     assert ys not in etp_compiler.reach(jaxpr.eqns, {b}, stop={b})
+
+
+def test_a_kept_scan_stacks_the_states_the_rest_of_its_body_reads() -> None:
+    """``tanh(h)`` feeding a recurrent weight reads the carried state: each sub-step's ``h_k`` is stacked (a boundary
+    value of the body, carried: e-prop's observable from sub-step 1 on), with zeros added where it is read."""
+
+    def body(m: Step, h: Array, x: Array) -> Array:
+        def sub_step(h: Array, _: Any) -> tuple[Array, None]:
+            return 0.9 * h + etp.matmul(x, m.w.value) + etp.matmul(jnp.tanh(h), m.u.value), None
+
+        return jax.lax.scan(sub_step, h, None, length=20)[0]
+
+    model = Step(body)
+    model.u = brainstate.ParamState(jnp.eye(4) * 0.2)
+    model.h.value = jnp.full((2, 4), 0.3)
+    graph = etp_compiler.compile_etrace_graph(model, jnp.ones((2, 3)), emit=False)
+    minfo = graph.module_info
+    (scan,) = minfo.descent_scans
+    assert scan.boundary_carried == (True,)
+    stack, eps = scan.boundary_stack_var(0), scan.boundary_eps_var(0)
+    assert stack.aval.shape == eps.aval.shape == (20, 2, 4)
+    env = etp_compiler.run_step(minfo, minfo.current_inputs(jnp.ones((2, 3))))
+    h, want = jnp.full((2, 4), 0.3), []
+    for _ in range(20):
+        want.append(h)
+        h = 0.9 * h + jnp.ones((2, 3)) @ model.w.value + jnp.tanh(h) @ model.u.value
+    assert jnp.allclose(env[stack], jnp.stack(want), rtol=1e-6)
+    assert jnp.allclose(env[minfo.hidden_path_to_outvar[("h",)]], h, rtol=1e-6)
+    # feed-forward sub-steps: nothing of the transition is read off it, nothing stacked
+    (plain,) = _graph(sub_steps(20)).module_info.descent_scans
+    assert plain.boundary_carried == ()

@@ -36,6 +36,7 @@ from ._compat import Jaxpr, JaxprEqn, Var, aval_dtype, aval_shape, new_jaxpr, re
 from ._errors import CompilationError
 from ._eval import bind_eqn, eval_jaxpr_env, is_var, read_atom
 from ._jaxpr_walk import contains_etp, is_trainable_etp, sub_jaxprs
+from ._scan_boundary import Boundary, boundary_of
 
 __all__ = ["DescentScan", "descent_scans", "descended_scan", "with_twins"]
 
@@ -147,31 +148,66 @@ def descended_scan(eqn: JaxprEqn, invals: Sequence[Any], evaluate: Evaluate, act
         "scan body",
     )
     inner_consts = [*consts, *const_vals, *(env[v] for v in invariant)]
+    boundary = boundary_of(kept, inner.invars[:n_carry], inner.outvars[:n_carry])
 
-    def run(carry_vals: Sequence[Any], x_vals: Sequence[Any], recorder: _Recorder) -> list[Any]:
+    def run(carry_vals: Sequence[Any], x_vals: Sequence[Any], recorder: _Recorder, eps: Sequence[Any] = ()) -> Any:
         with _descending():
-            return evaluate(inner, inner_consts, [*carry_vals, *x_vals], recorder)
+            if not boundary:
+                return evaluate(inner, inner_consts, [*carry_vals, *x_vals], recorder), []
+            return _run_with_boundary(inner, inner_consts, [*carry_vals, *x_vals], evaluate, recorder, boundary, eps)
 
     counter = _Recorder(None)
     jax.eval_shape(lambda c, x: run(c, x, counter), *_shapes(carry, [jnp.shape(x)[1:] for x in xs], xs))
     deltas = [jnp.zeros((length, *jnp.shape(y)), jnp.result_type(y)) for _, y in counter.records]
+    eps = [jnp.zeros((length, *aval_shape(b.var)), aval_dtype(b.var)) for b in boundary]
 
-    def _etp_scan_descent_body(carry_vals: list[Any], slices: tuple[list[Any], list[Any]]) -> Any:
+    def _etp_scan_descent_body(carry_vals: list[Any], slices: tuple[list[Any], list[Any], list[Any]]) -> Any:
         recorder = _Recorder(slices[1])
-        outs = run(carry_vals, slices[0], recorder)
+        outs, values = run(carry_vals, slices[0], recorder, slices[2])
         if len(recorder.records) != len(deltas):
             raise CompilationError(
                 f"the body of a lax.scan of length {length} binds a different number of ETP primitives when traced "
                 f"twice ({len(deltas)}, then {len(recorder.records)}); its trace structure must not change."
             )
-        return outs[:n_carry], [*outs[n_carry:], *(v for record in recorder.records for v in record)]
+        return outs[:n_carry], [*outs[n_carry:], *(v for record in recorder.records for v in record), *values]
 
-    carry_out, ys = jax.lax.scan(_etp_scan_descent_body, carry, (xs, deltas), length=length, reverse=reverse)
+    # the layout of the boundary (carried input or not, in order) travels in the body's name (descent_scans)
+    _etp_scan_descent_body.__name__ = _BODY_NAME + "".join("c" if b.carried else "p" for b in boundary)
+    carry_out, ys = jax.lax.scan(_etp_scan_descent_body, carry, (xs, deltas, eps), length=length, reverse=reverse)
     actions.append(
         f"lax.scan of length {length}: propagated through the scan without unrolling ({len(deltas)} ETP op(s) "
         "inside, one relation per sub-step)"
     )
-    return [*carry_out, *ys[: len(ys) - 2 * len(deltas)]]
+    return [*carry_out, *ys[: len(ys) - 2 * len(deltas) - len(boundary)]]
+
+
+def _run_with_boundary(
+    inner: Any,
+    consts: Sequence[Any],
+    args: Sequence[Any],
+    evaluate: Evaluate,
+    recorder: _Recorder,
+    boundary: Sequence[Boundary],
+    eps: Sequence[Any],
+) -> tuple[list[Any], list[Any]]:
+    """The body equation by equation, each boundary value recorded and ``eps`` added where the off-path reads it."""
+    env: dict[Any, Any] = dict(zip(inner.constvars, consts, strict=True))
+    env.update(zip(inner.invars, args, strict=True))
+    added = {id(b.var): (b, e) for b, e in zip(boundary, eps, strict=False)}
+    for eqn in inner.eqns:
+        names = list(dict.fromkeys(v for v in eqn.invars if is_var(v)))
+        vals = []
+        for v in names:
+            value = env[v]
+            entry = added.get(id(v))
+            if entry is not None and id(eqn) in entry[0].readers:
+                value = value + entry[1]
+            vals.append(value)
+        one = new_jaxpr([], names, eqn.outvars, [eqn], "one equation of a scan body")
+        for var, value in zip(eqn.outvars, evaluate(one, [], vals, recorder), strict=True):
+            if is_var(var):
+                env[var] = value
+    return [read_atom(env, v) for v in inner.outvars], [env[b.var] for b in boundary]
 
 
 @dataclass(frozen=True, eq=False)
@@ -189,6 +225,9 @@ class DescentScan:
     length, n_consts, n_carry, n_xs, n_ys : int
         The trip count and the layout of the original scan (``n_xs`` scanned inputs, ``n_ys``
         stacked outputs, before the ones the rewrite added).
+    boundary_carried : tuple of bool
+        For each boundary value of the body (``_scan_boundary``: a value of the transition that the
+        rest of the body reads), whether it is a carried input (an observable from sub-step 1 on).
     """
 
     eqn: JaxprEqn
@@ -200,6 +239,17 @@ class DescentScan:
     n_carry: int
     n_xs: int
     n_ys: int
+    boundary_carried: tuple[bool, ...] = ()
+
+    def boundary_stack_var(self, i: int) -> Var:
+        """The stacked values (leading axis ``K``) of boundary value ``i``."""
+        return self.eqn.outvars[self.n_carry + self.n_ys + 2 * len(self.etp_eqns) + i]
+
+    def boundary_eps_var(self, i: int) -> Var:
+        """The zeros (shape ``(K, *value.shape)``) added to boundary value ``i`` where the body's off-path reads it."""
+        var = self.eqn.invars[self.n_consts + self.n_carry + self.n_xs + len(self.etp_eqns) + i]
+        assert is_var(var)
+        return var
 
     def delta_var(self, r: int) -> Var:
         """The zeros added to the output of ETP equation ``r`` (shape ``(K, *y.shape)``)."""
@@ -241,24 +291,31 @@ def _held_body(body: Jaxpr, consts: Sequence[Any]) -> Any:
     return jax.make_jaxpr(held)(*avals)
 
 
-def _is_descended(eqn: JaxprEqn) -> bool:
+def _descended_layout(eqn: JaxprEqn) -> str | None:
+    """For a scan :func:`descended_scan` wrote: its boundary layout (``'c'``/``'p'`` per value); else ``None``."""
     if eqn.primitive.name != "scan":
-        return False
+        return None
     body, _ = _body(eqn.params["jaxpr"])
     source = getattr(getattr(body, "debug_info", None), "func_src_info", None)
-    return isinstance(source, str) and source.split(" at ")[0] == _BODY_NAME
+    if not isinstance(source, str):
+        return None
+    name = source.split(" at ")[0]
+    rest = name[len(_BODY_NAME) :]
+    return rest if name.startswith(_BODY_NAME) and set(rest) <= {"c", "p"} else None
 
 
 def descent_scans(jaxpr: Jaxpr) -> tuple[DescentScan, ...]:
     """The scans of ``jaxpr`` (top level) that :func:`descended_scan` wrote, with their twins."""
     found = []
     for eqn in jaxpr.eqns:
-        if not _is_descended(eqn):
+        layout = _descended_layout(eqn)
+        if layout is None:
             continue
         body, consts = _body(eqn.params["jaxpr"])
         n_consts, n_carry = scan_layout(eqn.params)
         etp_eqns = tuple(e for e in body.eqns if is_trainable_etp(e))
         r = len(etp_eqns)
+        n_b = len(layout)
         found.append(
             DescentScan(
                 eqn=eqn,
@@ -268,8 +325,9 @@ def descent_scans(jaxpr: Jaxpr) -> tuple[DescentScan, ...]:
                 length=int(eqn.params["length"]),
                 n_consts=n_consts,
                 n_carry=n_carry,
-                n_xs=len(eqn.invars) - n_consts - n_carry - r,
-                n_ys=len(eqn.outvars) - n_carry - 2 * r,
+                n_xs=len(eqn.invars) - n_consts - n_carry - r - n_b,
+                n_ys=len(eqn.outvars) - n_carry - 2 * r - n_b,
+                boundary_carried=tuple(c == "c" for c in layout),
             )
         )
     return tuple(found)
