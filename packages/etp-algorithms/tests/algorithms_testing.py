@@ -16,6 +16,38 @@ import etp_primitives as etp
 Array = jax.Array
 
 
+class Euler(brainstate.nn.Module):
+    """A leaky integrator integrated with ``k`` Euler sub-steps of a ``lax.scan`` (a per-sub-step input too).
+
+    ``recurrent``: a recurrent weight inside the loop too; ``jitter``: the input of the op changes per
+    sub-step (a scanned input added to ``x``).
+    """
+
+    def __init__(
+        self, k: int, recurrent: bool = False, jitter: bool = False, B: int = 2, I: int = 3, H: int = 4
+    ) -> None:
+        super().__init__()
+        rng = np.random.default_rng(3)
+        self.k, self.recurrent = k, recurrent
+        self.w = brainstate.ParamState(jnp.asarray(rng.normal(size=(I, H))) * 0.5)
+        if recurrent:
+            self.u = brainstate.ParamState(jnp.asarray(rng.normal(size=(H, H))) * 0.3)
+        self.noise = jnp.asarray(rng.normal(size=(k, H))) * 0.1
+        self.jitter = jnp.asarray(rng.normal(size=(k, I))) * (0.5 if jitter else 0.0)
+        self.h = brainstate.HiddenState(jnp.zeros((B, H)))
+
+    def update(self, x: Array) -> Array:
+        def sub_step(h: Array, scanned: tuple[Array, Array]) -> tuple[Array, None]:
+            noise, jitter = scanned
+            drive = etp.matmul(x + jitter, self.w.value) + noise
+            if self.recurrent:
+                drive = drive + etp.matmul(jnp.tanh(h), self.u.value)
+            return h + (-h + drive) * (2.0 / self.k), None
+
+        self.h.value = jax.lax.scan(sub_step, self.h.value, (self.noise, self.jitter))[0]
+        return self.h.value
+
+
 class Driven(brainstate.nn.Module):
     def __init__(
         self, op: Callable[..., Array], weights: dict[str, Array], leak: Array, h_shape: tuple[int, ...]

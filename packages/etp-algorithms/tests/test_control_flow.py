@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from algorithms_testing import _rel
+from algorithms_testing import Euler, _rel
 from test_multi_step import _bptt_of
 
 import etp_primitives as etp
@@ -213,41 +213,11 @@ def test_etrace_vmap_of_control_flow_models(construct: str, inside: bool, kind: 
     assert float(jnp.abs(want[("w",)]).max()) > 0
 
 
-class Euler(brainstate.nn.Module):
-    """A leaky integrator integrated with ``k`` Euler sub-steps of a ``lax.scan`` (a per-sub-step input too).
-
-    ``recurrent``: a recurrent weight inside the loop too; ``jitter``: the input of the op changes per
-    sub-step (a scanned input added to ``x``).
-    """
-
-    def __init__(self, k: int, recurrent: bool = False, jitter: bool = False) -> None:
-        super().__init__()
-        rng = np.random.default_rng(3)
-        self.k, self.recurrent = k, recurrent
-        self.w = brainstate.ParamState(jnp.asarray(rng.normal(size=(I, H))) * 0.5)
-        if recurrent:
-            self.u = brainstate.ParamState(jnp.asarray(rng.normal(size=(H, H))) * 0.3)
-        self.noise = jnp.asarray(rng.normal(size=(k, H))) * 0.1
-        self.jitter = jnp.asarray(rng.normal(size=(k, I))) * (0.5 if jitter else 0.0)
-        self.h = brainstate.HiddenState(jnp.zeros((B, H)))
-
-    def update(self, x: Array) -> Array:
-        def sub_step(h: Array, scanned: tuple[Array, Array]) -> tuple[Array, None]:
-            noise, jitter = scanned
-            drive = etp.matmul(x + jitter, self.w.value) + noise
-            if self.recurrent:
-                drive = drive + etp.matmul(jnp.tanh(h), self.u.value)
-            return h + (-h + drive) * (2.0 / self.k), None
-
-        self.h.value = jax.lax.scan(sub_step, self.h.value, (self.noise, self.jitter))[0]
-        return self.h.value
-
-
 KEPT = 32
 
 
 def _kept_and_unrolled(
-    cls: type, xs: Array, target: Array, *, k: int = KEPT, limit: int = 16, **model: Any
+    cls: type, xs: Array, target: Array, *, k: int = KEPT, limit: int = 16, options: Any = None, **model: Any
 ) -> list[Any]:
     """The online gradients of ``cls`` with the loop kept (above ``limit``) and unrolled, after checking the graphs."""
     from etp_compiler import ControlFlowPolicy
@@ -258,7 +228,9 @@ def _kept_and_unrolled(
     for descent in ("auto", "unroll"):
         net = Euler(k, **model)
         learner = cls(
-            net, **OPTIONS.get(name, {}), control_flow=ControlFlowPolicy(scan_unroll_limit=limit, scan_descent=descent)
+            net,
+            **(options or OPTIONS.get(name, {})),
+            control_flow=ControlFlowPolicy(scan_unroll_limit=limit, scan_descent=descent),
         )
         grads.append(_online(net, learner, xs, target))
         relations = learner.graph.hidden_param_op_relations
@@ -301,13 +273,14 @@ def test_every_learner_on_a_kept_scan_gives_what_unrolling_gives(
     assert float(jnp.abs(kept[("w",)]).max()) > 0
 
 
-@pytest.mark.parametrize(
-    ("name", "cls"), [(n, c) for n, c in LEARNERS if n != "eprop"], ids=[n for n, _ in LEARNERS if n != "eprop"]
-)
+@pytest.mark.parametrize(("name", "cls"), LEARNERS, ids=[n for n, _ in LEARNERS])
 def test_every_learner_on_a_kept_scan_with_a_recurrent_weight_inside_gives_what_unrolling_gives(
     name: str, cls: type, rng: np.random.Generator
 ) -> None:
-    """A recurrent weight inside the loop too (both are approximations for most learners, the same one)."""
+    """A recurrent weight inside the loop too (both are approximations for most learners, the same one).
+
+    For e-prop each sub-step's state h_k, which tanh(h_k) reads, is an observable of the unit: the loop
+    keeps them as its boundary values, with their own learning signals."""
     xs, target = _data(rng)
     kept, unrolled = _kept_and_unrolled(cls, xs, target, k=4, limit=2, recurrent=True)
     for path in (("w",), ("u",)):
@@ -325,23 +298,67 @@ def test_rtrl_on_a_kept_scan_with_a_recurrent_weight_inside_equals_bptt(rng: np.
         assert _rel(kept[path], want[path]) < 1e-10, path
 
 
-def test_eprop_refuses_a_kept_scan_whose_ops_read_the_carry(rng: np.random.Generator) -> None:
-    """Unrolled, each sub-step's tanh(h_k) is an observable of the unit; a loop hides them, so e-prop refuses."""
+@pytest.mark.parametrize(
+    "options",
+    [{"feedback": "random", "random_feedback_key": 3}, {"kappa_filter_decay": 0.5}],
+    ids=["random-feedback", "filtered"],
+)
+def test_eprop_on_a_kept_scan_with_a_recurrent_weight_inside_gives_what_unrolling_gives(
+    options: dict[str, Any], rng: np.random.Generator
+) -> None:
+    from etp_algorithms import EProp
+
+    xs, target = _data(rng)
+    kept, unrolled = _kept_and_unrolled(EProp, xs, target, k=4, limit=2, options=options, recurrent=True, jitter=True)
+    for path in (("w",), ("u",)):
+        assert _rel(kept[path], unrolled[path]) < 1e-10, path
+        assert float(jnp.abs(kept[path]).max()) > 0
+
+
+class TwoUnits(brainstate.nn.Module):
+    """A loop of sub-steps of one state ``a`` (a recurrent weight inside) whose per-sub-step drive, stacked, also
+    drives a second state ``b`` after the loop. Kept, the loop makes ``a`` and ``b`` one hidden group whose
+    transition is not position-wise (unrolled, two groups)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        rng = np.random.default_rng(5)
+        self.w = brainstate.ParamState(jnp.asarray(rng.normal(size=(I, H))) * 0.5)
+        self.u = brainstate.ParamState(jnp.asarray(rng.normal(size=(H, H))) * 0.3)
+        self.a = brainstate.HiddenState(jnp.zeros((B, H)))
+        self.b = brainstate.HiddenState(jnp.zeros((B, H)))
+
+    def update(self, x: Array) -> Array:
+        def sub_step(a: Array, _: Any) -> tuple[Array, Array]:
+            drive = etp.matmul(x, self.w.value)
+            return a + 0.5 * (-a + drive + etp.matmul(jnp.tanh(a), self.u.value)), drive
+
+        self.a.value, drives = jax.lax.scan(sub_step, self.a.value, None, length=4)
+        self.b.value = 0.5 * self.b.value + jnp.mean(drives, axis=0)
+        return self.a.value + self.b.value
+
+
+def test_eprop_refuses_a_kept_loop_whose_unit_mixes_positions_and_says_to_unroll_it() -> None:
     from etp_algorithms import EProp
     from etp_compiler import ControlFlowPolicy, NotSupportedError
 
-    xs, target = _data(rng)
-    model = Euler(4, recurrent=True)
-    learner = EProp(model, control_flow=ControlFlowPolicy(scan_unroll_limit=2))
-    with pytest.raises(
-        NotSupportedError,
-        match=r"EProp: the ETP primitive etp_mm inside a lax.scan of length 4 kept as a loop reads a value the "
-        r"loop computes from its carry .* control_flow=ControlFlowPolicy\(scan_descent='unroll'\)",
+    learner = EProp(TwoUnits(), control_flow=ControlFlowPolicy(scan_unroll_limit=2))
+    with (
+        pytest.raises(
+            NotSupportedError,
+            match=r"EProp: the transition of hidden group 0 \(a, b\) mixes positions and, inside a lax.scan kept as a "
+            r"loop, feeds values it computes to ETP ops.*\(scan_descent='unroll'\)",
+        ),
+        warnings.catch_warnings(),
     ):
-        learner.compile_graph(xs[0])
+        warnings.simplefilter("ignore")  # D-RTRL's notes on the merged group
+        learner.compile_graph(jnp.ones((B, I)))
     assert not learner._executor.is_compiled
-    unrolled = EProp(Euler(4, recurrent=True), control_flow=ControlFlowPolicy(scan_descent="unroll"))
-    assert float(jnp.abs(_online(unrolled.model, unrolled, xs, target)[("u",)]).max()) > 0
+    unrolled = EProp(TwoUnits(), control_flow=ControlFlowPolicy(scan_descent="unroll"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        unrolled.compile_graph(jnp.ones((B, I)))
+    assert len(unrolled.graph.hidden_param_op_relations) == 8
 
 
 def test_a_learner_that_opts_out_refuses_a_kept_scan(rng: np.random.Generator) -> None:

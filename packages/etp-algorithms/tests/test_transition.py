@@ -289,7 +289,7 @@ def test_trace_gradients_see_the_output_cotangents(rng: np.random.Generator) -> 
 def test_the_transition_of_a_kept_scan_is_that_of_the_unrolled_step(wrt: str, rng: np.random.Generator) -> None:
     """4 Euler sub-steps with a recurrent weight inside, kept as a loop: F's value and Jacobians (with respect to
     the old state and to every sub-step's trainable input) are those of the unrolled step."""
-    from test_control_flow import Euler
+    from algorithms_testing import Euler
 
     from etp_compiler import ControlFlowPolicy
 

@@ -61,6 +61,7 @@ from etp_compiler import CompilationError, ETraceGraph, NotSupportedError
 from . import _d_rtrl
 from ._compat import is_tracer
 from ._eprop_graph import GroupObservables, escaping_cotangents, local_jacobians, observables_of
+from ._eprop_loops import loop_cotangents
 from ._executor import StepValues
 from ._feedback import FixedRandomFeedback, KappaFilter, check_kappa
 from ._learner import ETraceAlgorithm
@@ -255,10 +256,12 @@ def _build(feedback: Any, kappa_filter_decay: Any, random_feedback_key: Any) -> 
         if values.output_cotangents is None:
             raise ValueError("EProp: the learning signal needs the outputs' cotangents (only in the backward pass).")
         escaping = escaping_cotangents(ctx.graph, st.observables, values.env, values.output_cotangents)
+        looped = [key for obs in st.observables for key in obs.loop_keys]
+        escaping.update(loop_cotangents(ctx.graph, looped, values.env, values.output_cotangents))
         true_signal: dict[int, list[Any]] = {}
         for obs in st.observables:
             true_signal[obs.group] = [
-                dL_dh[p] if p is not None else escaping[v] for v, p in zip(obs.vars, obs.paths, strict=True)
+                dL_dh[p] if p is not None else escaping[key] for key, p in zip(obs.keys, obs.paths, strict=True)
             ]
         signal = true_signal
         if matrices is not None:

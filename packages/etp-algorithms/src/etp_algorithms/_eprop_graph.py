@@ -28,9 +28,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-import etp_primitives as etp
 from etp_compiler import ETraceGraph, NotSupportedError, StatePath, bind_eqn, is_var, read_atom
 
+from ._eprop_loops import loop_observables
 from ._hidden_only import output_source, reach
 
 __all__ = ["GroupObservables", "escaping_cotangents", "local_jacobians", "observables_of"]
@@ -55,6 +55,9 @@ class GroupObservables:
         The relations driving the group (their ``y`` are sources of the local Jacobians).
     eqns : tuple of JaxprEqn
         The step's equations from the old hidden states and the relations' outputs to the observables.
+    slots : tuple of (int or None)
+        For an observable inside a scan kept as a loop (:mod:`etp_algorithms._eprop_loops`), its
+        sub-step in the stacked var; ``None`` for the others (``()``: none inside a loop).
     """
 
     group: int
@@ -64,11 +67,23 @@ class GroupObservables:
     relations: tuple[int, ...]
     eqns: tuple[Any, ...]
     slice_ids: frozenset[int]
+    slots: tuple[int | None, ...] = ()
+
+    @property
+    def keys(self) -> tuple[Any, ...]:
+        """Each observable's key: its var, or ``(stacked var, sub-step)`` inside a kept loop."""
+        slots = self.slots or (None,) * len(self.vars)
+        return tuple(v if k is None else (v, k) for v, k in zip(self.vars, slots, strict=True))
 
     @property
     def intermediates(self) -> tuple[Any, ...]:
-        """The escaping intermediates (observables without a hidden path)."""
-        return tuple(v for v, p in zip(self.vars, self.paths, strict=True) if p is None)
+        """The escaping intermediates outside kept loops (observables without a hidden path or a slot)."""
+        return tuple(k for k, p in zip(self.keys, self.paths, strict=True) if p is None and not isinstance(k, tuple))
+
+    @property
+    def loop_keys(self) -> tuple[Any, ...]:
+        """The observables inside kept loops, as ``(stacked var, sub-step)``."""
+        return tuple(k for k in self.keys if isinstance(k, tuple))
 
 
 def _text(path: Sequence[Any]) -> str:
@@ -97,38 +112,15 @@ def _shape(var: Any) -> tuple[int, ...]:
     return tuple(int(d) for d in var.aval.shape)
 
 
-def _check_loops(graph: ETraceGraph, label: str) -> None:
-    """Refuse a kept scan whose ETP ops read a value computed from the carry or from another op's output.
-
-    Unrolled, each such value (a sub-step's ``tanh(h_k)`` feeding a recurrent weight) is an observable
-    of the unit with its own learning signal; a loop hides them, so the estimate would be another one.
-    """
-    for scan in graph.module_info.descent_scans:
-        body = scan.body
-        seeds = {*body.invars[scan.n_consts : scan.n_consts + scan.n_carry]}
-        seeds.update(v for e in scan.etp_eqns for v in e.outvars if is_var(v))
-        carried = reach(body.eqns, seeds, stop=set(), cut=set())
-        for eqn in scan.etp_eqns:
-            x_index = etp.ETP_X_INVAR_INDICES.get(eqn.primitive)
-            if x_index is not None and is_var(eqn.invars[x_index]) and eqn.invars[x_index] in carried:
-                raise NotSupportedError(
-                    f"{label}: the ETP primitive {eqn.primitive.name} inside a lax.scan of length {scan.length} kept as "
-                    "a loop reads a value the loop computes from its carry (a recurrent input of the sub-steps); "
-                    "unrolled, each sub-step's value is an observable of the unit with its own learning signal, "
-                    "which a loop hides. Unroll it: control_flow=ControlFlowPolicy(scan_descent='unroll') (or a "
-                    f"scan_unroll_limit of at least {scan.length})."
-                )
-
-
 def observables_of(graph: ETraceGraph, label: str = "EProp") -> tuple[GroupObservables, ...]:
     """The :class:`GroupObservables` of every group driven by a relation (graph order of the groups).
 
     Raises ``NotSupportedError`` for a group with escaping intermediates whose transition is not
     position-wise, or an intermediate not of the group's shape (its local Jacobian is per unit),
-    and for a scan kept as a loop whose ETP ops read values the loop carries (see :func:`_check_loops`).
+    and for a scan kept as a loop whose ops read values it carries, when it drives several groups.
     """
     minfo = graph.module_info
-    _check_loops(graph, label)
+    in_loops = loop_observables(graph, label)
     eqns = list(minfo.held_eqns)  # a scan kept as a loop holds its ops' outputs, as the transition does
     relations = graph.hidden_param_op_relations
     cut = {id(r.eqn) for r in relations}
@@ -159,21 +151,32 @@ def observables_of(graph: ETraceGraph, label: str = "EProp") -> tuple[GroupObser
                 "the rest of the step reads (such as a spike); e-prop's eligibility traces are per unit, so that "
                 "group is not supported. Keep the neuron dynamics element-wise (weights through ETP ops)."
             )
-        for v in escaping:
-            if _shape(v) != tuple(group.varshape):
+        looped = in_loops.get(gindex, [])
+        if looped and not group.is_positionwise:
+            raise NotSupportedError(
+                f"{label}: the transition of hidden group {gindex} ({names}) mixes positions and, inside a lax.scan "
+                "kept as a loop, feeds values it computes to ETP ops; e-prop's eligibility traces are per unit, so "
+                "that group is not supported. Unrolled, the loop may leave separate units: "
+                "control_flow=ControlFlowPolicy(scan_descent='unroll')."
+            )
+        for shape in [*(_shape(v) for v in escaping), *(_shape(v)[1:] for v, _ in looped)]:
+            if shape != tuple(group.varshape):
                 raise NotSupportedError(
                     f"{label}: hidden group {gindex} ({names}, shape {tuple(group.varshape)}) computes a value of "
-                    f"shape {_shape(v)} that the rest of the step reads; e-prop needs each unit's observables of "
+                    f"shape {shape} that the rest of the step reads; e-prop needs each unit's observables of "
                     "the unit's shape (one learning signal per unit)."
                 )
-        obs = [*hidden_out, *escaping]
+        obs = [*hidden_out, *escaping, *(v for v, _ in looped)]
         sources = [*group.hidden_invars, *dict.fromkeys(output_source(relations[i]) for i in driving[gindex])]
         local = _slice(eqns, sources, obs, cut)
-        emitted = tuple(v in read_outside for v in obs)
-        paths: tuple[StatePath | None, ...] = (*group.hidden_paths, *(None for _ in escaping))
+        n_plain = len(hidden_out) + len(escaping)
+        # a value inside a kept loop is read by an ETP op, outside the unit's transition: emitted
+        emitted = tuple(v in read_outside for v in obs[:n_plain]) + (True,) * len(looped)
+        paths: tuple[StatePath | None, ...] = (*group.hidden_paths, *(None for _ in [*escaping, *looped]))
+        slots = (None,) * n_plain + tuple(k for _, k in looped) if looped else ()
         result.append(
             GroupObservables(
-                gindex, tuple(obs), paths, emitted, tuple(driving[gindex]), tuple(local), frozenset(slice_ids)
+                gindex, tuple(obs), paths, emitted, tuple(driving[gindex]), tuple(local), frozenset(slice_ids), slots
             )
         )
     return tuple(result)
@@ -200,7 +203,11 @@ def local_jacobians(
             for var, value in zip(eqn.outvars, outs, strict=True):
                 if is_var(var):
                     scope[var] = value
-        return [jnp.broadcast_to(read_atom(scope, v), group.varshape) for v in obs.vars]
+        slots = obs.slots or (None,) * len(obs.vars)
+        return [
+            jnp.broadcast_to(read_atom(scope, v) if k is None else read_atom(scope, v)[k], group.varshape)
+            for v, k in zip(obs.vars, slots, strict=True)
+        ]
 
     primals = [jnp.asarray(env[v]) for v in sources]
     _, linear = jax.linearize(local, *primals)

@@ -288,7 +288,7 @@ class ETraceAlgorithm(SequenceDriverMixin, brainstate.nn.Module):
             if whole_history and record.kind is DiagnosticKind.RELATION_EXCLUDED_WEIGHT_TO_WEIGHT:
                 continue
             seen.add(record.message)
-            warnings.warn(record.message, UserWarning, stacklevel=3)
+            warnings.warn(record.message, UserWarning, stacklevel=4)
 
     def compile_graph(self, *args: Any) -> ETraceGraph:
         """Compile the model's step for inputs shaped like ``args`` and initialise the traces.
@@ -332,7 +332,7 @@ class ETraceAlgorithm(SequenceDriverMixin, brainstate.nn.Module):
                 f"primitive drives one of its hidden states), so every weight learns from its instantaneous gradient "
                 f"alone. A weight opts in through {OPT_IN}.",
                 NoEligibilityTraceWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
         # a rule given dL/dh^{t-1} returns only history terms: the VJP must hold every direct term
         self._hidden_only = hidden_only_keys(graph) if self.rule.hidden_cotangents == "new" else frozenset()

@@ -34,9 +34,12 @@ EqnBinder = Callable[[Any, Sequence[Any]], list[Any]]
 
 
 def substep_output(
-    relation: HiddenParamOpRelation, values: StepValues, trainable: Mapping[str, jax.Array] | None = None
+    relation: HiddenParamOpRelation,
+    env: Mapping[Any, Any],
+    trainable: Mapping[str, jax.Array] | None = None,
 ) -> jax.Array:
-    """The op's output of the relation's sub-step at this step's ``x_k``, with some trainable inputs replaced.
+    """The op's output of the relation's sub-step at this step's ``x_k`` (``env``: the step's values), with some
+    trainable inputs replaced.
 
     Raises ``NotSupportedError`` for an input of the op (other than ``x``) that the loop computes.
     """
@@ -52,9 +55,9 @@ def substep_output(
         if i in layout and layout[i] in trainable:
             args.append(trainable[layout[i]])
         elif i == x_index:
-            args.append(values.env[sub.x_stack_var][sub.index])
+            args.append(env[sub.x_stack_var][sub.index])
         elif atom is not None:
-            args.append(read_atom(values.env, atom))
+            args.append(read_atom(env, atom))
         else:
             raise NotSupportedError(
                 f"the ETP primitive {eqn.primitive.name} of weight {'.'.join(map(str, relation.weight_path))} inside "
@@ -68,7 +71,7 @@ def substep_output(
 
 def output_shift(relation: HiddenParamOpRelation, values: StepValues, trainable: Mapping[str, jax.Array]) -> jax.Array:
     r""":math:`\mathrm{op}(x_k, \theta) - \mathrm{op}(x_k, \theta^t)`: the change of the sub-step's output."""
-    return substep_output(relation, values, trainable) - substep_output(relation, values)
+    return substep_output(relation, values.env, trainable) - substep_output(relation, values.env)
 
 
 def _delta_sites(graph: ETraceGraph) -> dict[int, list[tuple[int, int]]]:
