@@ -24,7 +24,7 @@ class Euler(brainstate.nn.Module):
     """
 
     def __init__(
-        self, k: int, recurrent: bool = False, jitter: bool = False, B: int = 2, I: int = 3, H: int = 4
+        self, k: int, recurrent: bool = False, jitter: bool = False, B: int | None = 2, I: int = 3, H: int = 4
     ) -> None:
         super().__init__()
         rng = np.random.default_rng(3)
@@ -34,7 +34,7 @@ class Euler(brainstate.nn.Module):
             self.u = brainstate.ParamState(jnp.asarray(rng.normal(size=(H, H))) * 0.3)
         self.noise = jnp.asarray(rng.normal(size=(k, H))) * 0.1
         self.jitter = jnp.asarray(rng.normal(size=(k, I))) * (0.5 if jitter else 0.0)
-        self.h = brainstate.HiddenState(jnp.zeros((B, H)))
+        self.h = brainstate.HiddenState(jnp.zeros((H,) if B is None else (B, H)))  # B=None: one sample
 
     def update(self, x: Array) -> Array:
         def sub_step(h: Array, scanned: tuple[Array, Array]) -> tuple[Array, None]:

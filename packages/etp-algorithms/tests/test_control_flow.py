@@ -248,6 +248,50 @@ def _kept_and_unrolled(
     return grads
 
 
+@pytest.mark.parametrize("kind", ["d_rtrl", "eprop"])
+def test_etrace_vmap_of_a_kept_scan(kind: str, rng: np.random.Generator) -> None:
+    """A per-sample learner with its loop kept, vmapped over the batch: D_RTRL equals the sum of per-sample BPTT
+    gradients; e-prop (a recurrent weight inside the loop) its own per-sample learners run one by one."""
+    from etp_algorithms import compile
+    from etp_compiler import ControlFlowPolicy
+
+    xs, target = _data(rng)
+    policy = ControlFlowPolicy(scan_unroll_limit=2)
+    recurrent = kind == "eprop"
+
+    def quiet(fn: Any) -> Any:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return fn()
+
+    def online(call: Any, model: Any, xs: Array, target: Array) -> Any:
+        params = model.states(brainstate.ParamState)
+        total: Any = None
+        for t in range(T):
+            g = brainstate.transform.grad(lambda x, y=target[t]: jnp.sum((call(x) - y) ** 2), params)(xs[t])
+            total = g if total is None else jax.tree.map(jnp.add, total, g)
+        return total
+
+    def sample() -> Euler:
+        return Euler(4, recurrent=recurrent, jitter=True, B=None)
+
+    vmapped = quiet(lambda: compile(sample(), kind, xs[0], batch_size=B, vmap=True, control_flow=policy))
+    assert vmapped.module.graph.module_info.descent_scans  # the loop is kept
+    got = online(vmapped, vmapped.module.model, xs, target)
+    if kind == "d_rtrl":
+        parts = [_bptt_of(sample(), xs[:, b], target[:, b]) for b in range(B)]
+    else:
+        parts = []
+        for b in range(B):
+            model = sample()
+            learner = quiet(lambda m=model: compile(m, kind, xs[0, 0], control_flow=policy))
+            parts.append(online(learner, model, xs[:, b], target[:, b]))
+    want = jax.tree.map(lambda *a: sum(a), *parts)
+    for path in want:
+        assert _rel(got[path], want[path]) < 1e-10, path
+        assert float(jnp.abs(want[path]).max()) > 0
+
+
 def test_d_rtrl_through_a_kept_scan_of_euler_sub_steps_equals_bptt(rng: np.random.Generator) -> None:
     """32 Euler sub-steps above the unroll limit stay a loop; D_RTRL stays exact (float64) and equals unrolling."""
     xs, target = _data(rng)
