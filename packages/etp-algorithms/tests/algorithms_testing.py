@@ -20,15 +20,22 @@ class Euler(brainstate.nn.Module):
     """A leaky integrator integrated with ``k`` Euler sub-steps of a ``lax.scan`` (a per-sub-step input too).
 
     ``recurrent``: a recurrent weight inside the loop too; ``jitter``: the input of the op changes per
-    sub-step (a scanned input added to ``x``).
+    sub-step (a scanned input added to ``x``); ``reverse``: the scan runs over its inputs backwards.
     """
 
     def __init__(
-        self, k: int, recurrent: bool = False, jitter: bool = False, B: int | None = 2, I: int = 3, H: int = 4
+        self,
+        k: int,
+        recurrent: bool = False,
+        jitter: bool = False,
+        B: int | None = 2,
+        I: int = 3,
+        H: int = 4,
+        reverse: bool = False,
     ) -> None:
         super().__init__()
         rng = np.random.default_rng(3)
-        self.k, self.recurrent = k, recurrent
+        self.k, self.recurrent, self.reverse = k, recurrent, reverse
         self.w = brainstate.ParamState(jnp.asarray(rng.normal(size=(I, H))) * 0.5)
         if recurrent:
             self.u = brainstate.ParamState(jnp.asarray(rng.normal(size=(H, H))) * 0.3)
@@ -44,7 +51,7 @@ class Euler(brainstate.nn.Module):
                 drive = drive + etp.matmul(jnp.tanh(h), self.u.value)
             return h + (-h + drive) * (2.0 / self.k), None
 
-        self.h.value = jax.lax.scan(sub_step, self.h.value, (self.noise, self.jitter))[0]
+        self.h.value = jax.lax.scan(sub_step, self.h.value, (self.noise, self.jitter), reverse=self.reverse)[0]
         return self.h.value
 
 

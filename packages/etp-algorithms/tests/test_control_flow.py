@@ -359,6 +359,17 @@ def test_eprop_on_a_kept_scan_with_a_recurrent_weight_inside_gives_what_unrollin
         assert float(jnp.abs(kept[path]).max()) > 0
 
 
+@pytest.mark.parametrize("name", ["d_rtrl", "eprop", "ottt", "rflo", "snap"])
+def test_a_kept_reverse_scan_gives_what_unrolling_gives(name: str, rng: np.random.Generator) -> None:
+    """A scan over its inputs backwards (its first iteration is the last slot), a recurrent weight inside."""
+    cls = dict(LEARNERS)[name]
+    xs, target = _data(rng)
+    kept, unrolled = _kept_and_unrolled(cls, xs, target, k=4, limit=2, recurrent=True, jitter=True, reverse=True)
+    for path in (("w",), ("u",)):
+        assert _rel(kept[path], unrolled[path]) < 1e-10, path
+        assert float(jnp.abs(kept[path]).max()) > 0
+
+
 class TwoUnits(brainstate.nn.Module):
     """A loop of sub-steps of one state ``a`` (a recurrent weight inside) whose per-sub-step drive, stacked, also
     drives a second state ``b`` after the loop. Kept, the loop makes ``a`` and ``b`` one hidden group whose

@@ -14,7 +14,8 @@ held loop like the hidden state's; its learning signal is
     L^t_{b_k} = \frac{\partial L^t}{\partial \epsilon_{b,k}},
 
 the cotangent of its uses off the transition, as the unrolled step's is. A carried value is one
-from sub-step 1 on: sub-step 0 reads the step's old state, which the transition does not compute.
+from the loop's second iteration on: the first reads the step's old state, which the transition
+does not compute.
 """
 
 from __future__ import annotations
@@ -59,11 +60,13 @@ def loop_observables(graph: ETraceGraph, label: str) -> dict[int, list[LoopKey]]
                 "and the rest of its body reads values its transition computes; which unit each belongs to is not "
                 "one. Unroll it: control_flow=ControlFlowPolicy(scan_descent='unroll')."
             )
+        # a carried value's first iteration reads the step's old state: no observable there
+        order = range(scan.length - 1, -1, -1) if scan.reverse else range(scan.length)
         keys = [
             (scan.boundary_stack_var(i), k)
-            for k in range(scan.length)
+            for k in order
             for i, carried in enumerate(scan.boundary_carried)
-            if k > 0 or not carried
+            if k != scan.first_slot or not carried
         ]
         result.setdefault(groups.pop(), []).extend(keys)
     return result

@@ -4,8 +4,8 @@ The body's *transition* is its equations on a path from the carried inputs to th
 cut at the trainable ETP ops (their outputs held), as the unrolled step's hidden transition is.
 A value on that path that an equation off it reads (``tanh(h)`` feeding a recurrent weight reads
 ``h``) is, unrolled, an escaping intermediate of the unit: e-prop's observable. A carried input
-is one from sub-step 1 on (sub-step 0 reads the step's old state, which the transition does not
-compute).
+is one from the loop's second iteration on (the first reads the step's old state, which the
+transition does not compute).
 """
 
 from __future__ import annotations

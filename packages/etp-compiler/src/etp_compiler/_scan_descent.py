@@ -227,7 +227,10 @@ class DescentScan:
         stacked outputs, before the ones the rewrite added).
     boundary_carried : tuple of bool
         For each boundary value of the body (``_scan_boundary``: a value of the transition that the
-        rest of the body reads), whether it is a carried input (an observable from sub-step 1 on).
+        rest of the body reads), whether it is a carried input (an observable from the second
+        iteration on: the first reads the step's old state).
+    reverse : bool
+        Whether the loop runs over its slots backwards (its first iteration is slot ``length - 1``).
     """
 
     eqn: JaxprEqn
@@ -240,6 +243,12 @@ class DescentScan:
     n_xs: int
     n_ys: int
     boundary_carried: tuple[bool, ...] = ()
+    reverse: bool = False
+
+    @property
+    def first_slot(self) -> int:
+        """The slot of the first iteration (``0``, or ``length - 1`` for a reverse loop)."""
+        return self.length - 1 if self.reverse else 0
 
     def boundary_stack_var(self, i: int) -> Var:
         """The stacked values (leading axis ``K``) of boundary value ``i``."""
@@ -328,6 +337,7 @@ def descent_scans(jaxpr: Jaxpr) -> tuple[DescentScan, ...]:
                 n_xs=len(eqn.invars) - n_consts - n_carry - r - n_b,
                 n_ys=len(eqn.outvars) - n_carry - 2 * r - n_b,
                 boundary_carried=tuple(c == "c" for c in layout),
+                reverse=bool(eqn.params["reverse"]),
             )
         )
     return tuple(found)
