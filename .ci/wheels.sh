@@ -14,7 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 python_version=${ETP_WHEELS_PYTHON:-3.11}  # a version (the Requires-Python floor) or an interpreter path
-# ETP_WHEELS_EXPECT: comma-separated name==version pins the full-stack environment must have resolved
+# ETP_WHEELS_EXPECT: comma-separated name==version pins (a version or a release line, X.Y.*) the full-stack environment must have resolved
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 dist="$work/dist"
@@ -185,11 +185,14 @@ import numpy as np
 import braintrace
 
 not_from_checkout("braintrace", "etp_nn", "etp_algorithms", "etp_compiler", "etp_primitives")
-# The stack this environment was meant to resolve (ETP_WHEELS_EXPECT="jax==0.12.0.1,brainstate==0.6.0").
+# The stack this environment was meant to resolve (ETP_WHEELS_EXPECT="jax==0.12.*,brainstate==0.6.*"): a release
+# line, not one release, since the wheels take the newest third-party releases their bounds allow (jax 0.12.1 came
+# out after 0.12.0.1, the lock's).
 for pin in filter(None, os.environ.get("ETP_WHEELS_EXPECT", "").split(",")):
     name, version = pin.split("==")
     found = importlib.metadata.version(name)
-    assert found == version, f"{name} {found} installed next to the wheels, expected {version}"
+    same = found.startswith(version[:-1]) if version.endswith(".*") else found == version
+    assert same, f"{name} {found} installed next to the wheels, expected {version}"
 print(f"full stack on Python {sys.version.split()[0]}: jax {jax.__version__}, brainstate {brainstate.__version__}")
 B, I, H, O, T = 4, 3, 8, 2, 5
 
