@@ -169,6 +169,23 @@ def test_rtrl_with_control_flow_equals_bptt(construct: str, inside: bool, rng: n
     assert _rel(got[("w",)], want[("w",)]) < 1e-10
 
 
+def quiet(fn: Any) -> Any:
+    """``fn()`` with the learners' compile-time notes silenced."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn()
+
+
+def online(call: Any, model: Any, xs: Array, target: Array) -> Any:
+    """The gradients of a squared error summed over the steps, one ``grad`` per step through ``call``."""
+    params = model.states(brainstate.ParamState)
+    total: Any = None
+    for t in range(T):
+        g = brainstate.transform.grad(lambda x, y=target[t]: jnp.sum((call(x) - y) ** 2), params)(xs[t])
+        total = g if total is None else jax.tree.map(jnp.add, total, g)
+    return total
+
+
 @pytest.mark.parametrize(("construct", "inside"), CASES)
 @pytest.mark.parametrize("kind", ["d_rtrl", "es_d_rtrl"])
 def test_etrace_vmap_of_control_flow_models(construct: str, inside: bool, kind: str, rng: np.random.Generator) -> None:
@@ -181,19 +198,6 @@ def test_etrace_vmap_of_control_flow_models(construct: str, inside: bool, kind: 
 
     xs, target = _data(rng)
     options = OPTIONS.get(kind, {})
-
-    def quiet(fn: Any) -> Any:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return fn()
-
-    def online(call: Any, model: Model, xs: Array, target: Array) -> Any:
-        params = model.states(brainstate.ParamState)
-        total: Any = None
-        for t in range(T):
-            g = brainstate.transform.grad(lambda x, y=target[t]: jnp.sum((call(x) - y) ** 2), params)(xs[t])
-            total = g if total is None else jax.tree.map(jnp.add, total, g)
-        return total
 
     vmapped = quiet(
         lambda: compile(Model(construct, inside, batch=None), kind, xs[0], batch_size=B, vmap=True, **options)
@@ -258,19 +262,6 @@ def test_etrace_vmap_of_a_kept_scan(kind: str, rng: np.random.Generator) -> None
     xs, target = _data(rng)
     policy = ControlFlowPolicy(scan_unroll_limit=2)
     recurrent = kind == "eprop"
-
-    def quiet(fn: Any) -> Any:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return fn()
-
-    def online(call: Any, model: Any, xs: Array, target: Array) -> Any:
-        params = model.states(brainstate.ParamState)
-        total: Any = None
-        for t in range(T):
-            g = brainstate.transform.grad(lambda x, y=target[t]: jnp.sum((call(x) - y) ** 2), params)(xs[t])
-            total = g if total is None else jax.tree.map(jnp.add, total, g)
-        return total
 
     def sample() -> Euler:
         return Euler(4, recurrent=recurrent, jitter=True, B=None)
